@@ -1,0 +1,37 @@
+# The README's two commands: `make demo` and `make test`. Both create .venv and install first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# This machine's pip takes these two from its local disk; elsewhere pick the build for your CUDA.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: demo test lint install schema clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q $(TORCH_SPEC)
+	$(BIN)/pip install -q -e '.[dev,annotators]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/recipe validate recipes/demo.yaml
+	$(BIN)/recipe run recipes/demo.yaml
+
+test: install
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+schema: install
+	$(BIN)/recipe schema > schemas/recipe.schema.json
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

@@ -1,0 +1,4 @@
+from recipe_runner.cli import main
+
+if __name__ == "__main__":
+    main()

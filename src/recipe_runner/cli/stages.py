@@ -1,0 +1,157 @@
+"""Commands that do work: build-dataset, train, run, sample, evaluate, reproduce.
+
+Heavy modules (torch, diffusers, datasets) are imported inside each command.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from recipe_runner.cli.app import JsonOpt, QuietOpt, SetOpt, app, load_checked
+from recipe_runner.cli.output import emit_json, handles_errors
+
+OutputDirOpt = Annotated[
+    Path | None,
+    typer.Option("--output-dir", "-o", help="The run folder (default: output.dir, else runs/NAME)."),
+]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the newest complete checkpoint.")]
+
+
+def _run(file: Path, overrides, output_dir, stages, *, resume=False, quiet=False, json_=False, force=False):
+    from recipe_runner.run.pipeline import run_recipe
+
+    loaded = load_checked(file, overrides)
+    result = run_recipe(
+        loaded, stages=stages, output_dir=output_dir, resume=resume, quiet=quiet or json_, force=force
+    )
+    if json_:
+        emit_json(result)
+
+
+@app.command(
+    "build-dataset",
+    epilog="[bold]Examples[/]\n\n  recipe build-dataset recipes/demo.yaml\n"
+    "  recipe build-dataset my.yaml --set dataset.num_proc=4",
+)
+@handles_errors
+def build_dataset(
+    file: Annotated[Path, typer.Argument(help="Recipe file.")],
+    overrides: SetOpt = None,
+    output_dir: OutputDirOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Rebuild even if the inputs are unchanged.")] = False,
+    quiet: QuietOpt = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Build the dataset stage alone (image, conditioning_image, prompt) into RUN/dataset."""
+    _run(file, overrides, output_dir, ["dataset"], quiet=quiet, json_=json_, force=force)
+
+
+@app.command(
+    epilog="[bold]Examples[/]\n\n  recipe train recipes/demo.yaml\n  recipe train recipes/demo.yaml --resume",
+)
+@handles_errors
+def train(
+    file: Annotated[Path, typer.Argument(help="Recipe file.")],
+    overrides: SetOpt = None,
+    output_dir: OutputDirOpt = None,
+    resume: ResumeOpt = False,
+    quiet: QuietOpt = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Train the ControlNet (builds the dataset first if it is missing or stale)."""
+    _run(file, overrides, output_dir, ["dataset", "train"], resume=resume, quiet=quiet, json_=json_)
+
+
+@app.command(
+    epilog="[bold]Examples[/]\n\n  recipe run recipes/demo.yaml\n"
+    "  recipe run recipes/demo.yaml --set train.learning_rate=5e-5 -o runs/demo-lr5e-5\n"
+    "  recipe run recipes/demo.yaml --resume",
+)
+@handles_errors
+def run(
+    file: Annotated[Path, typer.Argument(help="Recipe file.")],
+    overrides: SetOpt = None,
+    output_dir: OutputDirOpt = None,
+    resume: ResumeOpt = False,
+    quiet: QuietOpt = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Run every stage (dataset → train → evaluate), skipping those whose inputs are unchanged."""
+    _run(file, overrides, output_dir, None, resume=resume, quiet=quiet, json_=json_)
+
+
+@app.command(
+    epilog='[bold]Examples[/]\n\n  recipe sample runs/demo --condition edges.png --prompt "a red circle"\n'
+    '  recipe sample runs/demo --condition edges.png --prompt "a red circle" --num-images 4 --seed 1',
+)
+@handles_errors
+def sample(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder with trained weights.", metavar="RUN_DIR")],
+    condition: Annotated[Path, typer.Option("--condition", help="Conditioning image file.")],
+    prompt: Annotated[str, typer.Option("--prompt", help="Text prompt.")],
+    num_images: Annotated[int, typer.Option("--num-images", min=1, max=64)] = 1,
+    steps: Annotated[int, typer.Option("--steps", min=1, max=1000, help="Denoising steps.")] = 20,
+    guidance_scale: Annotated[float, typer.Option("--guidance-scale", min=0)] = 7.5,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    json_: JsonOpt = False,
+) -> None:
+    """Generate images from a trained run; saved under RUN_DIR/samples/."""
+    from recipe_runner.run.sample import sample_run
+
+    result = sample_run(
+        run_dir,
+        condition,
+        prompt,
+        num_images=num_images,
+        steps=steps,
+        guidance_scale=guidance_scale,
+        seed=seed,
+        quiet=json_,
+    )
+    if json_:
+        emit_json(result)
+
+
+@app.command(epilog="[bold]Examples[/]\n\n  recipe evaluate runs/demo\n  recipe evaluate runs/demo --json")
+@handles_errors
+def evaluate(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder with trained weights.", metavar="RUN_DIR")],
+    json_: JsonOpt = False,
+) -> None:
+    """Condition fidelity of a trained run against its base model, on held-out conditions."""
+    from recipe_runner.run.pipeline import evaluate_run
+
+    result = evaluate_run(run_dir, quiet=json_)
+    if json_:
+        emit_json(result)
+
+
+@app.command(epilog="[bold]Examples[/]\n\n  recipe reproduce runs/demo/run.lock.json -o runs/demo-again")
+@handles_errors
+def reproduce(
+    lock: Annotated[Path, typer.Argument(help="A run.lock.json file.", metavar="LOCK")],
+    output_dir: OutputDirOpt = None,
+    quiet: QuietOpt = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Re-run exactly what a lock file records into a new folder and compare the weights."""
+    from recipe_runner.run.reproduce import reproduce_lock
+
+    result = reproduce_lock(lock, output_dir=output_dir, quiet=quiet or json_)
+    if json_:
+        emit_json(result)
+
+
+@app.command("train-worker", hidden=True)
+@handles_errors
+def train_worker(
+    run_dir: Annotated[Path, typer.Argument()],
+    resume: ResumeOpt = False,
+) -> None:
+    """Internal: one training process started by `accelerate launch` (launch.num_processes > 1)."""
+    from recipe_runner.training.launch import worker_main
+
+    worker_main(run_dir, resume=resume)

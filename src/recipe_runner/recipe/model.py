@@ -1,0 +1,57 @@
+"""The `model:` section: the base Stable Diffusion model and the ControlNet to train."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from recipe_runner.recipe.base import Section
+
+Family = Literal["sd1", "sd2", "sdxl"]
+BUILTIN_MODELS: dict[str, Family] = {"tiny-sd": "sd1", "tiny-sdxl": "sdxl", "shapes-sd": "sd1"}
+
+
+def guess_family(base: str) -> Family:
+    """The model family a base name suggests; `family: ...` in the recipe overrides it."""
+    if base.startswith("builtin:"):
+        return BUILTIN_MODELS.get(base.removeprefix("builtin:"), "sd1")
+    low = base.lower()
+    if "xl" in low:
+        return "sdxl"
+    if "stable-diffusion-2" in low or "sd2" in low or "sd-2" in low:
+        return "sd2"
+    return "sd1"
+
+
+class ModelSpec(Section):
+    """The frozen base model and the ControlNet to train."""
+
+    base: str = "runwayml/stable-diffusion-v1-5"
+    """The base model: a hub id, a local diffusers folder, or `builtin:tiny-sd` / `builtin:tiny-sdxl` /
+    `builtin:shapes-sd` (offline models for tests and the demo)."""
+    family: Family | None = None
+    """Model family; null: guessed from `base` (names containing `xl` are SDXL)."""
+    revision: str | None = None
+    """Git revision of the base model on the hub; pin it for reproducible runs."""
+    variant: str | None = None
+    """Weight variant to load, e.g. `fp16`."""
+    controlnet: str | None = None
+    """An existing ControlNet (hub id or folder) to fine-tune; null: initialise from the base UNet."""
+    vae: str | None = None
+    """A VAE to use instead of the base's, e.g. `madebyollin/sdxl-vae-fp16-fix` for SDXL in fp16."""
+    conditioning_channels: int = Field(3, ge=1, le=16)
+    """Channels of the conditioning image the ControlNet takes."""
+
+    @property
+    def resolved_family(self) -> Family:
+        return self.family or guess_family(self.base)
+
+    @field_validator("base")
+    @classmethod
+    def _builtin_known(cls, base: str) -> str:
+        name = base.removeprefix("builtin:")
+        if base.startswith("builtin:") and name not in BUILTIN_MODELS:
+            known = ", ".join(f"builtin:{k}" for k in BUILTIN_MODELS)
+            raise ValueError(f"unknown builtin model {base!r}; known: {known}")
+        return base

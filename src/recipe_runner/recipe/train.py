@@ -1,0 +1,138 @@
+"""The `train:` section: every knob of diffusers' train_controlnet.py, with its defaults."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from recipe_runner.recipe.base import FieldError, Section
+
+Precision = Literal["no", "fp16", "bf16"]
+
+
+class Validation(Section):
+    """Validation grids: prompts and conditions sampled while training."""
+
+    every: int = Field(500, ge=1)
+    """Make a validation grid every this many optimizer steps (and at the end)."""
+    prompts: list[str] = Field(default_factory=list)
+    """Prompts for the grid; empty: the prompts of held-out (or first) dataset rows."""
+    conditioning_images: list[str] = Field(default_factory=list)
+    """Conditioning image files (relative to the recipe); one for all prompts or one per prompt; empty: those
+    of held-out (or first) dataset rows."""
+    num_images: int = Field(4, ge=1, le=64)
+    """Images generated per prompt."""
+    num_rows: int = Field(4, ge=1, le=64)
+    """Dataset rows used when `prompts` and `conditioning_images` are empty."""
+    num_inference_steps: int = Field(20, ge=1, le=1000)
+    """Denoising steps per validation image."""
+    guidance_scale: float = Field(7.5, ge=0, le=50)
+    """Classifier-free guidance scale for validation images (1 disables guidance)."""
+
+    @model_validator(mode="after")
+    def _counts(self) -> Validation:
+        n_p, n_c = len(self.prompts), len(self.conditioning_images)
+        if n_p and n_c and n_p != n_c and 1 not in (n_p, n_c):
+            raise FieldError(
+                "conditioning_images",
+                f"{n_p} prompts but {n_c} conditioning_images: give one of either, or as many of each",
+            )
+        if bool(n_p) != bool(n_c):
+            raise FieldError(
+                "prompts" if n_p else "conditioning_images",
+                "give both prompts and conditioning_images, or neither (then held-out dataset rows are used)",
+            )
+        return self
+
+
+class MicroConditioning(Section):
+    """SDXL's size and crop conditioning (added time ids)."""
+
+    crops_coords_top_left: tuple[int, int] = (0, 0)
+    """Crop coordinates (top, left) given to SDXL during training."""
+
+
+class TrainSpec(Section):
+    """How the ControlNet is trained."""
+
+    max_steps: int | None = Field(10_000, ge=1)
+    """Optimizer steps to train for; set null to use `num_epochs` instead."""
+    num_epochs: int | None = Field(None, ge=1)
+    """Passes over the dataset; used only when `max_steps` is null."""
+    batch_size: int = Field(4, ge=1, le=4096)
+    """Images per device per micro-batch."""
+    gradient_accumulation_steps: int = Field(1, ge=1, le=4096)
+    """Micro-batches accumulated per optimizer step (effective batch = batch_size x this x processes)."""
+    learning_rate: float = Field(1e-5, gt=0, le=1)
+    """Peak learning rate."""
+    scale_lr: bool = False
+    """Multiply the learning rate by the effective batch size."""
+    lr_scheduler: Literal[
+        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+    ] = "constant"
+    """Learning-rate schedule (diffusers.optimization.get_scheduler)."""
+    lr_warmup_steps: int = Field(0, ge=0)
+    """Steps of linear warm-up from 0 to the learning rate."""
+    lr_num_cycles: int = Field(1, ge=1)
+    """Hard restarts of `cosine_with_restarts`."""
+    lr_power: float = Field(1.0, gt=0)
+    """Power of the `polynomial` schedule."""
+    optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
+    """AdamW from torch, or 8-bit AdamW from bitsandbytes (extra `bnb`; needs a CUDA GPU)."""
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    """AdamW beta1."""
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    """AdamW beta2."""
+    adam_weight_decay: float = Field(1e-2, ge=0)
+    """AdamW weight decay."""
+    adam_epsilon: float = Field(1e-8, gt=0)
+    """AdamW epsilon."""
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    """Clip gradients to this norm; null: no clipping."""
+    mixed_precision: Precision = "no"
+    """Autocast precision: `no` (fp32), `fp16` or `bf16`; frozen weights are stored in it too."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory (slower)."""
+    attention: Literal["sdpa", "xformers", "eager"] = "sdpa"
+    """Attention implementation: PyTorch SDPA (flash/memory-efficient kernels), xformers, or eager."""
+    allow_tf32: bool = False
+    """Allow TF32 matmuls on Ampere+ GPUs (faster, slightly less precise)."""
+    set_grads_to_none: bool = True
+    """Free gradients instead of zeroing them after each step (saves memory)."""
+    empty_prompt_ratio: float = Field(0.0, ge=0, le=1)
+    """Proportion of prompts replaced by the empty string, so the ControlNet also works without one."""
+    precompute: bool = True
+    """Encode latents and text embeddings once before training and cache them (steps run only UNet +
+    ControlNet); off: encode every batch, as the reference script does."""
+    channels_last: bool = False
+    """Use channels-last memory format for the UNet and ControlNet (faster convolutions on GPUs)."""
+    compile: bool = False
+    """torch.compile the ControlNet and UNet (slow first steps, faster after)."""
+    dataloader_num_workers: int = Field(0, ge=0, le=64)
+    """Data-loading worker processes (0: load in the main process)."""
+    checkpoint_every: int = Field(500, ge=1)
+    """Save a resumable checkpoint every this many optimizer steps."""
+    checkpoints_total_limit: int | None = Field(None, ge=1)
+    """Keep at most this many checkpoints (oldest removed first); null: keep all."""
+    nonfinite_loss: Literal["stop", "skip"] = "stop"
+    """On a NaN or infinite loss: `stop` (keep the last good checkpoint) or `skip` the batch."""
+    validation: Validation = Field(default_factory=Validation)
+    """Sample grids during training."""
+    micro_conditioning: MicroConditioning | None = None
+    """SDXL only: size and crop conditioning."""
+
+    @model_validator(mode="after")
+    def _length(self) -> TrainSpec:
+        if (self.max_steps is None) == (self.num_epochs is None):
+            raise FieldError("num_epochs", "set exactly one of max_steps and num_epochs (the other to null)")
+        if self.max_steps is not None and self.lr_warmup_steps > self.max_steps:
+            raise FieldError(
+                "lr_warmup_steps",
+                f"lr_warmup_steps ({self.lr_warmup_steps}) is longer than max_steps ({self.max_steps})",
+            )
+        return self
+
+    @property
+    def effective_batch(self) -> int:
+        return self.batch_size * self.gradient_accumulation_steps

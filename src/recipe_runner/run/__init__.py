@@ -1,0 +1,1 @@
+"""Run orchestration: the run folder, stages, lock file, plan, diff and reproduce."""

@@ -1,0 +1,65 @@
+"""Write-then-rename helpers: nothing half-written is ever visible under its final name."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+COMPLETE_MARKER = ".complete"
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a file atomically (temporary sibling, fsync, rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(target: Path, marker: str | None = COMPLETE_MARKER) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it replaces `target` (with a completion marker inside).
+
+    On any exception the temporary folder is removed and `target` is left as it was.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        yield tmp
+        if marker:
+            (tmp / marker).write_text("ok\n")
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def is_complete(folder: Path, marker: str = COMPLETE_MARKER) -> bool:
+    return (folder / marker).is_file()
+
+
+def remove_stale_temporaries(parent: Path) -> None:
+    """Remove temporaries left by a killed process (names start with '.' and end with '.tmp' or '.old-*')."""
+    if not parent.is_dir():
+        return
+    for p in parent.iterdir():
+        if p.name.startswith(".") and (p.name.endswith(".tmp") or ".old-" in p.name):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)

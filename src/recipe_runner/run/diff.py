@@ -1,0 +1,225 @@
+"""The semantic difference of two resolved recipes, and what it means for a run.
+
+Compares `Recipe.resolved_dict()` (extends, defaults and `--set` applied), so reordered keys,
+comments and defaults written out explicitly make no difference. Torch-free: `recipe diff`
+and `recipe plan` use it before anything heavy is imported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from recipe_runner.recipe.recipe import Recipe
+
+SECTIONS: tuple[str, ...] = (
+    "condition", "dataset", "model", "train", "logging", "launch", "evaluate", "output", "top-level",
+)
+# Processing knobs that change how fast the dataset is built, not what is in it.
+BUILD_ONLY = {("dataset", "num_proc"), ("dataset", "batch_size")}
+# Launch settings that change what is trained (the port only changes how processes meet).
+TRAINING_LAUNCH = {"num_processes", "num_machines", "mixed_precision", "accelerate_config"}
+ANNOTATOR_CONDITIONS = {"hed", "depth", "openpose", "mlsd", "lineart", "normal", "segmentation"}
+
+
+@dataclass(frozen=True)
+class Change:
+    """One field that differs; `kind` is changed, added (only in B) or removed (only in A)."""
+
+    path: tuple[str, ...]
+    old: Any
+    new: Any
+    kind: str = "changed"
+
+    @property
+    def dotted(self) -> str:
+        return ".".join(self.path)
+
+    @property
+    def section(self) -> str:
+        return self.path[0] if len(self.path) > 1 and self.path[0] in SECTIONS else "top-level"
+
+    @property
+    def field(self) -> str:
+        """The path inside its section (what a table row names)."""
+        return ".".join(self.path[1:]) if self.section != "top-level" else self.dotted
+
+    def to_dict(self) -> dict:
+        return {"path": self.dotted, "section": self.section, "kind": self.kind, "old": self.old, "new": self.new}
+
+
+def stage_of(path: tuple[str, ...]) -> str | None:
+    """The first stage a change to `path` invalidates: dataset, train, evaluate, or None (nothing reruns)."""
+    head = path[0]
+    if head == "condition" or path == ("seed",) or (head == "dataset" and path[:2] not in BUILD_ONLY):
+        return "dataset"
+    if head in ("model", "train") or (head == "launch" and len(path) > 1 and path[1] in TRAINING_LAUNCH):
+        return "train"
+    if head == "evaluate":
+        return "evaluate"
+    return None
+
+
+def diff_data(a: Any, b: Any, prefix: tuple[str, ...] = ()) -> list[Change]:
+    """Field-by-field differences of two plain-data trees; lists compare as whole values."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        changes: list[Change] = []
+        for key in list(a) + [k for k in b if k not in a]:
+            path = (*prefix, str(key))
+            if key not in b:
+                changes.append(Change(path, a[key], None, "removed"))
+            elif key not in a:
+                changes.append(Change(path, None, b[key], "added"))
+            else:
+                changes.extend(diff_data(a[key], b[key], path))
+        return changes
+    # 1 and 1.0 are the same learning rate; bool is an int subclass, so compare types for it.
+    same = a == b and (isinstance(a, bool) == isinstance(b, bool))
+    return [] if same else [Change(prefix, a, b)]
+
+
+def list_delta(old: Any, new: Any) -> tuple[list, list] | None:
+    """Items removed and added when both sides are lists (e.g. validation prompts), else None."""
+    if not (isinstance(old, list) and isinstance(new, list)):
+        return None
+    return [x for x in old if x not in new], [x for x in new if x not in old]
+
+
+@dataclass(frozen=True)
+class Implication:
+    """What a difference means for a run; `level` orders them: rebuild > retrain > info."""
+
+    code: str
+    text: str
+    level: str = "info"
+
+    def to_dict(self) -> dict:
+        return {"code": self.code, "level": self.level, "text": self.text}
+
+
+@dataclass
+class RecipeDiff:
+    changes: list[Change]
+    implications: list[Implication] = field(default_factory=list)
+
+    @property
+    def identical(self) -> bool:
+        return not self.changes
+
+    def by_section(self) -> dict[str, list[Change]]:
+        groups: dict[str, list[Change]] = {s: [] for s in SECTIONS}
+        for c in self.changes:
+            groups[c.section].append(c)
+        return {s: cs for s, cs in groups.items() if cs}
+
+    def to_dict(self) -> dict:
+        return {
+            "identical": self.identical,
+            "changes": [c.to_dict() for c in self.changes],
+            "implications": [i.to_dict() for i in self.implications],
+        }
+
+
+def diff_recipes(a: Recipe, b: Recipe) -> RecipeDiff:
+    """Every field that differs between two resolved recipes, and what it implies."""
+    changes = diff_data(a.resolved_dict(), b.resolved_dict())
+    return RecipeDiff(changes, implications(a, b, changes) if changes else [])
+
+
+def ratio(old: float, new: float) -> str:
+    """`×2`, `÷2` or `×1.5`: how a positive quantity scaled."""
+    r = new / old
+    return f"×{r:.3g}" if r >= 1 else f"÷{1 / r:.3g}"
+
+
+def effective_batch(r: Recipe) -> int:
+    """Images per optimizer step over every process on every machine."""
+    return r.train.effective_batch * r.launch.num_processes * r.launch.num_machines
+
+
+def precision(r: Recipe) -> str:
+    return r.launch.mixed_precision or r.train.mixed_precision
+
+
+def _length(r: Recipe) -> str:
+    t = r.train
+    return f"{t.max_steps} steps" if t.max_steps is not None else f"{t.num_epochs} epochs"
+
+
+def _condition_needs(kind: str) -> str:
+    if kind in ANNOTATOR_CONDITIONS:
+        return "needs annotator weights"
+    if kind == "mediapipe_face":
+        return "needs the `face` extra"
+    if kind == "custom":
+        return "runs your function on every image"
+    return "no weights needed"
+
+
+def _stage_summary(changes: list[Change]) -> Implication:
+    stages = {stage_of(c.path) for c in changes}
+    if "dataset" in stages:
+        fields = sorted({c.dotted for c in changes if stage_of(c.path) == "dataset"})
+        shown = ", ".join(fields[:4]) + (f" and {len(fields) - 4} more" if len(fields) > 4 else "")
+        return Implication("rebuild", f"dataset will rebuild ({shown}); training restarts from scratch", "rebuild")
+    if "train" in stages:
+        return Implication("retrain", "training restarts from scratch; dataset reused", "retrain")
+    if "evaluate" in stages:
+        return Implication("reevaluate", "evaluation re-runs; dataset and trained weights reused", "retrain")
+    sections = "/".join(dict.fromkeys(c.section for c in changes))
+    return Implication("no-retrain", f"only {sections} changed: no retraining")
+
+
+def implications(a: Recipe, b: Recipe, changes: list[Change]) -> list[Implication]:
+    """What the differences mean, most consequential first."""
+    found = [_stage_summary(changes)]
+
+    def add(code: str, text: str) -> None:
+        found.append(Implication(code, text))
+
+    if effective_batch(a) != effective_batch(b):
+        add("effective-batch", f"effective batch {effective_batch(a)} → {effective_batch(b)}")
+    ta, tb = a.train, b.train
+    if ta.learning_rate != tb.learning_rate:
+        add("learning-rate", f"learning rate {ratio(ta.learning_rate, tb.learning_rate)} "
+            f"({ta.learning_rate:g} → {tb.learning_rate:g})")
+    if tb.scale_lr or ta.scale_lr:
+        # With scale_lr the optimizer sees lr × effective batch, so that product is what matters.
+        lr_a = ta.learning_rate * (effective_batch(a) if ta.scale_lr else 1)
+        lr_b = tb.learning_rate * (effective_batch(b) if tb.scale_lr else 1)
+        if lr_a != lr_b:
+            add("effective-learning-rate", f"effective learning rate {ratio(lr_a, lr_b)} ({lr_a:g} → {lr_b:g})")
+    if (ta.max_steps, ta.num_epochs) != (tb.max_steps, tb.num_epochs):
+        if ta.max_steps is not None and tb.max_steps is not None:
+            add("steps", f"steps {ta.max_steps} → {tb.max_steps}")
+        else:
+            add("steps", f"training length {_length(a)} → {_length(b)}")
+    if precision(a) != precision(b):
+        add("precision", f"precision {precision(a)} → {precision(b)}")
+    if a.condition.type != b.condition.type:
+        add("condition-type", f"condition type changed: {a.condition.type} → {b.condition.type} "
+            f"({_condition_needs(b.condition.type)})")
+    fa, fb = a.model.resolved_family, b.model.resolved_family
+    if fa != fb:
+        add("family", f"model family changed {fa} → {fb}")
+    elif a.model.base != b.model.base:
+        add("base-model", f"base model {a.model.base} → {b.model.base} (same family: {fb})")
+    if a.dataset.resolution != b.dataset.resolution:
+        add("resolution", f"resolution {a.dataset.resolution} → {b.dataset.resolution} px "
+            f"(activation memory and step time {ratio(a.dataset.resolution**2, b.dataset.resolution**2)})")
+    if a.seed != b.seed:
+        add("seed", f"seed {a.seed} → {b.seed}: different data order, crops and noise")
+    _memory(a, b, add)
+    if a.output_dir != b.output_dir:
+        add("run-folder", f"run folder {a.output_dir} → {b.output_dir} (nothing is cached in a new folder)")
+    return found
+
+
+def _memory(a: Recipe, b: Recipe, add: Any) -> None:
+    # Imported here: estimates is a sibling that itself stays torch-free; the lazy import keeps the
+    # dependency one-way for readers (estimates never needs diff).
+    from recipe_runner.run.estimates import estimate_memory
+
+    ga, gb = estimate_memory(a).total_gb, estimate_memory(b).total_gb
+    if abs(gb - ga) > 0.05 * max(ga, gb):
+        add("memory", f"estimated accelerator memory ≈ {ga:.1f} → {gb:.1f} GB")

@@ -1,0 +1,73 @@
+"""The run folder layout (see shared/DESIGN.md); every stage reads and writes paths from here."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    root: Path
+
+    @property
+    def resolved_recipe(self) -> Path:
+        return self.root / "recipe.resolved.yaml"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / "run.lock.json"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "log.txt"
+
+    @property
+    def dataset(self) -> Path:
+        """Built dataset: `data/` (DatasetDict with `train` and maybe `holdout`), preview.png, report.json."""
+        return self.root / "dataset"
+
+    @property
+    def dataset_data(self) -> Path:
+        return self.dataset / "data"
+
+    @property
+    def cache(self) -> Path:
+        """Precomputed latents and text embeddings, keyed by content."""
+        return self.root / "cache"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    def checkpoint(self, step: int) -> Path:
+        return self.checkpoints / f"step-{step}"
+
+    @property
+    def controlnet(self) -> Path:
+        """Final weights in diffusers format."""
+        return self.root / "controlnet"
+
+    @property
+    def samples(self) -> Path:
+        return self.root / "samples"
+
+    @property
+    def logs(self) -> Path:
+        """Tracker logs (TensorBoard event files)."""
+        return self.root / "logs"
+
+    @property
+    def evaluation(self) -> Path:
+        return self.root / "evaluation"
+
+    @property
+    def model_card(self) -> Path:
+        return self.root / "README.md"
+
+    @property
+    def models_cache(self) -> Path:
+        """Builtin models are built once per machine, shared by runs ($RECIPE_RUNNER_CACHE overrides)."""
+        root = os.environ.get("RECIPE_RUNNER_CACHE") or Path.home() / ".cache" / "recipe-runner"
+        return Path(root) / "models"

@@ -1,0 +1,62 @@
+"""Shared fixtures: offline hub, a private models cache, recipe files in tmp folders, the CLI runner."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+REPO = Path(__file__).resolve().parents[1]
+
+# No test may reach the Hugging Face hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _models_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Builtin models are built once per test session into a private cache."""
+    os.environ["RECIPE_RUNNER_CACHE"] = str(tmp_path_factory.mktemp("recipe-runner-cache"))
+
+
+MINIMAL = """\
+name: t
+dataset:
+  source: {builtin: shapes, num_samples: 32}
+  resolution: 64
+model:
+  base: builtin:tiny-sd
+train:
+  max_steps: 4
+  batch_size: 2
+"""
+
+
+@pytest.fixture
+def write_recipe(tmp_path: Path):
+    """Write a recipe (dedented) into tmp_path and return its path."""
+
+    def write(text: str = MINIMAL, name: str = "recipe.yaml") -> Path:
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(text), encoding="utf-8")
+        return path
+
+    return write
+
+
+@pytest.fixture
+def cli():
+    """Run the `recipe` CLI in-process: cli("validate", path) -> Result (exit_code, stdout, stderr)."""
+    from recipe_runner.cli import app
+
+    runner = CliRunner()
+
+    def invoke(*args: object):
+        return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+    return invoke
