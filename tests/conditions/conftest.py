@@ -12,16 +12,17 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-# Until the package is installed (or pytest's pythonpath names src/), make `recipe_runner` importable.
-SRC = Path(__file__).resolve().parents[2] / "src"
-try:
-    import recipe_runner  # noqa: F401
-except ImportError:
-    sys.path.insert(0, str(SRC))
+SRC = Path(__file__).resolve().parents[2] / "src"  # put on PYTHONPATH for subprocesses
 
 
-def _no_network(*args, **kwargs):
-    raise RuntimeError("a condition test tried to open a network connection")
+_connect = socket.socket.connect
+
+
+def _no_network(sock: socket.socket, address):
+    # Local (AF_UNIX) sockets stay allowed: multiprocessing managers use them.
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        raise RuntimeError(f"a condition test tried to connect to {address}")
+    return _connect(sock, address)
 
 
 @pytest.fixture(autouse=True)
@@ -67,7 +68,12 @@ def run_python(tmp_path: Path):
         entries = [str(p) for p in (path, SRC) if p is not None] + [env.get("PYTHONPATH", "")]
         env["PYTHONPATH"] = os.pathsep.join(e for e in entries if e)
         return subprocess.run(
-            [sys.executable, "-c", code, *args], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120
+            [sys.executable, "-c", code, *args],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
 
     return run

@@ -1,1 +1,297 @@
-"""plan and diff (being written)."""
+"""`recipe diff` and `recipe plan`: review a recipe change, or a run, before any work is done.
+
+Neither imports torch, diffusers or datasets; the work is in `run/diff.py` and `run/plan.py`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from recipe_runner.cli.app import JsonOpt, SetOpt, app
+from recipe_runner.cli.output import emit_json, handles_errors, out
+from recipe_runner.errors import RecipeError, UserError
+
+DIFF_EPILOG = """[bold]Examples[/]
+
+  recipe diff recipes/fill50k-canny.yaml recipes/sdxl-canny.yaml
+  recipe diff old.yaml new.yaml --format markdown > comment.md      [dim]# a pull-request comment[/]
+  recipe diff my.yaml my.yaml --set-b train.learning_rate=2e-5      [dim]# what would this override mean?[/]
+  recipe diff --git HEAD recipes/demo.yaml                          [dim]# committed vs working copy[/]
+  recipe diff --git origin/main recipes/demo.yaml --exit-code       [dim]# CI: exit 1 if it changed[/]
+  git difftool -y -x 'recipe diff' HEAD~1 -- recipes/demo.yaml
+
+Compares the resolved recipes (extends, defaults and --set applied), so reordered keys, comments and
+defaults written out make no difference. Exit code 0 whether or not they differ (1 with --exit-code,
+like git diff), 2 if a recipe is invalid. With --git, FILE at REV is written next to FILE for the
+comparison, so relative `extends` resolve; the files it extends are read from the working copy.
+`git difftool` hands over a copy in a temporary folder, where relative `extends` do not resolve:
+prefer --git for recipes that extend others.
+"""
+
+PLAN_EPILOG = """[bold]Examples[/]
+
+  recipe plan recipes/demo.yaml
+  recipe plan recipes/demo.yaml --set dataset.resolution=768 --output-dir runs/demo-768
+  recipe plan recipes/fill50k-canny.yaml --json | jq .memory.total_gb
+
+Nothing is loaded or run: row counts come from file metadata, memory and time from parameter counts
+and a throughput table (estimates, typically within ±30%).
+"""
+
+OutputDirOpt = Annotated[
+    Path | None,
+    typer.Option("--output-dir", "-o", help="The run folder (default: output.dir, else runs/NAME)."),
+]
+
+
+class DiffFormat(str, Enum):
+    text = "text"
+    markdown = "markdown"
+    json = "json"
+
+
+@contextlib.contextmanager
+def file_at_revision(file: Path, rev: str) -> Iterator[Path]:
+    """FILE as committed at REV, in a hidden temporary file beside FILE (so relative `extends` resolve)."""
+    folder = file.resolve().parent
+    try:
+        done = subprocess.run(
+            ["git", "show", f"{rev}:./{file.name}"], cwd=folder, capture_output=True, timeout=30, check=False
+        )
+    except (OSError, subprocess.SubprocessError) as e:
+        raise UserError(f"could not run git: {e}", hint="install git, or compare two files: recipe diff A B") from None
+    if done.returncode != 0:
+        why = done.stderr.decode(errors="replace").strip().splitlines()
+        raise UserError(f"cannot read {file} at {rev}: {why[-1] if why else 'git show failed'}")
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", rev)
+    fd, name = tempfile.mkstemp(prefix=f".{file.stem}@{safe}.", suffix=file.suffix or ".yaml", dir=folder)
+    tmp = Path(name)
+    try:
+        with open(fd, "wb") as fh:
+            fh.write(done.stdout)
+        yield tmp
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _load(file: Path, overrides: list[str], label: str, real: Path | None = None):
+    from recipe_runner.recipe.loader import load_recipe
+
+    try:
+        return load_recipe(file, overrides)
+    except RecipeError as e:
+        if real is not None:  # name the revision, not the temporary file, in every message
+            for p in e.problems:
+                if p.file and Path(p.file).resolve() == file.resolve():
+                    p.file = label
+        raise
+
+
+@app.command(epilog=DIFF_EPILOG)
+@handles_errors
+def diff(
+    files: Annotated[
+        list[Path], typer.Argument(help="A B: the recipes to compare (old, new); with --git, one FILE.", metavar="A B")
+    ],
+    git_rev: Annotated[
+        str | None,
+        typer.Option("--git", metavar="REV", help="Compare FILE as committed at REV (HEAD, main, a1b2c3) with FILE."),
+    ] = None,
+    fmt: Annotated[DiffFormat, typer.Option("--format", "-f", help="text (terminal), markdown (PR) or json.")] = (
+        DiffFormat.text
+    ),
+    overrides: SetOpt = None,
+    set_a: Annotated[
+        list[str] | None, typer.Option("--set-a", metavar="PATH=VALUE", help="Like --set, for A only.")
+    ] = None,
+    set_b: Annotated[
+        list[str] | None, typer.Option("--set-b", metavar="PATH=VALUE", help="Like --set, for B only.")
+    ] = None,
+    exit_code: Annotated[bool, typer.Option("--exit-code", help="Exit 1 when the recipes differ.")] = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Semantic difference of two resolved recipes, and what it means (rebuild, retrain, batch, lr, ...).
+
+    --set applies to both recipes, --set-a and --set-b to one of them.
+    """
+    from recipe_runner.run.diff import diff_recipes
+
+    if git_rev is not None and len(files) != 1:
+        raise UserError("--git REV takes one FILE", hint="recipe diff --git HEAD recipes/demo.yaml")
+    if git_rev is None and len(files) != 2:
+        raise UserError("expected two recipe files: recipe diff A B", hint="or one FILE with --git REV")
+    both = list(overrides or [])
+    with contextlib.ExitStack() as stack:
+        if git_rev is not None:
+            b_path = files[0]
+            a_label, b_label = f"{b_path}@{git_rev}", str(b_path)
+            a_path = stack.enter_context(file_at_revision(b_path, git_rev))
+            a = _load(a_path, both + (set_a or []), a_label, real=b_path)
+        else:
+            a_path, b_path = files
+            a_label, b_label = str(a_path), str(b_path)
+            a = _load(a_path, both + (set_a or []), a_label)
+        b = _load(b_path, both + (set_b or []), b_label)
+        same_text = a_path.read_bytes() == b_path.read_bytes() and not set_a and not set_b
+    result = diff_recipes(a.recipe, b.recipe)
+    if json_ or fmt is DiffFormat.json:
+        emit_json({"a": a_label, "b": b_label, **result.to_dict()})
+    elif fmt is DiffFormat.markdown:
+        typer.echo(diff_markdown(result, a_label, b_label), nl=False)
+    else:
+        _print_diff(result, a_label, b_label, same_text)
+    if exit_code and not result.identical:
+        raise typer.Exit(1)
+
+
+def value_text(value: Any, limit: int = 60) -> str:
+    """A field value as a reviewer reads it: YAML spelling (null, true), short floats, long values cut."""
+    import json
+
+    if value is None:
+        text = "null"
+    elif isinstance(value, bool):
+        text = str(value).lower()
+    elif isinstance(value, float):
+        text = f"{value:g}"
+    elif isinstance(value, (list, dict)):
+        text = json.dumps(value, ensure_ascii=False)
+    else:
+        text = str(value) if value != "" else '""'
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def cells(change: Any) -> tuple[list[str], list[str]]:
+    """Old and new cell lines; a list of strings shows only the items removed and added."""
+    from recipe_runner.run.diff import list_delta
+
+    delta = list_delta(change.old, change.new)
+    if delta is not None and all(isinstance(x, str) for x in change.old + change.new):
+        removed, added = delta
+        if not removed and not added:
+            return [f"{len(change.old)} items"], ["same items, reordered"]
+        return [f"− {value_text(x)}" for x in removed], [f"+ {value_text(x)}" for x in added]
+    old = [] if change.kind == "added" else [value_text(change.old)]
+    new = [] if change.kind == "removed" else [value_text(change.new)]
+    return old, new
+
+
+def _print_diff(result: Any, a: str, b: str, same_text: bool) -> None:
+    if result.identical:
+        why = "" if same_text else " (the files differ only in formatting, comments, key order or explicit defaults)"
+        out.print(f"[green]no semantic difference[/] between {escape(a)} and {escape(b)}{why}")
+        return
+    out.print(f"[bold]recipe diff[/] {escape(a)} → {escape(b)}: {len(result.changes)} field(s) differ")
+    style = {"changed": "yellow", "added": "green", "removed": "red"}
+    for section, changes in result.by_section().items():
+        table = Table(title=f"[bold]{section}[/]", title_justify="left", header_style="bold", expand=False)
+        table.add_column("field", style="cyan")
+        table.add_column(a, overflow="fold")
+        table.add_column(b, overflow="fold")
+        for c in changes:
+            old, new = cells(c)
+            tag = {"added": " (added)", "removed": " (removed)"}.get(c.kind, "")
+            table.add_row(
+                escape(c.field) + tag, f"[red]{escape(chr(10).join(old))}[/]",
+                f"[{style[c.kind]}]{escape(chr(10).join(new))}[/]",
+            )
+        out.print(table)
+    out.print("[bold]What this means[/]")
+    colour = {"rebuild": "red", "retrain": "yellow", "info": "default"}
+    for imp in result.implications:
+        out.print(f"  [{colour[imp.level]}]•[/] {escape(imp.text)}")
+
+
+def _md(text: str) -> str:
+    text = text.replace("|", "\\|")
+    return f"`{text}`" if "`" not in text and text else text
+
+
+def diff_markdown(result: Any, a: str, b: str) -> str:
+    """A table per section, for a pull-request comment."""
+    lines = [f"### Recipe diff: `{a}` → `{b}`", ""]
+    if result.identical:
+        return "\n".join([*lines, "No semantic difference.", ""])
+    lines += [f"**What this means:** {'; '.join(i.text for i in result.implications)}.", ""]
+    for section, changes in result.by_section().items():
+        lines += [f"#### {section}", "", f"| field | `{a}` | `{b}` |", "|---|---|---|"]
+        for c in changes:
+            old, new = cells(c)
+            tag = f" ({c.kind})" if c.kind != "changed" else ""
+            lines.append(
+                f"| `{c.field}`{tag} | {'<br>'.join(map(_md, old))} | {'<br>'.join(map(_md, new))} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+@app.command(epilog=PLAN_EPILOG)
+@handles_errors
+def plan(
+    file: Annotated[Path, typer.Argument(help="Recipe file.")],
+    overrides: SetOpt = None,
+    output_dir: OutputDirOpt = None,
+    json_: JsonOpt = False,
+) -> None:
+    """What `recipe run` would do: stages that would run or are cached (and why), dataset size, steps,
+    and memory and time estimates. Nothing is loaded or run."""
+    from recipe_runner.cli.app import load_checked
+    from recipe_runner.run.plan import make_plan
+
+    result = make_plan(load_checked(file, overrides), output_dir)
+    if json_:
+        emit_json(result.to_dict())
+        return
+    _print_plan(result)
+
+
+def _print_plan(p: Any) -> None:
+    from recipe_runner.run.estimates import format_duration
+
+    out.print(f"[bold]plan[/] {escape(p.name)} → {escape(p.run_dir)}")
+    stages = Table(header_style="bold", expand=False)
+    for col in ("stage", "status", "why"):
+        stages.add_column(col)
+    for s in p.stages:
+        status = "[yellow]would run[/]" if s.runs else "[green]cached[/]"
+        stages.add_row(s.name, status, escape(s.reason))
+    out.print(stages)
+    facts = Table.grid(padding=(0, 2))
+    facts.add_column(style="bold")
+    facts.add_column()
+    r = p.rows
+    rows = f"{'≈ ' if r.approximate else ''}{r.rows}" if r.rows is not None else "unknown"
+    train = f"{p.train_rows} for training" if p.train_rows is not None else "training rows unknown"
+    facts.add_row("dataset rows", f"{rows} ({escape(r.how)}); {train}")
+    facts.add_row("effective batch", str(p.effective_batch))
+    epochs = f" (≈ {p.epochs:.1f} epochs)" if p.epochs is not None else ""
+    facts.add_row("steps", f"{p.steps if p.steps is not None else 'unknown'}{epochs}")
+    m = p.memory
+    facts.add_row(
+        "memory (estimate)",
+        f"≈ {m.total_gb:.1f} GB per process: frozen UNet {m.frozen_unet_gb:.1f} + ControlNet weights/grads/"
+        f"optimizer {m.controlnet_training_gb:.1f} + VAE/text encoders {m.vae_text_encoders_gb:.1f} + "
+        f"activations {m.activations_gb:.1f} + overhead {m.overhead_gb:.1f}\n[dim]{escape(m.sizes.source)}[/]",
+    )
+    t = p.time
+    when = f"≈ {format_duration(t.seconds)}" if t.seconds is not None else "unknown"
+    facts.add_row("time (estimate)", f"{when} at ≈ {t.steps_per_s:.3g} steps/s\n[dim]{escape(t.assumption)}[/]")
+    out.print(facts)
+    for w in p.warnings:
+        out.print(f"[yellow]warning:[/] {escape(w)}")
+    if p.memory_savers:
+        lighter = f" (≈ {p.memory_with_savers_gb:.1f} GB with all of them)" if p.memory_with_savers_gb else ""
+        out.print(f"to use less memory{lighter}:")
+        for s in p.memory_savers:
+            out.print(f"  • {escape(s)}")

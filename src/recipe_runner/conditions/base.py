@@ -22,6 +22,8 @@ _WIDE_GREY_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
 class ConditionFn(Protocol):
     """The interface `build_condition` returns."""
 
+    cfg: Any  # the recipe's condition section
+
     def setup(self, device: str | None = None) -> None: ...
 
     def __call__(self, image: Image.Image) -> Image.Image: ...

@@ -99,9 +99,10 @@ def _to_image(result: Any, spec: str) -> Image.Image:
 
 
 def _describe(error: BaseException) -> str:
-    """'ValueError: bad thing (conds.py:12)': type, message and the innermost frame of the user's code."""
-    frames = [f for f in traceback.extract_tb(error.__traceback__) if f.filename != __file__]
-    # Prefer a frame outside installed packages and the standard library: that is the user's line.
-    own = [f for f in frames if not f.filename.startswith((sys.prefix, sys.base_prefix))] or frames
+    """'ValueError: bad thing (conds.py:12)': type, message and the innermost line of the user's code."""
+    frames = traceback.extract_tb(error.__traceback__)
+    # Skip this file, importlib's frozen frames, installed packages and the standard library.
+    skip = (sys.prefix, sys.base_prefix, "<frozen", __file__)
+    own = [f for f in frames if not f.filename.startswith(skip)]
     where = f" ({Path(own[-1].filename).name}:{own[-1].lineno})" if own else ""
     return f"{type(error).__name__}: {error}{where}"

@@ -31,7 +31,7 @@ def resolve_weights(
         raise UserError(
             f"condition.annotator: the {condition} annotator needs {_names(missing)}, "
             f"which {'is' if len(missing) == 1 else 'are'} not in {folder}",
-            hint=f"download {_names(missing)} from {_repo_url(repo)} into {folder}/{_keep_paths(missing)}",
+            hint=_download_hint(missing, repo, folder),
         )
     return folder
 
@@ -45,7 +45,7 @@ def _check_repo_id(source: str, folder: Path, files: Sequence[str], repo: str) -
     """A missing folder is fine if `source` could be a repo id ("owner/name"); otherwise it is an error."""
     if source.startswith((".", "/", "~")) or "\\" in source or source.count("/") != 1:
         raise UserError(
-            f"condition.annotator: folder {folder} does not exist", hint=_download_hint(files, repo)
+            f"condition.annotator: folder {folder} does not exist", hint=_download_hint(files, repo, folder)
         )
 
 
@@ -63,7 +63,7 @@ def _from_hub(repo: str, files: Sequence[str], condition: str, folder: Path, def
         except HFValidationError:
             raise UserError(
                 f"condition.annotator: {repo!r} is neither an existing folder nor a Hugging Face repo id",
-                hint=_download_hint(files, repo),
+                hint=_download_hint(files, default_repo),
             ) from None
         except (OSError, EntryNotFoundError) as e:  # offline, connection, not found, gated: all OSError
             failed.append(name)
@@ -73,7 +73,7 @@ def _from_hub(repo: str, files: Sequence[str], condition: str, folder: Path, def
             f"condition.annotator: could not get {_names(failed)} for the {condition} annotator "
             f"from the Hugging Face repo {repo} ({reason})"
             + ("" if repo == default_repo else f", and there is no folder {folder}"),
-            hint=_download_hint(failed, repo),
+            hint=_download_hint(failed, default_repo, None if repo == default_repo else folder),
         )
     # Files of one revision share a snapshot folder; climb from the first file to its root.
     return paths[0].parents[len(Path(files[0]).parts) - 1]
@@ -97,11 +97,11 @@ def _reason(error: Exception) -> str:
     return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
-def _download_hint(files: Sequence[str], repo: str) -> str:
-    return (
-        f"download {_names(files)} from {_repo_url(repo)} into {EXAMPLE_FOLDER}/ (beside the recipe)"
-        f"{_keep_paths(files)} and set condition.annotator: {EXAMPLE_FOLDER}"
-    )
+def _download_hint(files: Sequence[str], repo: str, folder: Path | None = None) -> str:
+    """Where to get the files and where to put them: `folder` if the recipe names one, else a suggestion."""
+    where = f"{folder}/" if folder is not None else f"{EXAMPLE_FOLDER}/ (beside the recipe)"
+    then = "" if folder is not None else f" and set condition.annotator: {EXAMPLE_FOLDER}"
+    return f"download {_names(files)} from {_repo_url(repo)} into {where}{_keep_paths(files)}{then}"
 
 
 def _names(files: Sequence[str]) -> str:

@@ -64,8 +64,8 @@ class ShuffleCondition(Section):
 
     type: Literal["shuffle"] = "shuffle"
     """Which condition: `shuffle`."""
-    grid: int = Field(16, ge=2, le=512)
-    """Scale of the random flow field; bigger means smoother, less scrambled results."""
+    grid: int = Field(256, ge=2, le=4096)
+    """Cell size in pixels of the random flow field (ControlNet 1.1 uses 256 at 512 px); smaller scrambles more."""
 
 
 class ColorPaletteCondition(Section):

@@ -222,3 +222,12 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 def _order(p: Problem) -> tuple:
     return (p.file is None, p.file or "", p.line or 0, p.column or 0)
+
+
+def load_resolved(data: dict, base_dir: Path, label: str = "run.lock.json") -> LoadedRecipe:
+    """A recipe from already-resolved data (e.g. a lock file's); paths resolve against base_dir."""
+    try:
+        recipe = Recipe.model_validate(copy.deepcopy(data))
+    except ValidationError as e:
+        raise RecipeError(problems_from_validation(e, data, {}, label)) from None
+    return LoadedRecipe(recipe, Path(base_dir) / label, data, {}, [])

@@ -1,0 +1,355 @@
+"""The dataset stage: source rows -> processed rows -> `dataset/` (data/, preview.png, report.json).
+
+The whole `dataset/` folder is written to a temporary sibling and renamed into place, so a failed or
+interrupted build leaves the previous dataset (or none) and never half of one. A build is skipped when
+the cache key (the source's cheap fingerprint, the condition, the processing settings, the seed and
+this code's version) matches the one in the existing report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import hashlib
+import json
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from recipe_runner.data.sources import BASE_DIR, ROW, SourceData, load_source, source_fingerprint
+from recipe_runner.errors import UserError
+from recipe_runner.recipe.loader import LoadedRecipe
+from recipe_runner.run.atomic import atomic_dir, is_complete, write_text
+from recipe_runner.run.folder import RunFolder
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from recipe_runner.data.process import RowPlan
+    from recipe_runner.recipe.dataset import DatasetSpec
+
+DATASET_CODE_VERSION = 1
+"""Bump when a change to this package changes the rows it builds: every cached dataset is rebuilt."""
+_NOT_KEYED = {"source", "num_proc", "batch_size"}  # how fast, not what: changing them keeps the cache
+_PARTS = {"source": "source", "condition": "condition", "processing": "dataset settings", "seed": "seed",
+          "code_version": "dataset code version"}
+_EXAMPLES = 5
+
+
+def computes_condition(loaded: LoadedRecipe) -> bool:
+    """Whether conditioning images are made by the recipe's condition (rather than given by the data)."""
+    spec = loaded.recipe.dataset
+    return spec.columns.conditioning_image is None and spec.source.conditioning_dir is None
+
+
+def key_inputs(loaded: LoadedRecipe) -> dict:
+    """Everything the built rows depend on, by part; stored in report.json to say what changed."""
+    r = loaded.recipe
+    return {
+        "source": source_fingerprint(loaded),
+        "condition": r.condition.model_dump(mode="json") if computes_condition(loaded) else None,
+        "processing": r.dataset.model_dump(mode="json", exclude=_NOT_KEYED),
+        "seed": r.seed,
+        "code_version": DATASET_CODE_VERSION,
+    }
+
+
+def _digest(inputs: dict) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def dataset_cache_key(loaded: LoadedRecipe) -> str:
+    """sha256 of `key_inputs`: equal keys mean a rebuild would give the same rows. Reads no data."""
+    return _digest(key_inputs(loaded))
+
+
+def _old_report(folder: RunFolder) -> dict | None:
+    try:
+        return json.loads((folder.dataset / "report.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def dataset_status(loaded: LoadedRecipe, folder: RunFolder) -> tuple[bool, str]:
+    """(cached?, why): whether `build_dataset` would reuse the built dataset, without reading its data."""
+    if not folder.dataset.exists():
+        return False, "no dataset yet"
+    report = _old_report(folder)
+    if report is None or not is_complete(folder.dataset):
+        return False, "the dataset folder is incomplete (an earlier build did not finish)"
+    inputs = key_inputs(loaded)
+    if report.get("cache_key") == _digest(inputs):
+        return True, f"unchanged since {report.get('created_at', 'the last build')}"
+    return False, _what_changed(report.get("key_inputs") or {}, inputs)
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(value, dict):
+        return {prefix: value}
+    out: dict[str, Any] = {}
+    for k, v in value.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def _what_changed(old: dict, new: dict) -> str:
+    changes = []
+    for part, label in _PARTS.items():
+        if old.get(part) == new[part]:
+            continue
+        a, b = _flat(old.get(part)), _flat(new[part])
+        diffs = []
+        for k in sorted(set(a) | set(b), key=str):
+            if a.get(k) == b.get(k):
+                continue
+            diffs.append("files changed" if "content" in k else f"{k or part}: {a.get(k)!r} -> {b.get(k)!r}")
+        shown = sorted(set(diffs), key=diffs.index)[:3]
+        changes.append(f"{label} changed ({'; '.join(shown)})")
+    return ", ".join(changes) or "cache key changed"
+
+
+def build_dataset(
+    loaded: LoadedRecipe, folder: RunFolder, *, console: Console | None = None, force: bool = False
+) -> dict:
+    """Build the recipe's dataset into `folder.dataset` unless an identical build is there; the report."""
+    key = dataset_cache_key(loaded)
+    old = None if force else _old_report(folder)
+    if old is not None and old.get("cache_key") == key and is_complete(folder.dataset):
+        if console is not None:
+            console.print(f"dataset: unchanged, using {folder.dataset_data} ({_rows(old)} rows)")
+        return {**old, "cached": True}
+    import datasets
+
+    datasets.disable_progress_bars()
+    start = time.perf_counter()
+    with atomic_dir(folder.dataset) as tmp:
+        report = _build(loaded, tmp, key, console, start)
+        report["path"] = str(folder.dataset_data)
+        write_text(tmp / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    if console is not None:
+        _summary(console, report, folder)
+    return report
+
+
+def _build(loaded: LoadedRecipe, tmp: Path, key: str, console: Console | None, start: float) -> dict:
+    import datasets
+
+    from recipe_runner.data import preview
+    from recipe_runner.data.process import BOOKKEEPING, DROP, FILE, NOTES
+
+    spec = loaded.recipe.dataset
+    work = tmp / ".work"  # datasets' cache files: on the run folder's disk, removed before the rename
+    try:
+        source = load_source(loaded, work)
+        plan = _row_plan(loaded, source)
+        condition = None
+        if plan.conditioning_column is None:
+            from recipe_runner.conditions import build_condition
+
+            condition = build_condition(loaded.recipe.condition, base_dir=loaded.base_dir)
+        ds = _prepare(source, plan, spec)
+        out = _map(ds, plan, condition, spec, key, work, console)
+        rows, drops, files, notes = (out.data.column(c).to_pylist() for c in (ROW, DROP, FILE, NOTES))
+        kept = [i for i, d in enumerate(drops) if not d]
+        dropped = _tally(rows, files, drops)
+        warnings = _tally(rows, files, [n if not d else "" for n, d in zip(notes, drops)])
+        _check_rows(len(kept), len(drops), dropped, spec.holdout, source)
+        final = out.select(kept).remove_columns(list(BOOKKEEPING))
+        n_train = len(final) - spec.holdout
+        splits = {"train": final.select(range(n_train))}
+        if spec.holdout:
+            splits["holdout"] = final.select(range(n_train, len(final)))
+        datasets.DatasetDict(splits).save_to_disk(str(tmp / "data"))
+        preview.write_preview(splits["train"], tmp / "preview.png")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    seconds = time.perf_counter() - start
+    inputs = key_inputs(loaded)
+    return {
+        "cached": False,
+        "cache_key": key,
+        "key_inputs": inputs,
+        "source": source.description,
+        "source_fingerprint": _digest(inputs["source"]),
+        "data_sha256": _data_digest(tmp / "data"),
+        "columns": {
+            "image": plan.image_column,
+            "conditioning_image": plan.conditioning_column or f"computed: {loaded.recipe.condition.type}",
+            "prompt": plan.prompt_column if plan.prompt_template is None else f"template: {plan.prompt_template}",
+        },
+        "resolution": spec.resolution,
+        "rows_in": len(source.dataset),
+        "rows_processed": len(drops),
+        "rows_out": {name: len(split) for name, split in splits.items()},
+        "rows_dropped": len(drops) - len(kept),
+        "dropped": dropped,
+        "warnings": warnings,
+        "seconds": round(seconds, 3),
+        "rows_per_second": round(len(drops) / seconds, 1),
+        "num_proc": spec.num_proc,
+        "batch_size": spec.batch_size,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _row_plan(loaded: LoadedRecipe, source: SourceData) -> RowPlan:
+    """The column mapping checked against the source's columns, as settings for the workers."""
+    from recipe_runner.data.process import RowPlan, template_fields
+
+    spec, cols = loaded.recipe.dataset, source.columns
+    cond = spec.columns.conditioning_image or ("conditioning_image" if spec.source.conditioning_dir else None)
+    _need(cols, spec.columns.image, "dataset.columns.image", source)
+    if cond is not None:
+        _need(cols, cond, "dataset.columns.conditioning_image", source)
+    if spec.prompt is not None:
+        try:
+            fields = template_fields(spec.prompt)
+        except ValueError as e:
+            raise UserError(f"dataset.prompt: {spec.prompt!r} is not a valid template: {e}",
+                            hint="write {{ and }} for literal braces") from None
+        for name in fields:
+            _need(cols, name, f"dataset.prompt: placeholder {{{name}}}", source)
+    else:
+        _need(cols, spec.columns.prompt, "dataset.columns.prompt", source)
+    f = spec.filters
+    return RowPlan(spec.resolution, spec.crop, loaded.recipe.seed, f.min_size, f.on_bad_image, spec.columns.image,
+                   cond, None if spec.prompt is not None else spec.columns.prompt, spec.prompt, source.builtin)
+
+
+def _need(columns: list[str], name: str | None, field: str, source: SourceData) -> None:
+    if name in columns:
+        return
+    close = difflib.get_close_matches(str(name), columns, n=1)
+    raise UserError(
+        f"{field}: no column {name!r} in {source.description} (columns: {', '.join(columns)})",
+        hint=f"did you mean {close[0]!r}?" if close else "name one of the columns above",
+    )
+
+
+def _prepare(source: SourceData, plan: RowPlan, spec: DatasetSpec) -> Any:
+    """The needed columns only, images left undecoded, text as bytes; shuffled and cut to max_samples."""
+    import datasets
+    import numpy as np
+
+    from recipe_runner.data.process import template_fields
+
+    ds = source.dataset
+    if source.builtin is None:
+        images = {plan.image_column, plan.conditioning_column} - {None}
+        texts = set(template_fields(plan.prompt_template)) if plan.prompt_template else {plan.prompt_column}
+        ds = ds.select_columns([c for c in ds.column_names if c in images | texts or c in (ROW, BASE_DIR)])
+        for name, feature in ds.features.items():
+            if isinstance(feature, datasets.Image):  # opened row by row, so one bad file drops one row
+                ds = ds.cast_column(name, datasets.Image(decode=False))
+            elif name in texts - images and getattr(feature, "dtype", None) in ("string", "large_string"):
+                # JSON readers let invalid UTF-8 into string columns, and reading those raises; as bytes
+                # they are decoded with replacement (and counted) by the workers.
+                ds = ds.cast_column(name, datasets.Value(feature.dtype.replace("string", "binary")))
+    order = np.random.default_rng(plan.seed).permutation(len(ds)) if spec.shuffle else np.arange(len(ds))
+    return ds.select(order[: spec.max_samples])
+
+
+def _map(ds: Any, plan: RowPlan, condition: Any, spec: DatasetSpec, key: str, work: Path,
+         console: Console | None) -> Any:
+    from recipe_runner.data.process import RowProcessor, output_features
+
+    num_proc = min(spec.num_proc, len(ds))
+    with _progress(console, len(ds), work) as pdir:
+        return ds.map(
+            RowProcessor(plan, condition, pdir),
+            batched=True,
+            batch_size=spec.batch_size,
+            writer_batch_size=spec.batch_size,  # images are big: write every batch, not every 1,000 rows
+            num_proc=num_proc if num_proc > 1 else None,
+            remove_columns=ds.column_names,
+            features=output_features(),
+            cache_file_name=str(work / "rows.arrow"),
+            new_fingerprint=key[:40],  # skips hashing the condition object; the cache key says it all
+        )
+
+
+@contextlib.contextmanager
+def _progress(console: Console | None, total: int, work: Path) -> Iterator[str | None]:
+    """A rich progress bar fed by the workers' row counts (files in a folder: works across processes)."""
+    if console is None:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from recipe_runner.data.process import rows_done
+
+    pdir = work / "progress"
+    pdir.mkdir(parents=True, exist_ok=True)
+    rate = TextColumn("{task.fields[rate]}")
+    with Progress(TextColumn("dataset"), BarColumn(), MofNCompleteColumn(), rate, TimeRemainingColumn(),
+                  console=console) as bar:
+        task = bar.add_task("rows", total=total, rate="")
+        stop = threading.Event()
+
+        def poll() -> None:
+            while not stop.wait(0.25):
+                speed = bar.tasks[task].speed
+                bar.update(task, completed=rows_done(str(pdir)), rate=f"{speed:,.1f} rows/s" if speed else "")
+
+        thread = threading.Thread(target=poll, daemon=True)
+        thread.start()
+        try:
+            yield str(pdir)
+        finally:
+            stop.set()
+            thread.join()
+            bar.update(task, completed=rows_done(str(pdir)))
+
+
+def _tally(rows: list[int], files: list[str], labels: list[str]) -> dict:
+    """{label: {count, examples: [{row, file}]}} over the non-empty labels ("a|b" holds two)."""
+    out: dict[str, dict] = {}
+    for row, file, label in zip(rows, files, labels):
+        for name in filter(None, label.split("|")):
+            entry = out.setdefault(name, {"count": 0, "examples": []})
+            entry["count"] += 1
+            if len(entry["examples"]) < _EXAMPLES:
+                entry["examples"].append({"row": row, "file": file})
+    return out
+
+
+def _check_rows(kept: int, processed: int, dropped: dict, holdout: int, source: SourceData) -> None:
+    if kept == 0:
+        reasons = "; ".join(
+            f"{reason}: {d['count']} (e.g. row {d['examples'][0]['row']} {d['examples'][0]['file']})".rstrip()
+            for reason, d in dropped.items()
+        )
+        raise UserError(f"dataset: no rows left from {source.description}: all {processed} rows were dropped "
+                        f"({reasons})", hint="fix the files named above, or relax dataset.filters")
+    if kept <= holdout:
+        raise UserError(f"dataset: only {kept} rows left after filtering, but dataset.holdout is {holdout}",
+                        hint="lower dataset.holdout, or add rows")
+
+
+def _data_digest(data: Path) -> str:
+    """sha256 of the built arrow files: equal for equal rows (the build is deterministic)."""
+    h = hashlib.sha256()
+    for f in sorted(data.rglob("*.arrow")):
+        h.update(f.relative_to(data).as_posix().encode() + b"\0")
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _rows(report: dict) -> int:
+    return sum((report.get("rows_out") or {}).values())
+
+
+def _summary(console: Console, report: dict, folder: RunFolder) -> None:
+    out = ", ".join(f"{n} {split}" for split, n in report["rows_out"].items())
+    dropped = report["rows_dropped"]
+    why = "; ".join(f"{k}: {v['count']}" for k, v in report["dropped"].items())
+    console.print(
+        f"dataset: {out} rows" + (f", {dropped} dropped ({why})" if dropped else "")
+        + f" in {report['seconds']:.1f} s ({report['rows_per_second']} rows/s) -> {folder.dataset}"
+    )

@@ -1,0 +1,252 @@
+"""Rough accelerator-memory and time estimates for `recipe plan`, from parameter counts alone.
+
+Nothing is loaded: sizes come from a table by model family, from builtin model sizes, or from the
+headers of a local folder's safetensors files. Every number here is an estimate (±30% is typical);
+the plan says so wherever it shows one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from recipe_runner.recipe.recipe import Recipe
+
+GIB = 2**30  # cards are sold in GiB ("24 GB"), so every "GB" here is 2**30 bytes
+CARD_SIZES_GB = (8, 12, 16, 24, 40, 80)
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """Parameter counts of the parts that matter for memory; `source` says where they come from."""
+
+    unet: float
+    controlnet: float
+    vae: float
+    text_encoders: float
+    source: str
+
+
+# Published parameter counts (diffusers model cards / `sum(p.numel())` of the released checkpoints).
+FAMILY_SIZES = {
+    "sd1": ModelSize(860e6, 361e6, 84e6, 123e6, "SD1.x sizes: UNet 860M, ControlNet 361M, VAE 84M, CLIP-L 123M"),
+    "sd2": ModelSize(865e6, 364e6, 84e6, 354e6, "SD2.x sizes: UNet 865M, ControlNet 364M, VAE 84M, OpenCLIP-H 354M"),
+    "sdxl": ModelSize(
+        2.57e9, 1.25e9, 84e6, 818e6, "SDXL sizes: UNet 2.57B, ControlNet 1.25B, VAE 84M, CLIP-L + OpenCLIP-bigG 818M"
+    ),
+}
+# Counted from the builtin models (recipe_runner.models.tiny): a few MB each.
+BUILTIN_SIZES = {
+    "tiny-sd": ModelSize(1.43e6, 1.09e6, 1.03e6, 0.04e6, "builtin:tiny-sd (counted)"),
+    "tiny-sdxl": ModelSize(1.98e6, 1.38e6, 1.03e6, 0.08e6, "builtin:tiny-sdxl (counted)"),
+    "shapes-sd": ModelSize(1.43e6, 1.09e6, 1.03e6, 0.04e6, "builtin:shapes-sd (tiny-sd sized)"),
+}
+# Activations of one 512 px image through ControlNet + UNet forward and backward, fp16 autocast, SDPA
+# attention, no gradient checkpointing. Calibrated from public reports for diffusers'
+# train_controlnet.py (SD1.5 batch 1 at 512 px peaks around 12-14 GB with fp32 AdamW, of which ~4-5 GB
+# are activations); SDXL's larger attention stages make it heavier per pixel. An estimate, not a measure.
+ACTIVATION_GB_AT_512 = {"sd1": 4.5, "sd2": 4.5, "sdxl": 6.0}
+CHECKPOINTING_SAVES = 3.0  # gradient checkpointing keeps roughly a third of the activations
+OVERHEAD_GB = 1.0  # CUDA context, cuBLAS/cuDNN workspaces and allocator slack
+
+
+def _safetensors_params(folder: Path, variant: str | None) -> int | None:
+    """Parameters in a folder's safetensors files, read from their JSON headers only (no weights)."""
+    groups: dict[str, list[Path]] = {}
+    for f in folder.glob("*.safetensors"):
+        # diffusion_pytorch_model[.fp16][-00001-of-00002].safetensors: one variant group is one model.
+        parts = f.name.removesuffix(".safetensors").split("-0")[0].split(".")
+        groups.setdefault(".".join(parts[1:]), []).append(f)
+    files = groups.get("") or groups.get(variant or "") or next(iter(groups.values()), None)
+    if not files:
+        return None
+    total = 0
+    for f in files:
+        with f.open("rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            if not 0 < size < 100_000_000:
+                return None
+            try:
+                header = json.loads(fh.read(size))
+            except ValueError:
+                return None
+        total += sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
+    return total
+
+
+def model_size(recipe: Recipe, base_dir: Path | None = None) -> ModelSize:
+    """Parameter counts for the recipe's model: builtin table, local safetensors headers, or family table."""
+    m = recipe.model
+    family = m.resolved_family
+    if m.base.startswith("builtin:"):
+        return BUILTIN_SIZES.get(m.base.removeprefix("builtin:"), BUILTIN_SIZES["tiny-sd"])
+    table = FAMILY_SIZES[family]
+
+    def local(ref: str | None) -> Path | None:
+        if ref is None:
+            return None
+        p = Path(ref).expanduser()
+        p = p if p.is_absolute() or base_dir is None else base_dir / p
+        return p if p.is_dir() else None
+
+    base = local(m.base)
+    if base is None:
+        return table
+    count = {
+        name: _safetensors_params(base / name, m.variant)
+        for name in ("unet", "vae", "text_encoder", "text_encoder_2")
+    }
+    if count["unet"] is None:
+        return table
+    cn_folder = local(m.controlnet)
+    controlnet = _safetensors_params(cn_folder, m.variant) if cn_folder else None
+    # A ControlNet copies the UNet's encoder: keep the family's ControlNet/UNet ratio when not counted.
+    controlnet = controlnet or count["unet"] * table.controlnet / table.unet
+    text = (count["text_encoder"] or 0) + (count["text_encoder_2"] or 0)
+    return ModelSize(
+        count["unet"], controlnet, count["vae"] or table.vae, text or table.text_encoders,
+        f"counted from the safetensors headers in {base}",
+    )
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Peak accelerator memory of one training process, in GB (2**30 bytes)."""
+
+    frozen_unet_gb: float
+    controlnet_training_gb: float
+    vae_text_encoders_gb: float
+    activations_gb: float
+    overhead_gb: float
+    sizes: ModelSize
+
+    @property
+    def total_gb(self) -> float:
+        return (
+            self.frozen_unet_gb + self.controlnet_training_gb + self.vae_text_encoders_gb
+            + self.activations_gb + self.overhead_gb
+        )
+
+    def fits(self) -> int | None:
+        """The smallest common card size (GB) this fits on; None if bigger than all of them."""
+        return next((c for c in CARD_SIZES_GB if self.total_gb <= c), None)
+
+    def to_dict(self) -> dict:
+        parts = {k: round(v, 2) for k, v in asdict(self).items() if k.endswith("_gb")}
+        sizes = {k: v for k, v in asdict(self.sizes).items()}
+        return {**parts, "total_gb": round(self.total_gb, 2), "fits_card_gb": self.fits(), "params": sizes}
+
+
+def estimate_memory(recipe: Recipe, base_dir: Path | None = None) -> MemoryEstimate:
+    """Weights, gradients, optimizer state and activations of one process (see the module docstring)."""
+    t, family = recipe.train, recipe.model.resolved_family
+    sizes = model_size(recipe, base_dir)
+    mixed = (recipe.launch.mixed_precision or t.mixed_precision) != "no"
+    frozen_bytes = 2 if mixed else 4  # frozen weights are stored in the autocast dtype
+    # ControlNet keeps fp32 master weights (4) + fp32 grads (4) + AdamW's two fp32 states (8), or two
+    # 1-byte states with 8-bit AdamW (2).
+    per_param = 4 + 4 + (2 if t.optimizer == "adamw_8bit" else 8)
+    controlnet = sizes.controlnet * per_param
+    if recipe.launch.num_processes * recipe.launch.num_machines > 1:
+        controlnet += sizes.controlnet * 4  # DDP's gradient buckets hold a second copy of the grads
+    # With precompute, latents and text embeddings are cached before training and the encoders leave the
+    # accelerator; without it they stay resident (frozen, in the autocast dtype).
+    encoders = 0.0 if t.precompute else (sizes.vae + sizes.text_encoders) * frozen_bytes
+    reference = FAMILY_SIZES[family].unet
+    act = ACTIVATION_GB_AT_512[family] * (recipe.dataset.resolution / 512) ** 2 * t.batch_size
+    act *= min(1.0, sizes.unet / reference)  # smaller (builtin, pruned) UNets keep smaller activations
+    act *= 1 if mixed else 2
+    if t.gradient_checkpointing:
+        act /= CHECKPOINTING_SAVES
+    return MemoryEstimate(
+        sizes.unet * frozen_bytes / GIB, controlnet / GIB, encoders / GIB, act, OVERHEAD_GB, sizes
+    )
+
+
+def memory_savers(recipe: Recipe) -> tuple[list[str], Recipe]:
+    """Options that would lower the estimate and are not in use yet, and the recipe with all of them."""
+    t = recipe.train
+    options, update = ["extends: base/low-vram.yaml (all of the below)"], {}
+    if not t.gradient_checkpointing:
+        options.append("train.gradient_checkpointing: true (≈ 3× fewer activations, ≈ 30% slower)")
+        update["gradient_checkpointing"] = True
+    if t.optimizer == "adamw":
+        options.append("train.optimizer: adamw_8bit (bitsandbytes, CUDA only)")
+        update["optimizer"] = "adamw_8bit"
+    if (recipe.launch.mixed_precision or t.mixed_precision) == "no":
+        options.append("train.mixed_precision: fp16 (bf16 on Ampere or newer)")
+        update["mixed_precision"] = "fp16"
+    if t.batch_size > 1:
+        acc = t.batch_size * t.gradient_accumulation_steps
+        options.append(f"train.batch_size: 1 with train.gradient_accumulation_steps: {acc} (same effective batch)")
+        update.update(batch_size=1, gradient_accumulation_steps=acc)
+    if not t.precompute:
+        options.append("train.precompute: true (VAE and text encoders off the accelerator)")
+        update["precompute"] = True
+    if not update:
+        return [], recipe
+    launch = recipe.launch.model_copy(update={"mixed_precision": None}) if "mixed_precision" in update else None
+    changed = recipe.model_copy(update={"train": t.model_copy(update=update), "launch": launch or recipe.launch})
+    return options, changed
+
+
+# Training images/s on one A100-class GPU at 512 px with fp16/bf16 autocast, SDPA attention, precomputed
+# latents and no checkpointing: rough figures from public diffusers ControlNet training logs (SD1.5 ≈ 8
+# images/s); SDXL's ~3× bigger UNet ≈ 3 images/s at 512 px (≈ 0.75 at 1024 px).
+IMAGES_PER_S_AT_512 = {"sd1": 8.0, "sd2": 7.5, "sdxl": 3.0}
+# Builtin models on a CPU are dominated by per-step overhead: measured ≈ 4.5 steps/s for tiny-sd at 64 px,
+# batch 2-4, on 2 cores (torch 2.x); past 4 images of 64 px a step grows with the pixels.
+TINY_CPU_STEPS_PER_S = 4.0
+
+
+@dataclass(frozen=True)
+class TimeEstimate:
+    steps_per_s: float
+    seconds: float | None  # None while the number of steps is unknown
+    assumption: str
+
+    def to_dict(self) -> dict:
+        seconds = round(self.seconds) if self.seconds is not None else None
+        return {"steps_per_s": round(self.steps_per_s, 3), "seconds": seconds, "assumption": self.assumption}
+
+
+def estimate_time(recipe: Recipe, steps: int | None) -> TimeEstimate:
+    """Training time (no dataset build, validation sampling or evaluation) from a throughput table."""
+    t, family = recipe.train, recipe.model.resolved_family
+    if recipe.model.base.startswith("builtin:"):
+        pixels = t.batch_size * (recipe.dataset.resolution / 64) ** 2
+        per_micro = TINY_CPU_STEPS_PER_S / max(1.0, pixels / 4)
+        rate = per_micro / t.gradient_accumulation_steps
+        why = f"builtin model on a CPU: ≈ {TINY_CPU_STEPS_PER_S:g} steps/s at 64 px, batch ≤ 4 (measured, 2 cores)"
+    else:
+        images = IMAGES_PER_S_AT_512[family] * (512 / recipe.dataset.resolution) ** 2
+        if (recipe.launch.mixed_precision or t.mixed_precision) == "no":
+            images /= 1.5 if t.allow_tf32 else 3.0  # fp32 runs at a fraction of tensor-core speed
+        if t.gradient_checkpointing:
+            images *= 0.75  # the recomputed forward pass
+        if not t.precompute:
+            images *= 0.8  # VAE and text encoders run on every batch
+        procs = recipe.launch.num_processes * recipe.launch.num_machines
+        scaling = 0.9 if procs > 1 else 1.0  # gradient all-reduce
+        rate = images * procs * scaling / (t.effective_batch * procs)
+        why = (
+            f"≈ {IMAGES_PER_S_AT_512[family]:g} images/s per A100-class GPU for {family} at 512 px in fp16 "
+            "(scaled by resolution², precision, checkpointing and processes)"
+        )
+    return TimeEstimate(rate, steps / rate if steps is not None else None, why)
+
+
+def format_duration(seconds: float) -> str:
+    """`45 s`, `12 min`, `2 h 15 min`, `3 d 4 h`."""
+    if seconds < 90:
+        return f"{max(1, round(seconds))} s"
+    minutes = round(seconds / 60)
+    if minutes < 90:
+        return f"{minutes} min"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 48:
+        return f"{hours} h {minutes} min" if minutes else f"{hours} h"
+    days, hours = divmod(hours, 24)
+    return f"{days} d {hours} h" if hours else f"{days} d"

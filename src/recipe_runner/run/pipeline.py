@@ -1,0 +1,144 @@
+"""`recipe run`: load → plan → stages, into one run folder, with a lock file and a summary."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from recipe_runner.errors import UserError
+from recipe_runner.recipe.loader import LoadedRecipe
+from recipe_runner.recipe.show import resolved_yaml
+from recipe_runner.run.atomic import remove_stale_temporaries, write_text
+from recipe_runner.run.folder import RunFolder
+from recipe_runner.run.lockfile import new_lock, read_lock, write_lock
+from recipe_runner.run.runlog import run_console
+from recipe_runner.run.stages import STAGES, RunContext
+
+
+def output_root(loaded: LoadedRecipe, output_dir: Path | None) -> Path:
+    return Path(output_dir) if output_dir is not None else Path(loaded.recipe.output_dir)
+
+
+@contextlib.contextmanager
+def exclusive(folder: RunFolder) -> Iterator[None]:
+    """One run per folder: a second `recipe run` into a folder in use is refused, not interleaved."""
+    folder.root.mkdir(parents=True, exist_ok=True)
+    path = folder.root / ".in-use"
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "another process"
+            raise UserError(
+                f"run folder {folder.root} is in use by {owner}",
+                hint="wait for it to finish, or pass --output-dir to run into another folder",
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"process {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.seek(0)
+            handle.truncate()
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def run_recipe(
+    loaded: LoadedRecipe,
+    *,
+    stages: list[str] | None = None,
+    output_dir: Path | None = None,
+    resume: bool = False,
+    quiet: bool = False,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Run the named stages (default: all enabled) in order, skipping those whose inputs are unchanged."""
+    folder = RunFolder(output_root(loaded, output_dir))
+    with exclusive(folder), run_console(folder.log, quiet=quiet) as console:
+        for sub in (folder.root, folder.checkpoints):
+            remove_stale_temporaries(sub)
+        recipe = loaded.recipe
+        previous = read_lock(folder.lock)
+        lock = new_lock(recipe.resolved_dict(), recipe.content_hash(), loaded.path, loaded.overrides)
+        if previous:
+            lock["stages"] = dict(previous.get("stages") or {})
+            lock["dataset"] = previous.get("dataset") or {}
+        write_text(folder.resolved_recipe, resolved_yaml(recipe, header=f"resolved from {loaded.path}"))
+        console.rule(f"[bold]{recipe.name}[/] → {folder.root}")
+        ctx = RunContext(loaded, folder, console, previous, lock, resume=resume, force=force)
+        names = stages or [n for n, s in STAGES.items() if s.enabled(ctx)]
+        for name in names:
+            stage = STAGES[name]
+            current, why = stage.status(ctx)
+            if current and not (resume and name == "train"):
+                console.print(f"[green]✓[/] {name}: skipped ({why})")
+                ctx.results[name] = {"skipped": True, "reason": why}
+                lock["stages"][name] = {**(lock["stages"].get(name) or {}), "skipped": True, "reason": why}
+                continue
+            console.print(f"[bold cyan]▶[/] {name}: running ({why})")
+            started = time.perf_counter()
+            result = stage.run(ctx)
+            seconds = round(time.perf_counter() - started, 2)
+            ctx.results[name] = {**result, "skipped": False, "seconds": seconds}
+            lock["stages"][name] = {**_lockable(result), "skipped": False, "reason": why, "seconds": seconds}
+            write_lock(folder.lock, lock)
+        write_lock(folder.lock, lock)
+        _summary(console, folder, ctx.results)
+    return {"run_dir": str(folder.root), "stages": ctx.results}
+
+
+def _lockable(result: dict[str, Any]) -> dict[str, Any]:
+    """The parts of a stage's result worth recording (small, JSON-friendly)."""
+    return {k: v for k, v in result.items() if isinstance(v, (str, int, float, bool, type(None), list, dict))}
+
+
+def _summary(console, folder: RunFolder, results: dict[str, Any]) -> None:
+    table = Table(title="run summary", show_header=True, header_style="bold")
+    table.add_column("stage")
+    table.add_column("status")
+    table.add_column("time", justify="right")
+    for name, r in results.items():
+        status = f"skipped ({r.get('reason')})" if r.get("skipped") else "ran"
+        table.add_row(name, status, "" if r.get("skipped") else f"{r.get('seconds', 0):.1f} s")
+    console.print(table)
+    where = [
+        ("weights", folder.controlnet),
+        ("samples", folder.samples),
+        ("model card", folder.model_card),
+        ("dataset", folder.dataset),
+        ("lock", folder.lock),
+        ("log", folder.log),
+    ]
+    for label, path in where:
+        if path.exists():
+            console.print(f"  {label:<11} {path}")
+
+
+def evaluate_run(run_dir: Path, *, quiet: bool = False) -> dict[str, Any]:
+    """`recipe evaluate RUN_DIR`: evaluate a finished run with the recipe it recorded."""
+    from recipe_runner.evaluate import evaluate_folder
+    from recipe_runner.recipe.loader import load_resolved
+
+    folder = RunFolder(Path(run_dir))
+    lock = read_lock(folder.lock)
+    if lock is None:
+        raise UserError(
+            f"{folder.root} is not a run folder (no readable run.lock.json)",
+            hint="pass the folder a `recipe run` wrote, e.g. runs/demo",
+        )
+    loaded = load_resolved(lock["recipe"], Path(lock["recipe_dir"]))
+    with exclusive(folder), run_console(folder.log, quiet=quiet) as console:
+        result = evaluate_folder(loaded, folder, console=console)
+        lock.setdefault("stages", {})["evaluate"] = {**_lockable(result), "skipped": False}
+        write_lock(folder.lock, lock)
+    return result

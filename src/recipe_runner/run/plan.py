@@ -1,0 +1,320 @@
+"""`recipe plan`: which stages would run, which are cached and why, and what the run would cost.
+
+Answers from the recipe and a few file stats, in well under a second: no weights are loaded, no data
+is read (row counts come from parquet metadata, line counts or directory listings), nothing imports
+torch. Stage order and which stages are enabled come from the registry in `run/stages.py`; whether
+a stage's outputs are current is judged here, torch-free, by comparing the recipe with the one the
+run folder recorded, so the reason can name the fields that changed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from recipe_runner.errors import UserError
+from recipe_runner.recipe.checks import resolve_path
+from recipe_runner.recipe.loader import LoadedRecipe
+from recipe_runner.recipe.recipe import Recipe
+from recipe_runner.run.atomic import is_complete
+from recipe_runner.run.diff import Change, diff_data, effective_batch, stage_of
+from recipe_runner.run.estimates import (
+    CARD_SIZES_GB,
+    MemoryEstimate,
+    TimeEstimate,
+    estimate_memory,
+    estimate_time,
+    memory_savers,
+)
+from recipe_runner.run.folder import RunFolder
+from recipe_runner.run.lockfile import read_lock
+
+# Each stage reruns when one of these stages' fields changed (see diff.stage_of).
+INVALIDATED_BY = {"dataset": {"dataset"}, "train": {"dataset", "train"}, "evaluate": {"dataset", "train"}}
+
+
+@dataclass
+class StagePlan:
+    name: str
+    runs: bool
+    reason: str
+    changes: list[Change] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        status = "would run" if self.runs else "cached"
+        return {"name": self.name, "status": status, "reason": self.reason, "changes": [c.to_dict() for c in self.changes]}
+
+
+@dataclass
+class Plan:
+    name: str
+    run_dir: str
+    stages: list[StagePlan]
+    rows: RowCount
+    train_rows: int | None
+    effective_batch: int
+    steps: int | None
+    memory: MemoryEstimate
+    memory_savers: list[str]
+    memory_with_savers_gb: float | None
+    time: TimeEstimate
+    warnings: list[str]
+
+    @property
+    def epochs(self) -> float | None:
+        if self.steps is None or not self.train_rows:
+            return None
+        return self.steps * self.effective_batch / self.train_rows
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "run_dir": self.run_dir,
+            "stages": [s.to_dict() for s in self.stages],
+            "dataset": {**self.rows.to_dict(), "train_rows": self.train_rows},
+            "effective_batch": self.effective_batch,
+            "steps": self.steps,
+            "epochs": round(self.epochs, 2) if self.epochs is not None else None,
+            "memory": {
+                **self.memory.to_dict(),
+                "estimate": True,
+                "savers": self.memory_savers,
+                "with_savers_gb": self.memory_with_savers_gb,
+            },
+            "time": {**self.time.to_dict(), "estimate": True},
+            "warnings": self.warnings,
+        }
+
+
+@dataclass
+class RowCount:
+    rows: int | None
+    how: str  # how they were counted, or why they are unknown
+    approximate: bool = False
+
+    def to_dict(self) -> dict:
+        return {"source_rows": self.rows, "counted_from": self.how, "approximate": self.approximate}
+
+
+MAX_SCAN_BYTES = 1 << 30  # line-counting more than this would break "well under a second"
+
+
+def count_rows(loaded: LoadedRecipe) -> RowCount:
+    """Rows in the source without reading the data: builtin size, parquet metadata, lines, listings."""
+    # data.sources stats files only at import (it is what the dataset stage uses to find them).
+    from recipe_runner.data.sources import DATA_EXTENSIONS, IMAGE_EXTENSIONS, METADATA_FILES, detect_format, walk
+
+    src = loaded.recipe.dataset.source
+    if src.builtin is not None:
+        return RowCount(src.num_samples, f"builtin {src.builtin}: source.num_samples")
+    if src.hub is not None:
+        return RowCount(None, "unknown until downloaded (hub dataset)")
+    root = resolve_path(loaded, src.path)
+    try:
+        fmt = detect_format(root, src.format)
+    except UserError as e:
+        return RowCount(None, f"unknown ({e.message})")
+    if fmt == "imagefolder":
+        meta = next((root / m for m in METADATA_FILES if (root / m).is_file()), None)
+        if meta is None:
+            skip = resolve_path(loaded, src.conditioning_dir).resolve() if src.conditioning_dir else None
+            images = [
+                p for p in walk(root)
+                if p.suffix.lower() in IMAGE_EXTENSIONS and not (skip and p.resolve().is_relative_to(skip))
+            ]
+            return RowCount(len(images), f"images in {root}")
+        files, fmt = [meta], DATA_EXTENSIONS[meta.suffix]
+    elif root.is_file():
+        files = [root]
+    else:
+        files = [p for p in walk(root) if DATA_EXTENSIONS.get(p.suffix.lower()) == fmt]
+    return _count_files(files, fmt)
+
+
+def _count_files(files: list[Path], fmt: str) -> RowCount:
+    what = f"{len(files)} {fmt} file{'s' if len(files) != 1 else ''}"
+    if fmt in ("parquet", "arrow"):
+        try:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+        except ImportError:
+            return RowCount(None, f"unknown (pyarrow is needed to count {fmt} rows)")
+        total = 0
+        for f in files:
+            if fmt == "parquet":
+                total += pq.ParquetFile(f).metadata.num_rows
+            else:  # memory-mapped: batch headers are read, column data is not
+                with pa.memory_map(str(f)) as source:
+                    total += sum(b.num_rows for b in pa.ipc.open_stream(source))
+        return RowCount(total, f"{fmt} metadata of {what}")
+    if sum(f.stat().st_size for f in files) > MAX_SCAN_BYTES:
+        return RowCount(None, f"unknown ({what} over {MAX_SCAN_BYTES >> 30} GB not counted)")
+    lines = 0
+    for f in files:
+        with f.open("rb") as fh:
+            tail, data = b"\n", fh.read(1 << 20)
+            while data:
+                lines += data.count(b"\n")
+                tail, data = data, fh.read(1 << 20)
+            lines += not tail.endswith(b"\n")  # a last line without a newline
+    if fmt == "csv":
+        # One header line per file; quoted fields can hold newlines, hence "approximate".
+        return RowCount(lines - len(files), f"lines of {what}", approximate=True)
+    return RowCount(lines, f"lines of {what}")
+
+
+def run_root(loaded: LoadedRecipe, output_dir: Path | None) -> Path:
+    """The run folder, as `recipe run` picks it (pipeline.output_root): --output-dir, else output.dir."""
+    return Path(output_dir) if output_dir is not None else Path(loaded.recipe.output_dir)
+
+
+def recorded_recipe(folder: RunFolder) -> tuple[dict | None, str]:
+    """The resolved recipe the folder's outputs were made with, and the file it was read from.
+
+    The lock is written only after a stage succeeds, so it wins over recipe.resolved.yaml, which a run
+    writes before its first stage (and keeps even when that stage fails)."""
+    lock = read_lock(folder.lock)
+    if lock and isinstance(lock.get("recipe"), dict):
+        return _with_defaults(lock["recipe"]), folder.lock.name
+    try:
+        data = yaml.safe_load(folder.resolved_recipe.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None, ""
+    return (_with_defaults(data), folder.resolved_recipe.name) if isinstance(data, dict) else (None, "")
+
+
+def _with_defaults(data: dict) -> dict:
+    # Fields added to the format since the folder was written compare as their defaults, not as changes.
+    try:
+        return Recipe.model_validate(data).resolved_dict()
+    except ValidationError:
+        return data
+
+
+def _describe(changes: list[Change], limit: int = 3) -> str:
+    def one(c: Change) -> str:
+        if c.kind == "added":
+            return f"{c.dotted} added"
+        if c.kind == "removed":
+            return f"{c.dotted} removed"
+        return f"{c.dotted} changed {_short(c.old)} → {_short(c.new)}"
+
+    text = "; ".join(one(c) for c in changes[:limit])
+    return text + (f"; and {len(changes) - limit} more" if len(changes) > limit else "")
+
+
+def _short(value: Any) -> str:
+    text = "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def stage_plans(loaded: LoadedRecipe, folder: RunFolder) -> list[StagePlan]:
+    """Each enabled stage in registry order: would it run, and why (or why not)."""
+    from recipe_runner.run.stages import STAGES, RunContext
+
+    recorded, source = recorded_recipe(folder)
+    changes = diff_data(recorded, loaded.recipe.resolved_dict()) if recorded is not None else []
+    ctx = RunContext(loaded, folder, None, read_lock(folder.lock), {})
+    plans: list[StagePlan] = []
+    for name, stage in STAGES.items():
+        if not stage.enabled(ctx):
+            continue
+        upstream = next((p for p in plans if p.runs), None)
+        relevant = [c for c in changes if stage_of(c.path) in INVALIDATED_BY.get(name, set())]
+        plans.append(_stage(name, folder, upstream, relevant, source if recorded is not None else None, changes))
+    return plans
+
+
+def _stage(
+    name: str, folder: RunFolder, upstream: StagePlan | None, relevant: list[Change], source: str | None,
+    changes: list[Change],
+) -> StagePlan:
+    def compared() -> StagePlan:
+        if source is None:
+            return StagePlan(name, True, "the run folder records no recipe to compare with")
+        if relevant:
+            return StagePlan(name, True, _describe(relevant), relevant)
+        return StagePlan(name, False, f"inputs unchanged (compared with {source})")
+
+    if name == "dataset":
+        if not is_complete(folder.dataset):
+            unfinished = folder.dataset.exists()
+            return StagePlan(name, True, "a previous build did not finish" if unfinished else "no dataset built yet")
+        return compared()
+    if name == "train":
+        if upstream is not None:
+            return StagePlan(name, True, f"the {upstream.name} stage will rerun")
+        if is_complete(folder.controlnet):
+            return compared()
+        steps = [int(n) for p in folder.checkpoints.glob("step-*") if (n := p.name[5:]).isdigit() and is_complete(p)]
+        if not steps:
+            return StagePlan(name, True, "no trained weights yet")
+        last = max(steps)
+        if relevant:  # resuming would mix settings: say so rather than suggest --resume
+            return StagePlan(name, True, f"unfinished, and {_describe(relevant)} since step {last}", relevant)
+        return StagePlan(name, True, f"training did not finish; --resume continues from step {last}")
+    if name == "evaluate":
+        # As EvaluateStage.status: results are reused while the weights are; evaluate settings alone
+        # do not rerun it inside `recipe run`.
+        if upstream is not None:
+            return StagePlan(name, True, "the weights will change")
+        if not (folder.evaluation / "results.json").is_file():
+            return StagePlan(name, True, "not evaluated yet")
+        own = [c for c in changes if stage_of(c.path) == "evaluate"]
+        extra = f" ({_describe(own)}: run `recipe evaluate {folder.root}` to refresh)" if own else ""
+        return StagePlan(name, False, "weights unchanged" + extra, own)
+    return StagePlan(name, True, "plan does not know how to check this stage")
+
+
+def training_steps(recipe: Recipe, train_rows: int | None) -> int | None:
+    """Optimizer steps: max_steps, or num_epochs × ceil(rows / effective batch)."""
+    t = recipe.train
+    if t.max_steps is not None:
+        return t.max_steps
+    if train_rows is None or t.num_epochs is None:
+        return None
+    return t.num_epochs * math.ceil(train_rows / effective_batch(recipe))
+
+
+def make_plan(loaded: LoadedRecipe, output_dir: Path | None = None) -> Plan:
+    recipe = loaded.recipe
+    folder = RunFolder(run_root(loaded, output_dir))
+    rows = count_rows(loaded)
+    ds = recipe.dataset
+    train_rows = None
+    if rows.rows is not None:
+        train_rows = max(0, min(rows.rows, ds.max_samples or rows.rows) - ds.holdout)
+    steps = training_steps(recipe, train_rows)
+    memory = estimate_memory(recipe, loaded.base_dir)
+    savers, lighter = memory_savers(recipe)
+    warnings = []
+    if memory.total_gb > CARD_SIZES_GB[0]:
+        too_small = [c for c in CARD_SIZES_GB if c < memory.total_gb]
+        fits = memory.fits()
+        where = f"needs a {fits} GB card or larger" if fits else f"exceeds even {CARD_SIZES_GB[-1]} GB cards"
+        warnings.append(
+            f"estimated {memory.total_gb:.1f} GB per process {where} (too big for {'/'.join(map(str, too_small))} GB)"
+        )
+    if steps is None:
+        warnings.append("steps unknown until the dataset size is known (num_epochs with an uncounted source)")
+    if train_rows is not None and train_rows < effective_batch(recipe):
+        warnings.append(f"only {train_rows} training rows for an effective batch of {effective_batch(recipe)}")
+    return Plan(
+        name=recipe.name,
+        run_dir=str(folder.root),
+        stages=stage_plans(loaded, folder),
+        rows=rows,
+        train_rows=train_rows,
+        effective_batch=effective_batch(recipe),
+        steps=steps,
+        memory=memory,
+        memory_savers=savers if memory.total_gb > CARD_SIZES_GB[0] else [],
+        memory_with_savers_gb=round(estimate_memory(lighter, loaded.base_dir).total_gb, 2) if savers else None,
+        time=estimate_time(recipe, steps),
+        warnings=warnings,
+    )

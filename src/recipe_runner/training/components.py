@@ -1,0 +1,226 @@
+"""Load the frozen base model (tokenizers, text encoders, VAE, UNet, noise scheduler) and the ControlNet.
+
+A base is a hub id, a local diffusers folder or `builtin:NAME`; a wrong kind of folder (an SD 1.5 folder
+under an SDXL recipe, a folder without `unet/`) is a UserError that says what was found, not a
+KeyError from deep inside diffusers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
+from transformers import AutoTokenizer, PretrainedConfig
+
+from recipe_runner.errors import UserError
+from recipe_runner.recipe.checks import resolve_path
+from recipe_runner.recipe.loader import LoadedRecipe
+from recipe_runner.recipe.recipe import Recipe
+
+_TEXT_PARTS = {"sd1": ("text_encoder",), "sd2": ("text_encoder",), "sdxl": ("text_encoder", "text_encoder_2")}
+
+
+@dataclass
+class Components:
+    """Everything a training step and a validation pipeline need from the base model."""
+
+    family: str
+    tokenizers: list[Any]
+    text_encoders: list[torch.nn.Module]
+    vae: AutoencoderKL
+    noise_scheduler: DDPMScheduler
+    unet: UNet2DConditionModel | None = None
+    controlnet: ControlNetModel | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def prediction_type(self) -> str:
+        return self.noise_scheduler.config.prediction_type
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
+        side = resolution // self.vae_scale_factor
+        return (self.vae.config.latent_channels, side, side)
+
+
+def resolve_base(loaded: LoadedRecipe, models_cache: Path) -> str:
+    """The base model as something from_pretrained accepts: a folder path (builtins are built on first
+    use) or a hub id. Local folders are checked here, hub ids when loading."""
+    base = loaded.recipe.model.base
+    if base.startswith("builtin:"):
+        from recipe_runner.models.tiny import resolve_builtin
+
+        return str(resolve_builtin(base.removeprefix("builtin:"), models_cache))
+    local = resolve_path(loaded, base)
+    if local.is_dir():
+        return str(local.resolve())
+    if local.exists() or base.startswith((".", "/", "~")) or base.count("/") != 1:
+        raise UserError(
+            f"model.base {base!r}: no diffusers folder at {local}",
+            hint="give a folder with model_index.json, unet/, vae/ ..., a hub id like "
+            "'runwayml/stable-diffusion-v1-5', or builtin:tiny-sd",
+        )
+    return base
+
+
+def _check_folder(recipe: Recipe, folder: Path) -> None:
+    """Say what kind of model a local folder holds when it is not what the recipe needs."""
+    family = recipe.model.resolved_family
+    need = ["unet", "scheduler", "tokenizer", *_TEXT_PARTS[family]]
+    if recipe.model.vae is None:
+        need.append("vae")
+    if family == "sdxl":
+        need.append("tokenizer_2")
+    missing = [name for name in need if not (folder / name).is_dir()]
+    if family == "sdxl" and "text_encoder_2" in missing and (folder / "text_encoder").is_dir():
+        raise UserError(
+            f"model.base {recipe.model.base!r} looks like a Stable Diffusion 1.x/2.x model (no text_encoder_2/), "
+            "but the recipe trains an SDXL ControlNet",
+            hint="use an SDXL base (e.g. stabilityai/stable-diffusion-xl-base-1.0), or set model.family: sd1",
+        )
+    if family != "sdxl" and (folder / "text_encoder_2").is_dir():
+        raise UserError(
+            f"model.base {recipe.model.base!r} looks like an SDXL model (it has text_encoder_2/), "
+            f"but the recipe's model family is {family}",
+            hint="set model.family: sdxl, or use an SD 1.x/2.x base",
+        )
+    if missing:
+        found = sorted(p.name for p in folder.iterdir() if p.is_dir()) or ["nothing"]
+        raise UserError(
+            f"model.base {recipe.model.base!r} ({folder}) lacks {', '.join(s + '/' for s in missing)}; "
+            f"found {', '.join(found)}",
+            hint="point model.base at a complete diffusers folder (as written by DiffusionPipeline.save_pretrained)",
+        )
+
+
+@contextlib.contextmanager
+def _loading(what: str, ref: str) -> Iterator[None]:
+    """Turn the OSError/ValueError of a failed from_pretrained into a UserError naming the field."""
+    try:
+        yield
+    except (OSError, ValueError, KeyError) as error:
+        text = str(error).strip()
+        first = text.splitlines()[0] if text else type(error).__name__
+        raise UserError(
+            f"could not load {what} from {ref!r}: {first}",
+            hint="check the name (and revision); without network access only downloaded models and "
+            "local folders load",
+        ) from None
+
+
+def _text_encoder_class(base: str, subfolder: str, revision: str | None) -> type:
+    config, _ = PretrainedConfig.get_config_dict(base, subfolder=subfolder, revision=revision)
+    names = config.get("architectures") or ["CLIPTextModel"]
+    cls = getattr(transformers, names[0], None)
+    if cls is None:
+        raise UserError(f"{subfolder} of {base!r} is a {names[0]}, which transformers does not provide")
+    return cls
+
+
+def load_components(
+    loaded: LoadedRecipe, base: str, *, unet: bool = True, controlnet: bool = True
+) -> Components:
+    """Load the base model's parts on the CPU in fp32 (callers move and cast them)."""
+    recipe = loaded.recipe
+    spec = recipe.model
+    family = spec.resolved_family
+    if Path(base).is_dir():
+        _check_folder(recipe, Path(base))
+    common = {"revision": spec.revision}
+    with _loading("model.base", base):
+        tokenizers = [AutoTokenizer.from_pretrained(base, subfolder="tokenizer", **common)]
+        if family == "sdxl":
+            tokenizers.append(AutoTokenizer.from_pretrained(base, subfolder="tokenizer_2", **common))
+        encoders = [
+            _text_encoder_class(base, sub, spec.revision).from_pretrained(
+                base, subfolder=sub, variant=spec.variant, **common
+            )
+            for sub in _TEXT_PARTS[family]
+        ]
+        noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler", **common)
+        unet_model = (
+            UNet2DConditionModel.from_pretrained(base, subfolder="unet", variant=spec.variant, **common)
+            if unet
+            else None
+        )
+    if family == "sdxl" and not hasattr(encoders[1], "text_projection"):
+        raise UserError(f"model.base {spec.base!r}: the second text encoder of an SDXL model must have a projection")
+    vae = _load_vae(loaded, base)
+    components = Components(family, tokenizers, list(encoders), vae, noise_scheduler, unet_model)
+    if unet_model is not None:
+        _check_unet(recipe, components)
+        if controlnet:
+            components.controlnet = load_controlnet(loaded, unet_model)
+    return components
+
+
+def _load_vae(loaded: LoadedRecipe, base: str) -> AutoencoderKL:
+    spec = loaded.recipe.model
+    if spec.vae is None:
+        with _loading("the VAE of model.base", base):
+            return AutoencoderKL.from_pretrained(base, subfolder="vae", revision=spec.revision, variant=spec.variant)
+    local = resolve_path(loaded, spec.vae)
+    ref = str(local) if local.is_dir() else spec.vae
+    # A VAE repository has its config at the top; a whole pipeline folder has it in vae/.
+    sub = "vae" if local.is_dir() and not (local / "config.json").is_file() else None
+    with _loading("model.vae", spec.vae):
+        return AutoencoderKL.from_pretrained(ref, subfolder=sub)
+
+
+def _check_unet(recipe: Recipe, c: Components) -> None:
+    unet = c.unet
+    assert unet is not None
+    width = sum(e.config.hidden_size for e in c.text_encoders)
+    if unet.config.cross_attention_dim != width:
+        raise UserError(
+            f"model.base {recipe.model.base!r}: the UNet expects text embeddings of width "
+            f"{unet.config.cross_attention_dim}, the text encoder(s) give {width}",
+            hint="check model.family (sd1, sd2, sdxl) and that the folder's parts belong together",
+        )
+    if (unet.config.addition_embed_type == "text_time") != (c.family == "sdxl"):
+        raise UserError(
+            f"model.base {recipe.model.base!r}: the UNet {'has' if c.family != 'sdxl' else 'lacks'} SDXL's "
+            f"micro-conditioning, but the recipe's model family is {c.family}",
+            hint="set model.family to match the base model",
+        )
+
+
+def load_controlnet(loaded: LoadedRecipe, unet: UNet2DConditionModel) -> ControlNetModel:
+    """A ControlNet to fine-tune (model.controlnet) or a new one initialised from the UNet's encoder."""
+    spec = loaded.recipe.model
+    if spec.controlnet is None:
+        # The conditioning embedding is randomly initialised: seed it, so every process (and a rerun)
+        # starts from the same weights.
+        torch.manual_seed(loaded.recipe.seed)
+        return ControlNetModel.from_unet(unet, conditioning_channels=spec.conditioning_channels)
+    local = resolve_path(loaded, spec.controlnet)
+    ref = str(local) if local.is_dir() else spec.controlnet
+    with _loading("model.controlnet", spec.controlnet):
+        controlnet = ControlNetModel.from_pretrained(ref)
+    have = controlnet.config.conditioning_channels
+    if have != spec.conditioning_channels:
+        raise UserError(
+            f"model.controlnet {spec.controlnet!r} takes {have}-channel conditioning images, "
+            f"but model.conditioning_channels is {spec.conditioning_channels}",
+            hint=f"set model.conditioning_channels: {have}",
+        )
+    return controlnet
+
+
+def read_model_index(base: str) -> dict:
+    """model_index.json of a local base (empty for hub ids): for the model card."""
+    path = Path(base) / "model_index.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}

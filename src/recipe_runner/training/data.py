@@ -1,0 +1,154 @@
+"""Training rows and their order: which rows each process sees at each micro-step.
+
+The order is a pure function of (seed, epoch), never of a global RNG or a DataLoader's state, so a resumed
+run can jump to any micro-step and see exactly the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from datasets import Dataset, DatasetDict, load_from_disk
+from PIL import Image
+
+from recipe_runner.errors import UserError
+from recipe_runner.recipe.recipe import Recipe
+from recipe_runner.training.keys import derive_seed
+
+COLUMNS = ("image", "conditioning_image", "prompt")
+_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+
+
+def load_rows(data_dir: Path, recipe: Recipe) -> DatasetDict:
+    """The built dataset, checked against the contract (columns, a `train` split, the resolution)."""
+    if not (Path(data_dir) / "dataset_dict.json").is_file():
+        raise UserError(
+            f"no built dataset at {data_dir}",
+            hint="build it first: recipe build-dataset RECIPE (recipe train does this when it is missing)",
+        )
+    data = load_from_disk(str(data_dir))
+    if not isinstance(data, DatasetDict) or "train" not in data:
+        raise UserError(f"the dataset at {data_dir} has no `train` split", hint="rebuild it: recipe build-dataset")
+    train = data["train"]
+    missing = [c for c in COLUMNS if c not in train.column_names]
+    if missing or len(train) == 0:
+        what = f"lacks columns {', '.join(missing)}" if missing else "has no rows"
+        raise UserError(f"the dataset at {data_dir} {what}", hint="rebuild it: recipe build-dataset")
+    size = train[0]["image"].size
+    res = recipe.dataset.resolution
+    if size != (res, res):
+        raise UserError(
+            f"the dataset at {data_dir} was built at {size[0]}x{size[1]} px, but dataset.resolution is {res}",
+            hint="rebuild the dataset (recipe build-dataset) or set dataset.resolution to match",
+        )
+    if recipe.model.conditioning_channels not in _MODES:
+        raise UserError(
+            f"model.conditioning_channels: {recipe.model.conditioning_channels} is not an image mode the "
+            "dataset can give",
+            hint="use 1 (grey), 3 (RGB) or 4 (RGBA)",
+        )
+    return data
+
+
+def _fit(image: Image.Image, resolution: int) -> Image.Image:
+    """Resize the shorter side and centre-crop (the reference's transforms; a no-op for built data)."""
+    if image.size == (resolution, resolution):
+        return image
+    w, h = image.size
+    scale = resolution / min(w, h)
+    image = image.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BILINEAR)
+    left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
+    return image.crop((left, top, left + resolution, top + resolution))
+
+
+def to_pixels(image: Image.Image, resolution: int) -> torch.Tensor:
+    """A training image as (3, H, W) float32 in [-1, 1]."""
+    array = np.asarray(_fit(image.convert("RGB"), resolution), dtype=np.float32)
+    return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0
+
+
+def to_conditioning(image: Image.Image, resolution: int, channels: int = 3) -> torch.Tensor:
+    """A conditioning image as (channels, H, W) float32 in [0, 1]."""
+    array = np.asarray(_fit(image.convert(_MODES[channels]), resolution), dtype=np.float32)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    return torch.from_numpy(array).permute(2, 0, 1) / 255.0
+
+
+class RowSource(torch.utils.data.Dataset):
+    """Decoded rows; with a precompute cache only the conditioning image is read (latents and text come
+    from the cache)."""
+
+    def __init__(self, rows: Dataset, resolution: int, channels: int, *, precomputed: bool):
+        columns = ["conditioning_image"] if precomputed else list(COLUMNS)
+        self.rows = rows.select_columns(columns)
+        self.resolution = resolution
+        self.channels = channels
+        self.precomputed = precomputed
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict:
+        row = self.rows[int(index)]
+        item = {"index": int(index), "conditioning": to_conditioning(row["conditioning_image"], self.resolution, self.channels)}
+        if not self.precomputed:
+            item["pixels"] = to_pixels(row["image"], self.resolution)
+            item["prompt"] = row["prompt"]
+        return item
+
+
+def collate(items: list[dict]) -> dict:
+    batch: dict = {"index": torch.tensor([it["index"] for it in items], dtype=torch.long)}
+    batch["conditioning"] = torch.stack([it["conditioning"] for it in items])
+    if "pixels" in items[0]:
+        batch["pixels"] = torch.stack([it["pixels"] for it in items])
+        batch["prompt"] = [it["prompt"] for it in items]
+    return batch
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Which rows process `rank` trains on at micro-batch k of an epoch.
+
+    Each epoch is a seeded permutation, padded (by repeating its start) to a multiple of the process
+    count like DistributedSampler. Micro-batch k is the global batch order[k*B*W : (k+1)*B*W], of which
+    process r takes the r-th contiguous chunk; a sample's global position in that batch seeds its noise,
+    so one process with batch 4 and two with batch 2 train on the same samples with the same noise.
+    """
+
+    num_rows: int
+    batch_size: int
+    num_processes: int
+    rank: int
+    seed: int
+
+    @property
+    def padded_rows(self) -> int:
+        return math.ceil(self.num_rows / self.num_processes) * self.num_processes
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.num_processes
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return math.ceil(self.padded_rows / self.global_batch)
+
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, "order", epoch))
+        order = torch.randperm(self.num_rows, generator=generator)
+        repeats = math.ceil(self.padded_rows / self.num_rows)
+        return order.repeat(repeats)[: self.padded_rows]
+
+    def batch(self, order: torch.Tensor, k: int) -> tuple[list[int], list[int]]:
+        """(row indices, global positions) of this process's share of micro-batch k."""
+        chunk = order[k * self.global_batch : (k + 1) * self.global_batch]
+        per_process = len(chunk) // self.num_processes
+        start = self.rank * per_process
+        positions = list(range(start, start + per_process))
+        return chunk[start : start + per_process].tolist(), positions

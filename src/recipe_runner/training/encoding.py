@@ -1,0 +1,77 @@
+"""Text and image encoding exactly as diffusers' train_controlnet(_sdxl).py does it.
+
+Used twice with the same code: once per dataset by the precompute cache, and every step in reference
+mode (`train.precompute: false`), so both modes see the same embeddings and latent distributions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from recipe_runner.recipe.recipe import Recipe
+from recipe_runner.training.components import Components
+
+
+def _token_ids(tokenizer, prompts: list[str]) -> torch.Tensor:
+    return tokenizer(
+        prompts, max_length=tokenizer.model_max_length, padding="max_length", truncation=True, return_tensors="pt"
+    ).input_ids
+
+
+@torch.no_grad()
+def encode_prompts(c: Components, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Text embeddings (batch, tokens, width) and, for SDXL, the pooled embeddings (batch, width_2)."""
+    device = c.text_encoders[0].device
+    if c.family != "sdxl":
+        # SD 1.x/2.x: the last hidden state, no attention mask (as the reference).
+        ids = _token_ids(c.tokenizers[0], prompts).to(device)
+        return c.text_encoders[0](ids, return_dict=False)[0], None
+    # SDXL: penultimate hidden states of both encoders side by side, pooled output of the second.
+    hidden, pooled = [], None
+    for tokenizer, encoder in zip(c.tokenizers, c.text_encoders, strict=True):
+        out = encoder(_token_ids(tokenizer, prompts).to(device), output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])
+        pooled = out[0]
+    return torch.cat(hidden, dim=-1), pooled
+
+
+@torch.no_grad()
+def encode_pixels(c: Components, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std of the VAE's latent distribution for images in [-1, 1] (batch, 3, H, W).
+
+    A step samples `mean + std * noise` with its own generator, which is what latent_dist.sample() does.
+    """
+    dist = c.vae.encode(pixels.to(c.vae.device, dtype=c.vae.dtype)).latent_dist
+    return dist.mean, dist.std
+
+
+def sample_latents(c: Components, mean: torch.Tensor, std: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Scaled latents from the distribution parameters and the step's latent noise."""
+    latents = mean + std * noise.to(mean.device, mean.dtype)
+    shift = getattr(c.vae.config, "shift_factor", None)
+    if shift is not None:
+        latents = latents - shift
+    return latents * c.vae.config.scaling_factor
+
+
+def add_time_ids(recipe: Recipe, batch: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """SDXL micro-conditioning: original size, crop top-left, target size (all at the training size)."""
+    size = (recipe.dataset.resolution, recipe.dataset.resolution)
+    micro = recipe.train.micro_conditioning
+    crop = tuple(micro.crops_coords_top_left) if micro is not None else (0, 0)
+    ids = torch.tensor([list(size + crop + size)], dtype=dtype, device=device)
+    return ids.repeat(batch, 1)
+
+
+def vae_dtype(recipe: Recipe, weight_dtype: torch.dtype) -> torch.dtype:
+    """The reference keeps the SDXL VAE in fp32 (it overflows in fp16) unless a fixed VAE is given."""
+    if recipe.model.resolved_family == "sdxl" and recipe.model.vae is None:
+        return torch.float32
+    return weight_dtype
+
+
+def place_encoders(c: Components, recipe: Recipe, device: torch.device | str, weight_dtype: torch.dtype) -> None:
+    """Move the VAE and text encoders to `device` (frozen, in the half dtype when mixed precision is on)."""
+    c.vae.requires_grad_(False).to(device, dtype=vae_dtype(recipe, weight_dtype))
+    for encoder in c.text_encoders:
+        encoder.requires_grad_(False).to(device, dtype=weight_dtype)

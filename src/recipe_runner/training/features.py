@@ -1,0 +1,114 @@
+"""Optional integrations (bitsandbytes, xformers, wandb) and hardware switches, one seam each.
+
+Everything a recipe asks for that this machine cannot do is found by `check_environment` before any
+model is loaded, so a user waits seconds, not minutes, for the message.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from collections.abc import Iterable
+
+import torch
+
+from recipe_runner.errors import UserError
+from recipe_runner.recipe.recipe import Recipe
+from recipe_runner.training.keys import effective_precision
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def check_environment(recipe: Recipe) -> None:
+    """Raise UserError for optional packages or hardware the recipe needs but this machine lacks."""
+    train = recipe.train
+    cuda = torch.cuda.is_available()
+    if train.optimizer == "adamw_8bit":
+        if not _installed("bitsandbytes"):
+            raise UserError(
+                "train.optimizer: adamw_8bit needs the bitsandbytes package, which is not installed",
+                hint="pip install 'recipe-runner[bnb]', or set train.optimizer: adamw",
+            )
+        if not cuda:
+            raise UserError(
+                "train.optimizer: adamw_8bit needs a CUDA GPU (bitsandbytes), and none is available",
+                hint="set train.optimizer: adamw on this machine",
+            )
+    if train.attention == "xformers":
+        if not _installed("xformers"):
+            raise UserError(
+                "train.attention: xformers needs the xformers package, which is not installed",
+                hint="pip install 'recipe-runner[xformers]', or set train.attention: sdpa (as fast on PyTorch 2)",
+            )
+        if not cuda:
+            raise UserError(
+                "train.attention: xformers needs a CUDA GPU", hint="set train.attention: sdpa on this machine"
+            )
+    precision = effective_precision(recipe)
+    if precision == "fp16" and not cuda:
+        raise UserError(
+            "mixed_precision: fp16 needs a CUDA GPU, and none is available",
+            hint="set train.mixed_precision: bf16 or no on this machine",
+        )
+    if recipe.logging.tracker == "wandb" and not _installed("wandb"):
+        raise UserError(
+            "logging.tracker: wandb needs the wandb package, which is not installed",
+            hint="pip install 'recipe-runner[wandb]', or set logging.tracker: tensorboard",
+        )
+    if recipe.logging.tracker == "tensorboard" and not (_installed("tensorboard") or _installed("tensorboardX")):
+        raise UserError(
+            "logging.tracker: tensorboard needs the tensorboard package, which is not installed",
+            hint="pip install tensorboard, or set logging.tracker: none",
+        )
+
+
+def weight_dtype(recipe: Recipe) -> torch.dtype:
+    """Dtype of the frozen weights (the ControlNet's master weights stay fp32)."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(effective_precision(recipe), torch.float32)
+
+
+def make_optimizer(recipe: Recipe, params: Iterable[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    train = recipe.train
+    if train.optimizer == "adamw_8bit":
+        bnb = importlib.import_module("bitsandbytes")
+        optimizer_class = bnb.optim.AdamW8bit
+    else:
+        optimizer_class = torch.optim.AdamW
+    return optimizer_class(
+        params,
+        lr=lr,
+        betas=(train.adam_beta1, train.adam_beta2),
+        weight_decay=train.adam_weight_decay,
+        eps=train.adam_epsilon,
+    )
+
+
+def set_attention(recipe: Recipe, *models: torch.nn.Module) -> None:
+    """diffusers uses SDPA by default on PyTorch 2; only the other two need work."""
+    attention = recipe.train.attention
+    for model in models:
+        if attention == "xformers":
+            model.enable_xformers_memory_efficient_attention()
+        elif attention == "eager":
+            from diffusers.models.attention_processor import AttnProcessor
+
+            model.set_attn_processor(AttnProcessor())
+
+
+def allow_tf32(enabled: bool) -> None:
+    if not enabled or not torch.cuda.is_available():
+        return
+    # PyTorch >= 2.9 has the fp32_precision switches; the old flags still work but warn.
+    try:
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+    except AttributeError:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def tracker_name(recipe: Recipe) -> str | None:
+    tracker = recipe.logging.tracker
+    return None if tracker == "none" else tracker

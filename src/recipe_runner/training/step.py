@@ -1,0 +1,139 @@
+"""One micro-step's inputs, randomness and loss, with the semantics of diffusers' train_controlnet.py.
+
+Randomness is drawn per sample from a generator seeded by (seed, micro-step, global position in the
+batch), on the CPU: the same sample gets the same noise whatever the process count, device or
+resume point.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from recipe_runner.training.components import Components
+from recipe_runner.training.encoding import add_time_ids, encode_pixels, encode_prompts, sample_latents
+from recipe_runner.training.keys import derive_seed
+from recipe_runner.training.precompute import EncodedCache
+
+
+@dataclass
+class Draws:
+    """Per-sample random choices of one micro-step."""
+
+    empty_prompt: torch.Tensor  # (b,) bool: replace the prompt with ""
+    timesteps: torch.Tensor  # (b,) long in [0, num_train_timesteps)
+    latent_noise: torch.Tensor  # (b, C, h, w): latents = mean + std * latent_noise
+    noise: torch.Tensor  # (b, C, h, w): the noise the model learns to predict
+
+
+def draw(
+    seed: int,
+    micro_step: int,
+    positions: list[int],
+    latent_shape: tuple[int, ...],
+    num_timesteps: int,
+    empty_ratio: float,
+) -> Draws:
+    empty, steps, latent_noise, noise = [], [], [], []
+    for position in positions:
+        g = torch.Generator().manual_seed(derive_seed(seed, "sample", micro_step, position))
+        empty.append(bool(torch.rand((), generator=g) < empty_ratio))
+        steps.append(torch.randint(0, num_timesteps, (1,), generator=g))
+        latent_noise.append(torch.randn(latent_shape, generator=g))
+        noise.append(torch.randn(latent_shape, generator=g))
+    return Draws(torch.tensor(empty), torch.cat(steps).long(), torch.stack(latent_noise), torch.stack(noise))
+
+
+@dataclass
+class StepInputs:
+    """What the denoiser sees, before noise: latent distribution, text and conditioning image."""
+
+    latent_mean: torch.Tensor
+    latent_std: torch.Tensor
+    prompt_embeds: torch.Tensor
+    pooled: torch.Tensor | None
+    conditioning: torch.Tensor
+
+
+def inputs_from_cache(
+    cache: EncodedCache, batch: dict, draws: Draws, device: torch.device, dtype: torch.dtype
+) -> StepInputs:
+    rows = batch["index"].numpy()
+    prompt = np.where(draws.empty_prompt.numpy(), EncodedCache.EMPTY, cache.prompt_index[rows])
+
+    def take(array: np.ndarray, index: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array[index])).to(device, dtype, non_blocking=True)
+
+    return StepInputs(
+        take(cache.latent_mean, rows),
+        take(cache.latent_std, rows),
+        take(cache.prompt_embeds, prompt),
+        take(cache.pooled, prompt) if cache.pooled is not None else None,
+        batch["conditioning"].to(device, non_blocking=True),
+    )
+
+
+def inputs_by_encoding(c: Components, batch: dict, draws: Draws, device: torch.device, dtype: torch.dtype) -> StepInputs:
+    """Reference mode: run the VAE and the text encoder(s) on this batch."""
+    prompts = ["" if empty else p for p, empty in zip(batch["prompt"], draws.empty_prompt.tolist(), strict=True)]
+    mean, std = encode_pixels(c, batch["pixels"])
+    embeds, pooled = encode_prompts(c, prompts)
+    return StepInputs(
+        mean.to(device, dtype),
+        std.to(device, dtype),
+        embeds.to(device, dtype),
+        pooled.to(device, dtype) if pooled is not None else None,
+        batch["conditioning"].to(device, non_blocking=True),
+    )
+
+
+def diffusion_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """MSE in fp32 (tests replace this to inject a NaN)."""
+    return F.mse_loss(prediction.float(), target.float(), reduction="mean")
+
+
+def controlnet_loss(
+    c: Components,
+    controlnet: torch.nn.Module,
+    inputs: StepInputs,
+    draws: Draws,
+    recipe,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Noise the latents at random timesteps and score the UNet+ControlNet's prediction."""
+    assert c.unet is not None
+    device = inputs.latent_mean.device
+    latents = sample_latents(c, inputs.latent_mean, inputs.latent_std, draws.latent_noise).to(dtype)
+    noise = draws.noise.to(device, dtype)
+    timesteps = draws.timesteps.to(device)
+    noisy = c.noise_scheduler.add_noise(latents, noise, timesteps)
+    added = {}
+    if c.family == "sdxl":
+        assert inputs.pooled is not None
+        time_ids = add_time_ids(recipe, len(latents), device, dtype)
+        added["added_cond_kwargs"] = {"text_embeds": inputs.pooled, "time_ids": time_ids}
+    down, mid = controlnet(
+        noisy,
+        timesteps,
+        encoder_hidden_states=inputs.prompt_embeds,
+        controlnet_cond=inputs.conditioning.to(dtype),
+        return_dict=False,
+        **added,
+    )
+    prediction = c.unet(
+        noisy,
+        timesteps,
+        encoder_hidden_states=inputs.prompt_embeds,
+        down_block_additional_residuals=[r.to(dtype) for r in down],
+        mid_block_additional_residual=mid.to(dtype),
+        return_dict=False,
+        **added,
+    )[0]
+    if c.prediction_type == "epsilon":
+        target = noise
+    else:  # v_prediction (checked when the session starts)
+        target = c.noise_scheduler.get_velocity(latents, noise, timesteps)
+    return diffusion_loss(prediction, target)
