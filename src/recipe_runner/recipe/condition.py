@@ -65,7 +65,7 @@ class ShuffleCondition(Section):
     type: Literal["shuffle"] = "shuffle"
     """Which condition: `shuffle`."""
     grid: int = Field(256, ge=2, le=4096)
-    """Cell size in pixels of the random flow field (ControlNet 1.1 uses 256 at 512 px); smaller scrambles more."""
+    """Flow-field cell size in pixels (ControlNet 1.1: 256 at 512 px); smaller scrambles more."""
 
 
 class ColorPaletteCondition(Section):

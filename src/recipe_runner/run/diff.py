@@ -15,10 +15,17 @@ from recipe_runner.recipe.recipe import Recipe
 SECTIONS: tuple[str, ...] = (
     "condition", "dataset", "model", "train", "logging", "launch", "evaluate", "output", "top-level",
 )
-# Processing knobs that change how fast the dataset is built, not what is in it.
+# Processing knobs that change how fast the dataset is built, not what is in it (data/build.py _NOT_KEYED).
 BUILD_ONLY = {("dataset", "num_proc"), ("dataset", "batch_size")}
-# Launch settings that change what is trained (the port only changes how processes meet).
-TRAINING_LAUNCH = {"num_processes", "num_machines", "mixed_precision", "accelerate_config"}
+# Train fields outside the training stage's cache key (training/keys.py): speed and bookkeeping.
+TRAIN_BOOKKEEPING = {
+    "checkpoint_every", "checkpoints_total_limit", "dataloader_num_workers", "nonfinite_loss", "compile",
+    "precompute", "channels_last", "attention",
+}
+# Train fields a run can resume across (in the cache key, but not in what a checkpoint depends on).
+RESUMABLE = {"max_steps", "num_epochs", "validation"}
+# Launch settings in the training key (the port and config file only change how processes meet).
+TRAINING_LAUNCH = {"num_processes", "num_machines", "mixed_precision"}
 ANNOTATOR_CONDITIONS = {"hed", "depth", "openpose", "mlsd", "lineart", "normal", "segmentation"}
 
 
@@ -48,16 +55,27 @@ class Change:
         return {"path": self.dotted, "section": self.section, "kind": self.kind, "old": self.old, "new": self.new}
 
 
-def stage_of(path: tuple[str, ...]) -> str | None:
-    """The first stage a change to `path` invalidates: dataset, train, evaluate, or None (nothing reruns)."""
-    head = path[0]
-    if head == "condition" or path == ("seed",) or (head == "dataset" and path[:2] not in BUILD_ONLY):
+def stage_of(path: tuple[str, ...], computes_condition: bool = True) -> str | None:
+    """The first stage a change to `path` invalidates: dataset, train, evaluate, or None (nothing reruns).
+
+    `computes_condition`: the dataset makes conditioning images with `condition` (the data has none);
+    otherwise the condition is only used by evaluation."""
+    head, sub = path[0], path[1] if len(path) > 1 else ""
+    if head == "condition":
+        return "dataset" if computes_condition else "evaluate"
+    if path == ("seed",) or (head == "dataset" and path[:2] not in BUILD_ONLY):
         return "dataset"
-    if head in ("model", "train") or (head == "launch" and len(path) > 1 and path[1] in TRAINING_LAUNCH):
+    if head == "model" or (head == "train" and sub not in TRAIN_BOOKKEEPING):
         return "train"
-    if head == "evaluate":
-        return "evaluate"
-    return None
+    if head == "launch" and sub in TRAINING_LAUNCH:
+        return "train"
+    return "evaluate" if head == "evaluate" else None
+
+
+def computes_condition(recipe: Recipe) -> bool:
+    """Whether the dataset stage makes conditioning images (as data/build.py decides)."""
+    spec = recipe.dataset
+    return spec.columns.conditioning_image is None and spec.source.conditioning_dir is None
 
 
 def diff_data(a: Any, b: Any, prefix: tuple[str, ...] = ()) -> list[Change]:
@@ -156,23 +174,35 @@ def _condition_needs(kind: str) -> str:
     return "no weights needed"
 
 
-def _stage_summary(changes: list[Change]) -> Implication:
-    stages = {stage_of(c.path) for c in changes}
-    if "dataset" in stages:
-        fields = sorted({c.dotted for c in changes if stage_of(c.path) == "dataset"})
+def _stage_summary(changes: list[Change], computes: bool) -> Implication:
+    stages = {c: stage_of(c.path, computes) for c in changes}
+    if "dataset" in stages.values():
+        fields = [c.dotted for c, s in stages.items() if s == "dataset"]
         shown = ", ".join(fields[:4]) + (f" and {len(fields) - 4} more" if len(fields) > 4 else "")
         return Implication("rebuild", f"dataset will rebuild ({shown}); training restarts from scratch", "rebuild")
-    if "train" in stages:
+    train = [c for c, s in stages.items() if s == "train"]
+    if train and all(c.path[0] == "train" and c.path[1] in RESUMABLE for c in train):
+        return Implication(
+            "retrain-resumable",
+            "training reruns (only its length/validation changed: --resume continues from the newest checkpoint); "
+            "dataset reused",
+            "retrain",
+        )
+    if train:
         return Implication("retrain", "training restarts from scratch; dataset reused", "retrain")
-    if "evaluate" in stages:
-        return Implication("reevaluate", "evaluation re-runs; dataset and trained weights reused", "retrain")
-    sections = "/".join(dict.fromkeys(c.section for c in changes))
+    if "evaluate" in stages.values():
+        return Implication(
+            "reevaluate",
+            "only evaluation settings changed: dataset and trained weights reused "
+            "(`recipe evaluate RUN_DIR` recomputes the scores)",
+        )
+    sections = "/".join(dict.fromkeys(c.dotted if c.section == "top-level" else c.section for c in changes))
     return Implication("no-retrain", f"only {sections} changed: no retraining")
 
 
 def implications(a: Recipe, b: Recipe, changes: list[Change]) -> list[Implication]:
     """What the differences mean, most consequential first."""
-    found = [_stage_summary(changes)]
+    found = [_stage_summary(changes, computes_condition(a) or computes_condition(b))]
 
     def add(code: str, text: str) -> None:
         found.append(Implication(code, text))
