@@ -54,3 +54,11 @@ def test_content_hash_ignores_formatting(tmp_path):
     a.write_text("name: t\ndataset: {source: {builtin: shapes}, resolution: 64}\n")
     b.write_text("# comment\ndataset:\n  resolution: 64\n  source:\n    builtin: shapes\nname: t\nseed: 0\n")
     assert load_recipe(a).recipe.content_hash() == load_recipe(b).recipe.content_hash()
+
+
+def test_set_inside_the_default_condition(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("name: t\ndataset: {source: {builtin: shapes}, resolution: 64}\n")
+    loaded = load_recipe(path, ["condition.low_threshold=50"])
+    assert loaded.recipe.condition.type == "canny"
+    assert loaded.recipe.condition.low_threshold == 50

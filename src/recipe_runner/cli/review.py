@@ -70,7 +70,9 @@ def file_at_revision(file: Path, rev: str) -> Iterator[Path]:
             ["git", "show", f"{rev}:./{file.name}"], cwd=folder, capture_output=True, timeout=30, check=False
         )
     except (OSError, subprocess.SubprocessError) as e:
-        raise UserError(f"could not run git: {e}", hint="install git, or compare two files: recipe diff A B") from None
+        raise UserError(
+            f"could not run git: {e}", hint="install git, or compare two files: recipe diff A B"
+        ) from None
     if done.returncode != 0:
         why = done.stderr.decode(errors="replace").strip().splitlines()
         raise UserError(f"cannot read {file} at {rev}: {why[-1] if why else 'git show failed'}")
@@ -85,16 +87,17 @@ def file_at_revision(file: Path, rev: str) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def _load(file: Path, overrides: list[str], label: str, real: Path | None = None):
+def _load(file: Path, overrides: list[str], shown_as: str | None = None) -> Any:
+    """Load and validate (no input checks: a diff of an old revision must not fail on moved data)."""
     from recipe_runner.recipe.loader import load_recipe
 
     try:
         return load_recipe(file, overrides)
     except RecipeError as e:
-        if real is not None:  # name the revision, not the temporary file, in every message
+        if shown_as is not None:  # name the revision, not the temporary file, in every message
             for p in e.problems:
                 if p.file and Path(p.file).resolve() == file.resolve():
-                    p.file = label
+                    p.file = shown_as
         raise
 
 
@@ -102,15 +105,18 @@ def _load(file: Path, overrides: list[str], label: str, real: Path | None = None
 @handles_errors
 def diff(
     files: Annotated[
-        list[Path], typer.Argument(help="A B: the recipes to compare (old, new); with --git, one FILE.", metavar="A B")
+        list[Path],
+        typer.Argument(help="The recipes to compare, old then new; with --git, one FILE.", metavar="A B"),
     ],
     git_rev: Annotated[
         str | None,
-        typer.Option("--git", metavar="REV", help="Compare FILE as committed at REV (HEAD, main, a1b2c3) with FILE."),
+        typer.Option(
+            "--git", metavar="REV", help="Compare FILE as committed at REV (HEAD, main, a1b2c3) with FILE."
+        ),
     ] = None,
-    fmt: Annotated[DiffFormat, typer.Option("--format", "-f", help="text (terminal), markdown (PR) or json.")] = (
-        DiffFormat.text
-    ),
+    fmt: Annotated[
+        DiffFormat, typer.Option("--format", "-f", help="text (terminal), markdown (PR) or json.")
+    ] = (DiffFormat.text),
     overrides: SetOpt = None,
     set_a: Annotated[
         list[str] | None, typer.Option("--set-a", metavar="PATH=VALUE", help="Like --set, for A only.")
@@ -137,14 +143,17 @@ def diff(
             b_path = files[0]
             a_label, b_label = f"{b_path}@{git_rev}", str(b_path)
             a_path = stack.enter_context(file_at_revision(b_path, git_rev))
-            a = _load(a_path, both + (set_a or []), a_label, real=b_path)
+            a = _load(a_path, both + (set_a or []), shown_as=a_label)
         else:
             a_path, b_path = files
             a_label, b_label = str(a_path), str(b_path)
-            a = _load(a_path, both + (set_a or []), a_label)
-        b = _load(b_path, both + (set_b or []), b_label)
+            a = _load(a_path, both + (set_a or []))
+        b = _load(b_path, both + (set_b or []))
         same_text = a_path.read_bytes() == b_path.read_bytes() and not set_a and not set_b
-    result = diff_recipes(a.recipe, b.recipe)
+    # The same file on both sides (`recipe diff my.yaml my.yaml --set-b ...`) needs telling apart.
+    a_label += " (with --set-a)" if set_a else ""
+    b_label += " (with --set-b)" if set_b else ""
+    result = diff_recipes(a.recipe, b.recipe, (a.base_dir, b.base_dir))
     if json_ or fmt is DiffFormat.json:
         emit_json({"a": a_label, "b": b_label, **result.to_dict()})
     elif fmt is DiffFormat.markdown:
@@ -189,7 +198,11 @@ def cells(change: Any) -> tuple[list[str], list[str]]:
 
 def _print_diff(result: Any, a: str, b: str, same_text: bool) -> None:
     if result.identical:
-        why = "" if same_text else " (the files differ only in formatting, comments, key order or explicit defaults)"
+        why = (
+            ""
+            if same_text
+            else " (the files differ only in formatting, comments, key order or explicit defaults)"
+        )
         out.print(f"[green]no semantic difference[/] between {escape(a)} and {escape(b)}{why}")
         return
     out.print(f"[bold]recipe diff[/] {escape(a)} → {escape(b)}: {len(result.changes)} field(s) differ")
@@ -203,7 +216,8 @@ def _print_diff(result: Any, a: str, b: str, same_text: bool) -> None:
             old, new = cells(c)
             tag = {"added": " (added)", "removed": " (removed)"}.get(c.kind, "")
             table.add_row(
-                escape(c.field) + tag, f"[red]{escape(chr(10).join(old))}[/]",
+                escape(c.field) + tag,
+                f"[red]{escape(chr(10).join(old))}[/]",
                 f"[{style[c.kind]}]{escape(chr(10).join(new))}[/]",
             )
         out.print(table)
@@ -271,9 +285,9 @@ def _print_plan(p: Any) -> None:
     facts.add_column(style="bold")
     facts.add_column()
     r = p.rows
-    rows = f"{'≈ ' if r.approximate else ''}{r.rows}" if r.rows is not None else "unknown"
+    rows = f"{'≈ ' if r.approximate else ''}{r.rows} ({r.how})" if r.rows is not None else r.how
     train = f"{p.train_rows} for training" if p.train_rows is not None else "training rows unknown"
-    facts.add_row("dataset rows", f"{rows} ({escape(r.how)}); {train}")
+    facts.add_row("dataset rows", f"{escape(rows)}; {train}")
     facts.add_row("effective batch", str(p.effective_batch))
     epochs = f" (≈ {p.epochs:.1f} epochs)" if p.epochs is not None else ""
     facts.add_row("steps", f"{p.steps if p.steps is not None else 'unknown'}{epochs}")
@@ -282,11 +296,14 @@ def _print_plan(p: Any) -> None:
         "memory (estimate)",
         f"≈ {m.total_gb:.1f} GB per process: frozen UNet {m.frozen_unet_gb:.1f} + ControlNet weights/grads/"
         f"optimizer {m.controlnet_training_gb:.1f} + VAE/text encoders {m.vae_text_encoders_gb:.1f} + "
-        f"activations {m.activations_gb:.1f} + overhead {m.overhead_gb:.1f}\n[dim]{escape(m.sizes.source)}[/]",
+        f"activations {m.activations_gb:.1f} + overhead {m.overhead_gb:.1f}"
+        f"\n[dim]{escape(m.sizes.source)}[/]",
     )
     t = p.time
     when = f"≈ {format_duration(t.seconds)}" if t.seconds is not None else "unknown"
-    facts.add_row("time (estimate)", f"{when} at ≈ {t.steps_per_s:.3g} steps/s\n[dim]{escape(t.assumption)}[/]")
+    facts.add_row(
+        "time (estimate)", f"{when} at ≈ {t.steps_per_s:.3g} steps/s\n[dim]{escape(t.assumption)}[/]"
+    )
     out.print(facts)
     for w in p.warnings:
         out.print(f"[yellow]warning:[/] {escape(w)}")

@@ -8,20 +8,22 @@ and `recipe plan` use it before anything heavy is imported.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from recipe_runner.recipe.recipe import Recipe
+from recipe_runner.run.estimates import estimate_memory
 
 SECTIONS: tuple[str, ...] = (
     "condition", "dataset", "model", "train", "logging", "launch", "evaluate", "output", "top-level",
-)
+)  # fmt: skip
 # Processing knobs that change how fast the dataset is built, not what is in it (data/build.py _NOT_KEYED).
 BUILD_ONLY = {("dataset", "num_proc"), ("dataset", "batch_size")}
 # Train fields outside the training stage's cache key (training/keys.py): speed and bookkeeping.
 TRAIN_BOOKKEEPING = {
     "checkpoint_every", "checkpoints_total_limit", "dataloader_num_workers", "nonfinite_loss", "compile",
     "precompute", "channels_last", "attention",
-}
+}  # fmt: skip
 # Train fields a run can resume across (in the cache key, but not in what a checkpoint depends on).
 RESUMABLE = {"max_steps", "num_epochs", "validation"}
 # Launch settings in the training key (the port and config file only change how processes meet).
@@ -52,7 +54,13 @@ class Change:
         return ".".join(self.path[1:]) if self.section != "top-level" else self.dotted
 
     def to_dict(self) -> dict:
-        return {"path": self.dotted, "section": self.section, "kind": self.kind, "old": self.old, "new": self.new}
+        return {
+            "path": self.dotted,
+            "section": self.section,
+            "kind": self.kind,
+            "old": self.old,
+            "new": self.new,
+        }
 
 
 def stage_of(path: tuple[str, ...], computes_condition: bool = True) -> str | None:
@@ -138,10 +146,12 @@ class RecipeDiff:
         }
 
 
-def diff_recipes(a: Recipe, b: Recipe) -> RecipeDiff:
-    """Every field that differs between two resolved recipes, and what it implies."""
+def diff_recipes(a: Recipe, b: Recipe, dirs: tuple[Path | None, Path | None] = (None, None)) -> RecipeDiff:
+    """Every field that differs between two resolved recipes, and what it implies.
+
+    `dirs`: the recipes' folders, against which local model paths resolve (for the memory estimate)."""
     changes = diff_data(a.resolved_dict(), b.resolved_dict())
-    return RecipeDiff(changes, implications(a, b, changes) if changes else [])
+    return RecipeDiff(changes, implications(a, b, changes, dirs) if changes else [])
 
 
 def ratio(old: float, new: float) -> str:
@@ -175,32 +185,39 @@ def _condition_needs(kind: str) -> str:
 
 
 def _stage_summary(changes: list[Change], computes: bool) -> Implication:
-    stages = {c: stage_of(c.path, computes) for c in changes}
-    if "dataset" in stages.values():
-        fields = [c.dotted for c, s in stages.items() if s == "dataset"]
+    stages = [(c, stage_of(c.path, computes)) for c in changes]
+    found = {s for _, s in stages}
+    if "dataset" in found:
+        fields = [c.dotted for c, s in stages if s == "dataset"]
         shown = ", ".join(fields[:4]) + (f" and {len(fields) - 4} more" if len(fields) > 4 else "")
-        return Implication("rebuild", f"dataset will rebuild ({shown}); training restarts from scratch", "rebuild")
-    train = [c for c, s in stages.items() if s == "train"]
+        return Implication(
+            "rebuild", f"dataset will rebuild ({shown}); training restarts from scratch", "rebuild"
+        )
+    train = [c for c, s in stages if s == "train"]
     if train and all(c.path[0] == "train" and c.path[1] in RESUMABLE for c in train):
         return Implication(
             "retrain-resumable",
-            "training reruns (only its length/validation changed: --resume continues from the newest checkpoint); "
-            "dataset reused",
+            "training reruns (only its length/validation changed: --resume continues from the newest "
+            "checkpoint); dataset reused",
             "retrain",
         )
     if train:
         return Implication("retrain", "training restarts from scratch; dataset reused", "retrain")
-    if "evaluate" in stages.values():
+    if "evaluate" in found:
         return Implication(
             "reevaluate",
             "only evaluation settings changed: dataset and trained weights reused "
             "(`recipe evaluate RUN_DIR` recomputes the scores)",
         )
-    sections = "/".join(dict.fromkeys(c.dotted if c.section == "top-level" else c.section for c in changes))
+    # Name the section when all of it is bookkeeping (output, logging), else the fields themselves.
+    whole = {"output", "logging", "evaluate"}
+    sections = "/".join(dict.fromkeys(c.section if c.section in whole else c.dotted for c in changes))
     return Implication("no-retrain", f"only {sections} changed: no retraining")
 
 
-def implications(a: Recipe, b: Recipe, changes: list[Change]) -> list[Implication]:
+def implications(
+    a: Recipe, b: Recipe, changes: list[Change], dirs: tuple[Path | None, Path | None] = (None, None)
+) -> list[Implication]:
     """What the differences mean, most consequential first."""
     found = [_stage_summary(changes, computes_condition(a) or computes_condition(b))]
 
@@ -211,14 +228,20 @@ def implications(a: Recipe, b: Recipe, changes: list[Change]) -> list[Implicatio
         add("effective-batch", f"effective batch {effective_batch(a)} → {effective_batch(b)}")
     ta, tb = a.train, b.train
     if ta.learning_rate != tb.learning_rate:
-        add("learning-rate", f"learning rate {ratio(ta.learning_rate, tb.learning_rate)} "
-            f"({ta.learning_rate:g} → {tb.learning_rate:g})")
+        add(
+            "learning-rate",
+            f"learning rate {ratio(ta.learning_rate, tb.learning_rate)} "
+            f"({ta.learning_rate:g} → {tb.learning_rate:g})",
+        )
     if tb.scale_lr or ta.scale_lr:
         # With scale_lr the optimizer sees lr × effective batch, so that product is what matters.
         lr_a = ta.learning_rate * (effective_batch(a) if ta.scale_lr else 1)
         lr_b = tb.learning_rate * (effective_batch(b) if tb.scale_lr else 1)
         if lr_a != lr_b:
-            add("effective-learning-rate", f"effective learning rate {ratio(lr_a, lr_b)} ({lr_a:g} → {lr_b:g})")
+            add(
+                "effective-learning-rate",
+                f"effective learning rate {ratio(lr_a, lr_b)} ({lr_a:g} → {lr_b:g})",
+            )
     if (ta.max_steps, ta.num_epochs) != (tb.max_steps, tb.num_epochs):
         if ta.max_steps is not None and tb.max_steps is not None:
             add("steps", f"steps {ta.max_steps} → {tb.max_steps}")
@@ -227,29 +250,27 @@ def implications(a: Recipe, b: Recipe, changes: list[Change]) -> list[Implicatio
     if precision(a) != precision(b):
         add("precision", f"precision {precision(a)} → {precision(b)}")
     if a.condition.type != b.condition.type:
-        add("condition-type", f"condition type changed: {a.condition.type} → {b.condition.type} "
-            f"({_condition_needs(b.condition.type)})")
+        add(
+            "condition-type",
+            f"condition type changed: {a.condition.type} → {b.condition.type} "
+            f"({_condition_needs(b.condition.type)})",
+        )
     fa, fb = a.model.resolved_family, b.model.resolved_family
     if fa != fb:
         add("family", f"model family changed {fa} → {fb}")
     elif a.model.base != b.model.base:
         add("base-model", f"base model {a.model.base} → {b.model.base} (same family: {fb})")
     if a.dataset.resolution != b.dataset.resolution:
-        add("resolution", f"resolution {a.dataset.resolution} → {b.dataset.resolution} px "
-            f"(activation memory and step time {ratio(a.dataset.resolution**2, b.dataset.resolution**2)})")
+        add(
+            "resolution",
+            f"resolution {a.dataset.resolution} → {b.dataset.resolution} px "
+            f"(activation memory and step time {ratio(a.dataset.resolution**2, b.dataset.resolution**2)})",
+        )
     if a.seed != b.seed:
         add("seed", f"seed {a.seed} → {b.seed}: different data order, crops and noise")
-    _memory(a, b, add)
+    ga, gb = estimate_memory(a, dirs[0]).total_gb, estimate_memory(b, dirs[1]).total_gb
+    if abs(gb - ga) > 0.05 * max(ga, gb):
+        add("memory", f"estimated accelerator memory ≈ {ga:.1f} → {gb:.1f} GB")
     if a.output_dir != b.output_dir:
         add("run-folder", f"run folder {a.output_dir} → {b.output_dir} (nothing is cached in a new folder)")
     return found
-
-
-def _memory(a: Recipe, b: Recipe, add: Any) -> None:
-    # Imported here: estimates is a sibling that itself stays torch-free; the lazy import keeps the
-    # dependency one-way for readers (estimates never needs diff).
-    from recipe_runner.run.estimates import estimate_memory
-
-    ga, gb = estimate_memory(a).total_gb, estimate_memory(b).total_gb
-    if abs(gb - ga) > 0.05 * max(ga, gb):
-        add("memory", f"estimated accelerator memory ≈ {ga:.1f} → {gb:.1f} GB")

@@ -31,10 +31,18 @@ class ModelSize:
 
 # Published parameter counts (diffusers model cards / `sum(p.numel())` of the released checkpoints).
 FAMILY_SIZES = {
-    "sd1": ModelSize(860e6, 361e6, 84e6, 123e6, "SD1.x sizes: UNet 860M, ControlNet 361M, VAE 84M, CLIP-L 123M"),
-    "sd2": ModelSize(865e6, 364e6, 84e6, 354e6, "SD2.x sizes: UNet 865M, ControlNet 364M, VAE 84M, OpenCLIP-H 354M"),
+    "sd1": ModelSize(
+        860e6, 361e6, 84e6, 123e6, "SD1.x sizes: UNet 860M, ControlNet 361M, VAE 84M, CLIP-L 123M"
+    ),
+    "sd2": ModelSize(
+        865e6, 364e6, 84e6, 354e6, "SD2.x sizes: UNet 865M, ControlNet 364M, VAE 84M, OpenCLIP-H 354M"
+    ),
     "sdxl": ModelSize(
-        2.57e9, 1.25e9, 84e6, 818e6, "SDXL sizes: UNet 2.57B, ControlNet 1.25B, VAE 84M, CLIP-L + OpenCLIP-bigG 818M"
+        2.57e9,
+        1.25e9,
+        84e6,
+        818e6,
+        "SDXL sizes: UNet 2.57B, ControlNet 1.25B, VAE 84M, CLIP-L + OpenCLIP-bigG 818M",
     ),
 }
 # Counted from the builtin models (recipe_runner.models.tiny): a few MB each.
@@ -106,7 +114,10 @@ def model_size(recipe: Recipe, base_dir: Path | None = None) -> ModelSize:
     controlnet = controlnet or count["unet"] * table.controlnet / table.unet
     text = (count["text_encoder"] or 0) + (count["text_encoder_2"] or 0)
     return ModelSize(
-        count["unet"], controlnet, count["vae"] or table.vae, text or table.text_encoders,
+        count["unet"],
+        controlnet,
+        count["vae"] or table.vae,
+        text or table.text_encoders,
         f"counted from the safetensors headers in {base}",
     )
 
@@ -125,8 +136,11 @@ class MemoryEstimate:
     @property
     def total_gb(self) -> float:
         return (
-            self.frozen_unet_gb + self.controlnet_training_gb + self.vae_text_encoders_gb
-            + self.activations_gb + self.overhead_gb
+            self.frozen_unet_gb
+            + self.controlnet_training_gb
+            + self.vae_text_encoders_gb
+            + self.activations_gb
+            + self.overhead_gb
         )
 
     def fits(self) -> int | None:
@@ -180,15 +194,21 @@ def memory_savers(recipe: Recipe) -> tuple[list[str], Recipe]:
         update["mixed_precision"] = "fp16"
     if t.batch_size > 1:
         acc = t.batch_size * t.gradient_accumulation_steps
-        options.append(f"train.batch_size: 1 with train.gradient_accumulation_steps: {acc} (same effective batch)")
+        options.append(
+            f"train.batch_size: 1 with train.gradient_accumulation_steps: {acc} (same effective batch)"
+        )
         update.update(batch_size=1, gradient_accumulation_steps=acc)
     if not t.precompute:
         options.append("train.precompute: true (VAE and text encoders off the accelerator)")
         update["precompute"] = True
     if not update:
         return [], recipe
-    launch = recipe.launch.model_copy(update={"mixed_precision": None}) if "mixed_precision" in update else None
-    changed = recipe.model_copy(update={"train": t.model_copy(update=update), "launch": launch or recipe.launch})
+    launch = (
+        recipe.launch.model_copy(update={"mixed_precision": None}) if "mixed_precision" in update else None
+    )
+    changed = recipe.model_copy(
+        update={"train": t.model_copy(update=update), "launch": launch or recipe.launch}
+    )
     return options, changed
 
 
@@ -219,7 +239,7 @@ def estimate_time(recipe: Recipe, steps: int | None) -> TimeEstimate:
         pixels = t.batch_size * (recipe.dataset.resolution / 64) ** 2
         per_micro = TINY_CPU_STEPS_PER_S / max(1.0, pixels / 4)
         rate = per_micro / t.gradient_accumulation_steps
-        why = f"builtin model on a CPU: ≈ {TINY_CPU_STEPS_PER_S:g} steps/s at 64 px, batch ≤ 4 (measured, 2 cores)"
+        why = f"builtin model on a CPU: ≈ {TINY_CPU_STEPS_PER_S:g} steps/s at 64 px, batch ≤ 4 (measured)"
     else:
         images = IMAGES_PER_S_AT_512[family] * (512 / recipe.dataset.resolution) ** 2
         if (recipe.launch.mixed_precision or t.mixed_precision) == "no":

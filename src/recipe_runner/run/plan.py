@@ -2,13 +2,14 @@
 
 Answers from the recipe and a few file stats, in well under a second: no weights are loaded, no data
 is read (row counts come from parquet metadata, line counts or directory listings), nothing imports
-torch. Stage order and which stages are enabled come from the registry in `run/stages.py`; whether
-a stage's outputs are current is judged here, torch-free, by comparing the recipe with the one the
-run folder recorded, so the reason can name the fields that changed.
+torch. Stages, their order and whether their outputs are current come from the registry in
+`run/stages.py` (each stage's `status` is cheap by contract); comparing the recipe with the one the run
+folder recorded names the fields that changed.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from recipe_runner.recipe.checks import resolve_path
 from recipe_runner.recipe.loader import LoadedRecipe
 from recipe_runner.recipe.recipe import Recipe
 from recipe_runner.run.atomic import is_complete
-from recipe_runner.run.diff import Change, diff_data, effective_batch, stage_of
+from recipe_runner.run.diff import Change, computes_condition, diff_data, effective_batch, stage_of
 from recipe_runner.run.estimates import (
     CARD_SIZES_GB,
     MemoryEstimate,
@@ -47,7 +48,12 @@ class StagePlan:
 
     def to_dict(self) -> dict:
         status = "would run" if self.runs else "cached"
-        return {"name": self.name, "status": status, "reason": self.reason, "changes": [c.to_dict() for c in self.changes]}
+        return {
+            "name": self.name,
+            "status": status,
+            "reason": self.reason,
+            "changes": [c.to_dict() for c in self.changes],
+        }
 
 
 @dataclass
@@ -107,7 +113,13 @@ MAX_SCAN_BYTES = 1 << 30  # line-counting more than this would break "well under
 def count_rows(loaded: LoadedRecipe) -> RowCount:
     """Rows in the source without reading the data: builtin size, parquet metadata, lines, listings."""
     # data.sources stats files only at import (it is what the dataset stage uses to find them).
-    from recipe_runner.data.sources import DATA_EXTENSIONS, IMAGE_EXTENSIONS, METADATA_FILES, detect_format, walk
+    from recipe_runner.data.sources import (
+        DATA_EXTENSIONS,
+        IMAGE_EXTENSIONS,
+        METADATA_FILES,
+        detect_format,
+        walk,
+    )
 
     src = loaded.recipe.dataset.source
     if src.builtin is not None:
@@ -124,13 +136,18 @@ def count_rows(loaded: LoadedRecipe) -> RowCount:
         if meta is None:
             skip = resolve_path(loaded, src.conditioning_dir).resolve() if src.conditioning_dir else None
             images = [
-                p for p in walk(root)
+                p
+                for p in walk(root)
                 if p.suffix.lower() in IMAGE_EXTENSIONS and not (skip and p.resolve().is_relative_to(skip))
             ]
             return RowCount(len(images), f"images in {root}")
         files, fmt = [meta], DATA_EXTENSIONS[meta.suffix]
     elif root.is_file():
         files = [root]
+    elif (root / "dataset_dict.json").is_file():  # save_to_disk of splits: the stage reads `train`
+        splits = [p for p in sorted(root.iterdir()) if p.is_dir()]
+        split = root / "train" if (root / "train").is_dir() else splits[0] if splits else root
+        files = [p for p in walk(split) if p.suffix == ".arrow"]
     else:
         files = [p for p in walk(root) if DATA_EXTENSIONS.get(p.suffix.lower()) == fmt]
     return _count_files(files, fmt)
@@ -214,61 +231,78 @@ def _short(value: Any) -> str:
 
 
 def stage_plans(loaded: LoadedRecipe, folder: RunFolder) -> list[StagePlan]:
-    """Each enabled stage in registry order: would it run, and why (or why not)."""
+    """Each enabled stage in registry order: would it run, and why (or why not).
+
+    Whether a stage is current is the stage's own `status` (its cache key, cheap and torch-free by the
+    registry's contract); the fields that changed since the recorded recipe name the reason."""
     from recipe_runner.run.stages import STAGES, RunContext
 
     recorded, source = recorded_recipe(folder)
+    computes = computes_condition(loaded.recipe)
     changes = diff_data(recorded, loaded.recipe.resolved_dict()) if recorded is not None else []
     ctx = RunContext(loaded, folder, None, read_lock(folder.lock), {})
     plans: list[StagePlan] = []
+    # A stage whose outputs exist but are stale is explained by the fields that changed; a stage with no
+    # outputs yet by its own words ("no dataset yet").
+    outputs = {"dataset": folder.dataset, "train": folder.controlnet, "evaluate": folder.evaluation}
     for name, stage in STAGES.items():
         if not stage.enabled(ctx):
             continue
-        upstream = next((p for p in plans if p.runs), None)
-        relevant = [c for c in changes if stage_of(c.path) in INVALIDATED_BY.get(name, set())]
-        plans.append(_stage(name, folder, upstream, relevant, source if recorded is not None else None, changes))
+        mine = [c for c in changes if stage_of(c.path, computes) in INVALIDATED_BY.get(name, {name})]
+        upstream = next((p for p in reversed(plans) if p.runs), None)
+        if upstream is not None:
+            plan = StagePlan(name, True, f"the {upstream.name} stage will run first")
+        else:
+            try:
+                current, why = stage.status(ctx)
+            except (ImportError, OSError, ValueError, KeyError):  # judge from the recorded recipe alone
+                current = bool(source) and not mine
+                why = (
+                    f"inputs unchanged (compared with {source})" if source else "nothing recorded to compare"
+                )
+            built = outputs.get(name, folder.root).exists()
+            plan = StagePlan(name, not current, _describe(mine) if built and mine and not current else why)
+            plan.changes = mine if built and not current else []
+        if name == "train" and plan.runs and upstream is None:
+            plan = _unfinished(folder, plan, mine)
+        # `recipe run` reuses evaluation results while the weights are unchanged, whatever its settings.
+        own = [c for c in changes if stage_of(c.path, computes) == "evaluate"]
+        if name == "evaluate" and not plan.runs and own:
+            plan.reason += f" ({_describe(own)}: `recipe evaluate {folder.root}` refreshes the results)"
+        ctx.results[name] = {"skipped": not plan.runs}
+        plans.append(plan)
     return plans
 
 
-def _stage(
-    name: str, folder: RunFolder, upstream: StagePlan | None, relevant: list[Change], source: str | None,
-    changes: list[Change],
-) -> StagePlan:
-    def compared() -> StagePlan:
-        if source is None:
-            return StagePlan(name, True, "the run folder records no recipe to compare with")
-        if relevant:
-            return StagePlan(name, True, _describe(relevant), relevant)
-        return StagePlan(name, False, f"inputs unchanged (compared with {source})")
+def _unfinished(folder: RunFolder, plan: StagePlan, changes: list[Change]) -> StagePlan:
+    """A train stage that will run: point at --resume when an interrupted run left checkpoints."""
+    if is_complete(folder.controlnet) or not folder.checkpoints.is_dir():
+        return plan
+    steps = [
+        int(n) for p in folder.checkpoints.glob("step-*") if (n := p.name[5:]).isdigit() and is_complete(p)
+    ]
+    if not steps:
+        return plan
+    if changes:  # resuming would mix settings: say what changed rather than suggest --resume
+        return StagePlan(
+            "train", True, f"unfinished, and since step {max(steps)}: {_describe(changes)}", changes
+        )
+    return StagePlan("train", True, f"training did not finish; --resume continues from step {max(steps)}")
 
-    if name == "dataset":
-        if not is_complete(folder.dataset):
-            unfinished = folder.dataset.exists()
-            return StagePlan(name, True, "a previous build did not finish" if unfinished else "no dataset built yet")
-        return compared()
-    if name == "train":
-        if upstream is not None:
-            return StagePlan(name, True, f"the {upstream.name} stage will rerun")
-        if is_complete(folder.controlnet):
-            return compared()
-        steps = [int(n) for p in folder.checkpoints.glob("step-*") if (n := p.name[5:]).isdigit() and is_complete(p)]
-        if not steps:
-            return StagePlan(name, True, "no trained weights yet")
-        last = max(steps)
-        if relevant:  # resuming would mix settings: say so rather than suggest --resume
-            return StagePlan(name, True, f"unfinished, and {_describe(relevant)} since step {last}", relevant)
-        return StagePlan(name, True, f"training did not finish; --resume continues from step {last}")
-    if name == "evaluate":
-        # As EvaluateStage.status: results are reused while the weights are; evaluate settings alone
-        # do not rerun it inside `recipe run`.
-        if upstream is not None:
-            return StagePlan(name, True, "the weights will change")
-        if not (folder.evaluation / "results.json").is_file():
-            return StagePlan(name, True, "not evaluated yet")
-        own = [c for c in changes if stage_of(c.path) == "evaluate"]
-        extra = f" ({_describe(own)}: run `recipe evaluate {folder.root}` to refresh)" if own else ""
-        return StagePlan(name, False, "weights unchanged" + extra, own)
-    return StagePlan(name, True, "plan does not know how to check this stage")
+
+def _built_rows(folder: RunFolder) -> tuple[RowCount, int | None] | None:
+    """Source and training rows from a current built dataset's report.json (exact, after dropped rows)."""
+    try:
+        report = json.loads((folder.dataset / "report.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    rows_in, rows_out = report.get("rows_in"), report.get("rows_out")
+    if not isinstance(rows_in, int):
+        return None
+    train = rows_out.get("train") if isinstance(rows_out, dict) else None
+    return RowCount(rows_in, "the built dataset (dataset/report.json)"), (
+        train if isinstance(train, int) else None
+    )
 
 
 def training_steps(recipe: Recipe, train_rows: int | None) -> int | None:
@@ -284,37 +318,44 @@ def training_steps(recipe: Recipe, train_rows: int | None) -> int | None:
 def make_plan(loaded: LoadedRecipe, output_dir: Path | None = None) -> Plan:
     recipe = loaded.recipe
     folder = RunFolder(run_root(loaded, output_dir))
-    rows = count_rows(loaded)
+    stages = stage_plans(loaded, folder)
     ds = recipe.dataset
-    train_rows = None
-    if rows.rows is not None:
+    cached = next((not s.runs for s in stages if s.name == "dataset"), False)
+    rows, train_rows = (_built_rows(folder) if cached else None) or (count_rows(loaded), None)
+    if train_rows is None and rows.rows is not None:
         train_rows = max(0, min(rows.rows, ds.max_samples or rows.rows) - ds.holdout)
     steps = training_steps(recipe, train_rows)
     memory = estimate_memory(recipe, loaded.base_dir)
     savers, lighter = memory_savers(recipe)
+    lighter_gb = round(estimate_memory(lighter, loaded.base_dir).total_gb, 2) if savers else None
     warnings = []
     if memory.total_gb > CARD_SIZES_GB[0]:
         too_small = [c for c in CARD_SIZES_GB if c < memory.total_gb]
         fits = memory.fits()
-        where = f"needs a {fits} GB card or larger" if fits else f"exceeds even {CARD_SIZES_GB[-1]} GB cards"
+        where = (
+            f"needs a card with {fits} GB or more" if fits else f"exceeds even {CARD_SIZES_GB[-1]} GB cards"
+        )
         warnings.append(
-            f"estimated {memory.total_gb:.1f} GB per process {where} (too big for {'/'.join(map(str, too_small))} GB)"
+            f"estimated {memory.total_gb:.1f} GB per process {where} "
+            f"(too big for {'/'.join(map(str, too_small))} GB)"
         )
     if steps is None:
         warnings.append("steps unknown until the dataset size is known (num_epochs with an uncounted source)")
     if train_rows is not None and train_rows < effective_batch(recipe):
-        warnings.append(f"only {train_rows} training rows for an effective batch of {effective_batch(recipe)}")
+        warnings.append(
+            f"only {train_rows} training rows for an effective batch of {effective_batch(recipe)}"
+        )
     return Plan(
         name=recipe.name,
         run_dir=str(folder.root),
-        stages=stage_plans(loaded, folder),
+        stages=stages,
         rows=rows,
         train_rows=train_rows,
         effective_batch=effective_batch(recipe),
         steps=steps,
         memory=memory,
         memory_savers=savers if memory.total_gb > CARD_SIZES_GB[0] else [],
-        memory_with_savers_gb=round(estimate_memory(lighter, loaded.base_dir).total_gb, 2) if savers else None,
+        memory_with_savers_gb=lighter_gb,
         time=estimate_time(recipe, steps),
         warnings=warnings,
     )

@@ -1,0 +1,183 @@
+"""`recipe plan`: stages that would run or are cached (and why), sizes and estimates; no torch, no work."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+RECIPE = """\
+name: x
+dataset: {source: {builtin: shapes, num_samples: 64}, resolution: 64}
+model: {base: "builtin:tiny-sd"}
+train: {max_steps: 10, batch_size: 2}
+"""
+SD15 = """\
+name: sd15
+dataset: {source: {hub: fusing/fill50k}, resolution: 512, columns: {conditioning_image: conditioning_image}}
+model: {base: runwayml/stable-diffusion-v1-5}
+train: {max_steps: 1000, batch_size: 1}
+"""
+
+
+def fake_dataset(recipe: Path, run: Path) -> None:
+    """What a finished dataset stage leaves: data report with its cache key, marker, resolved recipe."""
+    from recipe_runner.data.build import dataset_cache_key, key_inputs
+    from recipe_runner.recipe.loader import load_recipe
+    from recipe_runner.recipe.show import resolved_yaml
+
+    loaded = load_recipe(recipe)
+    (run / "dataset").mkdir(parents=True)
+    report = {"cache_key": dataset_cache_key(loaded), "key_inputs": key_inputs(loaded), "rows_in": 64,
+              "rows_out": {"train": 60, "holdout": 4}}  # fmt: skip
+    (run / "dataset" / "report.json").write_text(json.dumps(report))
+    (run / "dataset" / ".complete").write_text("ok\n")
+    (run / "recipe.resolved.yaml").write_text(resolved_yaml(loaded.recipe))
+
+
+def plan_json(cli, *args: object) -> dict:
+    r = cli("plan", *args, "--json")
+    assert r.exit_code == 0, r.output
+    return json.loads(r.stdout)
+
+
+def test_fresh_folder_runs_every_stage(cli, write_recipe, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    recipe = write_recipe(
+        RECIPE.replace("resolution: 64}", "resolution: 64, holdout: 4}") + "evaluate: {enabled: true}\n"
+    )
+    r = cli("plan", recipe)
+    assert r.exit_code == 0, r.output
+    assert "runs/x" in r.stdout
+    assert r.stdout.count("would run") == 3
+    assert "no dataset yet" in r.stdout
+    data = plan_json(cli, recipe)
+    assert [s["name"] for s in data["stages"]] == ["dataset", "train", "evaluate"]
+    assert all(s["status"] == "would run" for s in data["stages"])
+    assert data["dataset"]["source_rows"] == 64 and data["dataset"]["train_rows"] == 60
+    assert data["steps"] == 10 and data["effective_batch"] == 2
+    assert data["memory"]["estimate"] is True and data["time"]["estimate"] is True
+
+
+def test_cached_dataset_then_changed_threshold(cli, write_recipe, tmp_path):
+    recipe = write_recipe(RECIPE)
+    run = tmp_path / "runs" / "x"
+    fake_dataset(recipe, run)
+    data = plan_json(cli, recipe, "--output-dir", run)
+    dataset, train = data["stages"]
+    assert dataset["status"] == "cached" and "unchanged" in dataset["reason"]
+    assert train["status"] == "would run" and train["reason"] == "no trained weights yet"
+    assert data["dataset"]["counted_from"] == "the built dataset (dataset/report.json)"
+    assert data["dataset"]["train_rows"] == 60
+
+    changed = cli("plan", recipe, "-o", run, "--set", "condition={type: canny, low_threshold: 50}")
+    assert changed.exit_code == 0, changed.output
+    assert "condition.low_threshold changed 100 → 50" in changed.stdout
+    assert "the dataset stage will run first" in changed.stdout
+    assert "build settings" not in changed.stdout
+    speed_only = plan_json(cli, recipe, "-o", run, "--set", "dataset.num_proc=4")
+    assert speed_only["stages"][0]["status"] == "cached"
+
+
+def test_trained_run_is_cached_until_learning_rate_changes(cli, write_recipe, tmp_path):
+    from recipe_runner.recipe.loader import load_recipe
+    from recipe_runner.run.folder import RunFolder
+    from recipe_runner.run.stages import dataset_fingerprint
+    from recipe_runner.training.keys import training_cache_key
+
+    recipe = write_recipe(RECIPE)
+    run = tmp_path / "run"
+    fake_dataset(recipe, run)
+    loaded = load_recipe(recipe)
+    (run / "controlnet").mkdir()
+    (run / "controlnet" / ".complete").write_text("ok\n")
+    key = training_cache_key(loaded, dataset_fingerprint(RunFolder(run)))
+    lock = {"recipe": loaded.recipe.resolved_dict(), "stages": {"train": {"cache_key": key}}}
+    (run / "run.lock.json").write_text(json.dumps(lock))
+    assert [s["status"] for s in plan_json(cli, recipe, "-o", run)["stages"]] == ["cached", "cached"]
+    r = cli("plan", recipe, "-o", run, "--set", "train.learning_rate=3e-5")
+    assert "train.learning_rate changed 1e-05 → 3e-05" in r.stdout
+
+
+def test_unfinished_training_suggests_resume(cli, write_recipe, tmp_path):
+    recipe = write_recipe(RECIPE)
+    run = tmp_path / "run"
+    fake_dataset(recipe, run)
+    (run / "checkpoints" / "step-5").mkdir(parents=True)
+    (run / "checkpoints" / "step-5" / ".complete").write_text("ok\n")
+    data = plan_json(cli, recipe, "-o", run)
+    assert data["stages"][1]["reason"] == "training did not finish; --resume continues from step 5"
+
+
+def test_epochs_give_steps_from_rows(cli, write_recipe, tmp_path):
+    recipe = write_recipe(
+        RECIPE.replace(
+            "train: {max_steps: 10, batch_size: 2}", "train: {max_steps: null, num_epochs: 2, batch_size: 4}"
+        ).replace("resolution: 64}", "resolution: 64, max_samples: 50, holdout: 2}")
+    )
+    data = plan_json(cli, recipe, "-o", tmp_path / "run")
+    assert data["dataset"]["train_rows"] == 48
+    assert data["steps"] == 2 * 12
+    assert data["epochs"] == 2.0
+
+
+def test_memory_savers_lower_the_estimate(cli, write_recipe, tmp_path):
+    light = write_recipe(
+        SD15.replace("batch_size: 1}", "batch_size: 1, mixed_precision: fp16, gradient_checkpointing: true, "
+                     "optimizer: adamw_8bit}"),
+        "light.yaml",
+    )  # fmt: skip
+    heavy = write_recipe(SD15, "heavy.yaml")
+    small = plan_json(cli, light, "-o", tmp_path / "a")["memory"]
+    big = plan_json(cli, heavy, "-o", tmp_path / "b")["memory"]
+    assert small["total_gb"] < big["total_gb"]
+    assert small["params"]["unet"] == 860e6 and small["params"]["controlnet"] == 361e6
+    assert big["savers"] and any("low-vram" in s for s in big["savers"])
+    assert big["with_savers_gb"] < big["total_gb"]
+    r = cli("plan", heavy, "-o", tmp_path / "b")
+    assert "estimate" in r.stdout and "A100" in r.stdout
+    assert "unknown until downloaded" in r.stdout
+
+
+def test_big_sdxl_recipe_warns_about_card_size(cli, write_recipe, tmp_path):
+    recipe = write_recipe(
+        SD15.replace("runwayml/stable-diffusion-v1-5", "stabilityai/stable-diffusion-xl-base-1.0")
+        .replace("resolution: 512", "resolution: 1024")
+        .replace("batch_size: 1", "batch_size: 4")
+    )
+    r = cli("plan", recipe, "-o", tmp_path / "run")
+    assert r.exit_code == 0, r.output
+    assert "warning:" in r.stdout and "GB" in r.stdout
+    assert "gradient_checkpointing" in r.stdout and "adamw_8bit" in r.stdout
+
+
+def test_invalid_recipe_exits_2(cli, write_recipe):
+    recipe = write_recipe(RECIPE + "trian: {}\n")
+    r = cli("plan", recipe)
+    assert r.exit_code == 2
+    assert "recipe.yaml:5:1" in r.stderr
+
+
+@pytest.mark.parametrize("command", ["plan", "diff"])
+def test_does_not_import_torch(write_recipe, tmp_path, command):
+    recipe = write_recipe(RECIPE)
+    args = (
+        ["plan", str(recipe), "-o", str(tmp_path / "run")]
+        if command == "plan"
+        else ["diff", str(recipe), str(recipe)]
+    )
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from recipe_runner.cli import app\n"
+        f"r = CliRunner().invoke(app, {args!r})\n"
+        "assert r.exit_code == 0, r.output\n"
+        "heavy = sorted(m for m in ('torch', 'diffusers', 'datasets', 'transformers') if m in sys.modules)\n"
+        "print('HEAVY', heavy)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "HEAVY []" in done.stdout
