@@ -93,8 +93,13 @@ def test_status_names_what_changed(recipe, build, folder, change, words):
     assert not cached and words in why
 
 
-def test_status_without_a_dataset(recipe, folder):
+def test_status_without_a_dataset_or_with_an_unfinished_one(recipe, build, folder):
     assert dataset_status(recipe(SHAPES), folder) == (False, "no dataset yet")
+    build(recipe(SHAPES))
+    (folder.dataset / ".complete").unlink()
+    cached, why = dataset_status(recipe(SHAPES), folder)
+    assert not cached and "incomplete" in why
+    assert build(recipe(SHAPES))["cached"] is False
 
 
 def test_given_conditioning_images_make_the_condition_irrelevant_to_the_cache(recipe, build, built):
@@ -139,7 +144,7 @@ def test_failure_on_first_build_leaves_no_dataset_folder(recipe, folder, monkeyp
     assert list(folder.root.iterdir()) == []
 
 
-def test_too_few_rows_for_the_holdout(recipe, build, folder):
+def test_holdout_comes_out_of_max_samples(recipe, build):
     # 3 rows survive max_samples; holdout 2 < max_samples passes validation but leaves 1 training row.
     report = build(recipe({**SHAPES, "max_samples": 3, "holdout": 2}))
     assert report["rows_out"] == {"train": 1, "holdout": 2}

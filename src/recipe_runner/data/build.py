@@ -35,8 +35,13 @@ if TYPE_CHECKING:
 DATASET_CODE_VERSION = 1
 """Bump when a change to this package changes the rows it builds: every cached dataset is rebuilt."""
 _NOT_KEYED = {"source", "num_proc", "batch_size"}  # how fast, not what: changing them keeps the cache
-_PARTS = {"source": "source", "condition": "condition", "processing": "dataset settings", "seed": "seed",
-          "code_version": "dataset code version"}
+_PARTS = {
+    "source": "source",
+    "condition": "condition",
+    "processing": "dataset settings",
+    "seed": "seed",
+    "code_version": "dataset code version",
+}
 _EXAMPLES = 5
 
 
@@ -83,7 +88,9 @@ def dataset_status(loaded: LoadedRecipe, folder: RunFolder) -> tuple[bool, str]:
         return False, "the dataset folder is incomplete (an earlier build did not finish)"
     inputs = key_inputs(loaded)
     if report.get("cache_key") == _digest(inputs):
-        return True, f"unchanged since {report.get('created_at', 'the last build')}"
+        src = loaded.recipe.dataset.source
+        unpinned = " (hub source without a revision: not re-checked)" if src.hub and not src.revision else ""
+        return True, f"unchanged since {report.get('created_at', 'the last build')}{unpinned}"
     return False, _what_changed(report.get("key_inputs") or {}, inputs)
 
 
@@ -116,18 +123,19 @@ def build_dataset(
     loaded: LoadedRecipe, folder: RunFolder, *, console: Console | None = None, force: bool = False
 ) -> dict:
     """Build the recipe's dataset into `folder.dataset` unless an identical build is there; the report."""
-    key = dataset_cache_key(loaded)
+    inputs = key_inputs(loaded)
+    key = _digest(inputs)
     old = None if force else _old_report(folder)
     if old is not None and old.get("cache_key") == key and is_complete(folder.dataset):
         if console is not None:
-            console.print(f"dataset: unchanged, using {folder.dataset_data} ({_rows(old)} rows)")
+            console.print(f"dataset: unchanged, using {folder.dataset} ({_rows(old)} rows)", soft_wrap=True)
         return {**old, "cached": True}
     import datasets
 
     datasets.disable_progress_bars()
     start = time.perf_counter()
     with atomic_dir(folder.dataset) as tmp:
-        report = _build(loaded, tmp, key, console, start)
+        report = _build(loaded, tmp, inputs, console, start)
         report["path"] = str(folder.dataset_data)
         write_text(tmp / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     if console is not None:
@@ -135,13 +143,13 @@ def build_dataset(
     return report
 
 
-def _build(loaded: LoadedRecipe, tmp: Path, key: str, console: Console | None, start: float) -> dict:
+def _build(loaded: LoadedRecipe, tmp: Path, inputs: dict, console: Console | None, start: float) -> dict:
     import datasets
 
     from recipe_runner.data import preview
-    from recipe_runner.data.process import BOOKKEEPING, DROP, FILE, NOTES
+    from recipe_runner.data.process import BOOKKEEPING, DROP, FILE, NOTES, RowError
 
-    spec = loaded.recipe.dataset
+    spec, key = loaded.recipe.dataset, _digest(inputs)
     work = tmp / ".work"  # datasets' cache files: on the run folder's disk, removed before the rename
     try:
         source = load_source(loaded, work)
@@ -152,11 +160,14 @@ def _build(loaded: LoadedRecipe, tmp: Path, key: str, console: Console | None, s
 
             condition = build_condition(loaded.recipe.condition, base_dir=loaded.base_dir)
         ds = _prepare(source, plan, spec)
-        out = _map(ds, plan, condition, spec, key, work, console)
+        try:
+            out = _map(ds, plan, condition, spec, key, work, console)
+        except RowError as e:  # raised in a worker; plain args so that it survives the trip back
+            raise UserError(f"dataset: {e.args[0]}", hint=e.args[1]) from None
         rows, drops, files, notes = (out.data.column(c).to_pylist() for c in (ROW, DROP, FILE, NOTES))
         kept = [i for i, d in enumerate(drops) if not d]
-        dropped = _tally(rows, files, drops)
-        warnings = _tally(rows, files, [n if not d else "" for n, d in zip(notes, drops)])
+        dropped = _tally(rows, files, drops, notes)  # a dropped row's notes say why in detail
+        warnings = _tally(rows, files, [n if not d else "" for n, d in zip(notes, drops, strict=True)])
         _check_rows(len(kept), len(drops), dropped, spec.holdout, source)
         final = out.select(kept).remove_columns(list(BOOKKEEPING))
         n_train = len(final) - spec.holdout
@@ -168,7 +179,6 @@ def _build(loaded: LoadedRecipe, tmp: Path, key: str, console: Console | None, s
     finally:
         shutil.rmtree(work, ignore_errors=True)
     seconds = time.perf_counter() - start
-    inputs = key_inputs(loaded)
     return {
         "cached": False,
         "cache_key": key,
@@ -179,7 +189,9 @@ def _build(loaded: LoadedRecipe, tmp: Path, key: str, console: Console | None, s
         "columns": {
             "image": plan.image_column,
             "conditioning_image": plan.conditioning_column or f"computed: {loaded.recipe.condition.type}",
-            "prompt": plan.prompt_column if plan.prompt_template is None else f"template: {plan.prompt_template}",
+            "prompt": plan.prompt_column
+            if plan.prompt_template is None
+            else f"template: {plan.prompt_template}",
         },
         "resolution": spec.resolution,
         "rows_in": len(source.dataset),
@@ -209,15 +221,27 @@ def _row_plan(loaded: LoadedRecipe, source: SourceData) -> RowPlan:
         try:
             fields = template_fields(spec.prompt)
         except ValueError as e:
-            raise UserError(f"dataset.prompt: {spec.prompt!r} is not a valid template: {e}",
-                            hint="write {{ and }} for literal braces") from None
+            raise UserError(
+                f"dataset.prompt: {spec.prompt!r} is not a valid template: {e}",
+                hint="write {{ and }} for literal braces",
+            ) from None
         for name in fields:
             _need(cols, name, f"dataset.prompt: placeholder {{{name}}}", source)
     else:
         _need(cols, spec.columns.prompt, "dataset.columns.prompt", source)
     f = spec.filters
-    return RowPlan(spec.resolution, spec.crop, loaded.recipe.seed, f.min_size, f.on_bad_image, spec.columns.image,
-                   cond, None if spec.prompt is not None else spec.columns.prompt, spec.prompt, source.builtin)
+    return RowPlan(
+        resolution=spec.resolution,
+        crop=spec.crop,
+        seed=loaded.recipe.seed,
+        min_size=f.min_size,
+        on_bad_image=f.on_bad_image,
+        image_column=spec.columns.image,
+        conditioning_column=cond,
+        prompt_column=None if spec.prompt is not None else spec.columns.prompt,
+        prompt_template=spec.prompt,
+        builtin=source.builtin,
+    )
 
 
 def _need(columns: list[str], name: str | None, field: str, source: SourceData) -> None:
@@ -246,15 +270,16 @@ def _prepare(source: SourceData, plan: RowPlan, spec: DatasetSpec) -> Any:
             if isinstance(feature, datasets.Image):  # opened row by row, so one bad file drops one row
                 ds = ds.cast_column(name, datasets.Image(decode=False))
             elif name in texts - images and getattr(feature, "dtype", None) in ("string", "large_string"):
-                # JSON readers let invalid UTF-8 into string columns, and reading those raises; as bytes
-                # they are decoded with replacement (and counted) by the workers.
+                # Files from other tools can hold invalid UTF-8 in string columns, and reading those
+                # raises; as bytes they are decoded with replacement (and counted) by the workers.
                 ds = ds.cast_column(name, datasets.Value(feature.dtype.replace("string", "binary")))
     order = np.random.default_rng(plan.seed).permutation(len(ds)) if spec.shuffle else np.arange(len(ds))
     return ds.select(order[: spec.max_samples])
 
 
-def _map(ds: Any, plan: RowPlan, condition: Any, spec: DatasetSpec, key: str, work: Path,
-         console: Console | None) -> Any:
+def _map(
+    ds: Any, plan: RowPlan, condition: Any, spec: DatasetSpec, key: str, work: Path, console: Console | None
+) -> Any:
     from recipe_runner.data.process import RowProcessor, output_features
 
     num_proc = min(spec.num_proc, len(ds))
@@ -285,8 +310,9 @@ def _progress(console: Console | None, total: int, work: Path) -> Iterator[str |
     pdir = work / "progress"
     pdir.mkdir(parents=True, exist_ok=True)
     rate = TextColumn("{task.fields[rate]}")
-    with Progress(TextColumn("dataset"), BarColumn(), MofNCompleteColumn(), rate, TimeRemainingColumn(),
-                  console=console) as bar:
+    with Progress(
+        TextColumn("dataset"), BarColumn(), MofNCompleteColumn(), rate, TimeRemainingColumn(), console=console
+    ) as bar:
         task = bar.add_task("rows", total=total, rate="")
         stop = threading.Event()
 
@@ -305,15 +331,18 @@ def _progress(console: Console | None, total: int, work: Path) -> Iterator[str |
             bar.update(task, completed=rows_done(str(pdir)))
 
 
-def _tally(rows: list[int], files: list[str], labels: list[str]) -> dict:
-    """{label: {count, examples: [{row, file}]}} over the non-empty labels ("a|b" holds two)."""
+def _tally(rows: list[int], files: list[str], labels: list[str], details: list[str] | None = None) -> dict:
+    """{label: {count, examples: [{row, file[, detail]}]}} over the non-empty labels ("a|b" holds two)."""
     out: dict[str, dict] = {}
-    for row, file, label in zip(rows, files, labels):
+    for i, (row, file, label) in enumerate(zip(rows, files, labels, strict=True)):
         for name in filter(None, label.split("|")):
             entry = out.setdefault(name, {"count": 0, "examples": []})
             entry["count"] += 1
             if len(entry["examples"]) < _EXAMPLES:
-                entry["examples"].append({"row": row, "file": file})
+                example = {"row": row, "file": file}
+                entry["examples"].append(
+                    {**example, "detail": details[i]} if details and details[i] else example
+                )
     return out
 
 
@@ -323,11 +352,15 @@ def _check_rows(kept: int, processed: int, dropped: dict, holdout: int, source: 
             f"{reason}: {d['count']} (e.g. row {d['examples'][0]['row']} {d['examples'][0]['file']})".rstrip()
             for reason, d in dropped.items()
         )
-        raise UserError(f"dataset: no rows left from {source.description}: all {processed} rows were dropped "
-                        f"({reasons})", hint="fix the files named above, or relax dataset.filters")
+        raise UserError(
+            f"dataset: no rows left from {source.description}: all {processed} rows were dropped ({reasons})",
+            hint="fix the files named above, or relax dataset.filters",
+        )
     if kept <= holdout:
-        raise UserError(f"dataset: only {kept} rows left after filtering, but dataset.holdout is {holdout}",
-                        hint="lower dataset.holdout, or add rows")
+        raise UserError(
+            f"dataset: only {kept} rows left after filtering, but dataset.holdout is {holdout}",
+            hint="lower dataset.holdout, or add rows",
+        )
 
 
 def _data_digest(data: Path) -> str:
@@ -350,6 +383,9 @@ def _summary(console: Console, report: dict, folder: RunFolder) -> None:
     dropped = report["rows_dropped"]
     why = "; ".join(f"{k}: {v['count']}" for k, v in report["dropped"].items())
     console.print(
-        f"dataset: {out} rows" + (f", {dropped} dropped ({why})" if dropped else "")
-        + f" in {report['seconds']:.1f} s ({report['rows_per_second']} rows/s) -> {folder.dataset}"
+        f"dataset: {out} rows"
+        + (f", {dropped} dropped ({why})" if dropped else "")
+        + f" in {report['seconds']:.1f} s ({report['rows_per_second']} rows/s) -> {folder.dataset}",
+        soft_wrap=True,  # keep the path in one piece
+        highlight=False,
     )

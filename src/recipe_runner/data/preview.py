@@ -40,7 +40,9 @@ def render_preview(rows: list[dict[str, Any]]) -> Image.Image:
             grid.paste(tile, (_PAD + j * (TILE + _PAD), y))
         prompt = row["prompt"] or "(empty prompt)"
         lines = textwrap.wrap(prompt, width=40, max_lines=TILE // 18, placeholder=" ...")
-        draw.multiline_text((3 * _PAD + 2 * TILE + _PAD, y), "\n".join(lines), fill=_INK, font=font, spacing=4)
+        draw.multiline_text(
+            (3 * _PAD + 2 * TILE + _PAD, y), "\n".join(lines), fill=_INK, font=font, spacing=4
+        )
     return grid
 
 

@@ -26,14 +26,23 @@ ROW, BASE_DIR = "__row__", "__base_dir__"
 IMAGE_EXTENSIONS = frozenset(
     {".png", ".jpg", ".jpeg", ".jfif", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".tga", ".ppm", ".pgm"}
 )
-DATA_EXTENSIONS = {".parquet": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl",
-                   ".csv": "csv", ".arrow": "arrow"}
+DATA_EXTENSIONS = {
+    ".parquet": "parquet",
+    ".jsonl": "jsonl",
+    ".json": "jsonl",
+    ".ndjson": "jsonl",
+    ".csv": "csv",
+    ".arrow": "arrow",
+}
 METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
-BUILTIN_COLUMNS = {"shapes": ("image", "conditioning_image", "prompt", "mask", "shape", "color", "background")}
+BUILTIN_COLUMNS = {
+    "shapes": ("image", "conditioning_image", "prompt", "mask", "shape", "color", "background")
+}
 _BUILDERS = {"parquet": "parquet", "jsonl": "json", "csv": "csv", "arrow": "arrow"}
 _OFFLINE_HINT = (
     "download it once where the hub is reachable (e.g. `ds.save_to_disk('data/my-set')` or "
-    "`ds.to_parquet('data/my-set.parquet')`) and point `dataset.source.path:` at the copy, which works offline"
+    "`ds.to_parquet('data/my-set.parquet')`) and point `dataset.source.path:` at the copy, "
+    "which works offline"
 )
 
 
@@ -57,7 +66,9 @@ def load_source(loaded: LoadedRecipe, work_dir: Path) -> SourceData:
 
         n = src.num_samples
         ds = datasets.Dataset.from_dict({ROW: list(range(n))})
-        return SourceData(ds, f"builtin {src.builtin} ({n} rows)", list(BUILTIN_COLUMNS[src.builtin]), src.builtin)
+        return SourceData(
+            ds, f"builtin {src.builtin} ({n} rows)", list(BUILTIN_COLUMNS[src.builtin]), src.builtin
+        )
     if src.hub is not None:
         data = _hub(src.hub, src.config, src.split, src.revision)
     else:
@@ -76,7 +87,9 @@ def _hub(repo: str, config: str | None, split: str, revision: str | None) -> Sou
     try:
         ds = datasets.load_dataset(repo, name=config, split=split, revision=revision)
     except (ConnectionError, DatasetNotFoundError) as e:
-        raise UserError(f"dataset.source.hub: {where} could not be reached ({e})", hint=_OFFLINE_HINT) from None
+        raise UserError(
+            f"dataset.source.hub: {where} could not be reached ({e})", hint=_OFFLINE_HINT
+        ) from None
     except Exception as e:  # bad split/config names and the like; the library's message says which
         raise UserError(f"dataset.source.hub: could not load {where}: {e}", hint=_OFFLINE_HINT) from None
     return SourceData(ds, f"{where} split {split!r}", list(ds.column_names))
@@ -142,13 +155,26 @@ def _load(builder: str, files: list[Path], work_dir: Path) -> Any:
     for f in files:
         if f.stat().st_size == 0:
             raise UserError(f"dataset.source: {f} is empty")
-    extra = {"encoding_errors": "replace"} if builder == "csv" else {}
+    # Invalid UTF-8 in captions becomes U+FFFD (counted per row later) instead of failing the load. The
+    # json reader applies `encoding_errors` only to encodings other than "utf-8", hence "utf-8-sig".
+    extra = {
+        "csv": {"encoding_errors": "replace"},
+        "json": {"encoding": "utf-8-sig", "encoding_errors": "replace"},
+    }
     try:
         return datasets.load_dataset(
-            builder, data_files=[str(f) for f in files], split="train", cache_dir=str(work_dir / "hf"), **extra
+            builder,
+            data_files=[str(f) for f in files],
+            split="train",
+            cache_dir=str(work_dir / "hf"),
+            **extra.get(builder, {}),
         )
     except Exception as e:  # malformed files: the library's message (or its cause) says what is wrong
         cause = e.__cause__ or e
+        if "corresponds to no data" in str(cause):  # a CSV with a header and no rows
+            raise UserError(
+                f"dataset.source: {files[0] if len(files) == 1 else files[0].parent} has no rows"
+            ) from None
         names = files[0].name if len(files) == 1 else f"{len(files)} {builder} files in {files[0].parent}"
         raise UserError(f"dataset.source: could not read {names}: {cause}") from None
 
@@ -183,7 +209,9 @@ def _saved(root: Path) -> SourceData:
         if "train" not in ds and len(ds) != 1:
             raise UserError(f"dataset.source: {root} has splits {', '.join(ds)} and none is 'train'")
         ds = ds["train"] if "train" in ds else next(iter(ds.values()))
-    return SourceData(ds.add_column(BASE_DIR, [str(root)] * len(ds)), f"saved dataset {root}", ds.column_names)
+    return SourceData(
+        ds.add_column(BASE_DIR, [str(root)] * len(ds)), f"saved dataset {root}", ds.column_names
+    )
 
 
 def _image_folder(root: Path, cond_dir: Path | None, cond_col: str, work_dir: Path) -> SourceData:
@@ -207,7 +235,8 @@ def _image_folder(root: Path, cond_dir: Path | None, cond_col: str, work_dir: Pa
     else:
         skip = cond_dir.resolve() if cond_dir else None
         images = [
-            p for p in walk(root)
+            p
+            for p in walk(root)
             if p.suffix.lower() in IMAGE_EXTENSIONS and not (skip and p.resolve().is_relative_to(skip))
         ]
         if not images:
@@ -220,7 +249,9 @@ def _image_folder(root: Path, cond_dir: Path | None, cond_col: str, work_dir: Pa
         what = f"image folder {root}"
     if cond_dir is not None:
         if cond_col in ds.column_names:
-            raise UserError(f"dataset.source: both conditioning_dir and a {cond_col!r} column in {root}; keep one")
+            raise UserError(
+                f"dataset.source: both conditioning_dir and a {cond_col!r} column in {root}; keep one"
+            )
         names = ds.data.column("image").to_pylist()
         ds = ds.add_column(cond_col, [str(cond_dir / str(n)) if n is not None else None for n in names])
     ds = ds.add_column(BASE_DIR, [str(root)] * len(ds))
@@ -261,7 +292,11 @@ def source_fingerprint(loaded: LoadedRecipe) -> dict:
         # The generator's code is part of the data: a change to it must rebuild.
         code = hashlib.sha256(Path(__file__).with_name(f"builtin_{src.builtin}.py").read_bytes()).hexdigest()
         return {"builtin": src.builtin, "num_samples": src.num_samples, "code": code[:16]}
-    fp: dict = {"path": src.path, "format": src.format, "content": _files_digest(resolve_path(loaded, src.path))}
+    fp: dict = {
+        "path": src.path,
+        "format": src.format,
+        "content": _files_digest(resolve_path(loaded, src.path)),
+    }
     if src.conditioning_dir is not None:
         fp["conditioning_dir"] = src.conditioning_dir
         fp["conditioning_content"] = _files_digest(resolve_path(loaded, src.conditioning_dir))

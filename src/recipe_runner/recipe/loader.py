@@ -153,7 +153,8 @@ def apply_override(data: dict, origins: dict[Path_, Origin], expr: str) -> None:
     if keys[0] == "condition" and len(keys) > 1 and "condition" not in data:
         # The condition is a union chosen by `type`: start from the default one so that
         # `--set condition.low_threshold=50` tunes the default canny instead of failing for lack of a type.
-        data["condition"] = {"type": Recipe.model_fields["condition"].get_default(call_default_factory=True).type}
+        default = Recipe.model_fields["condition"].get_default(call_default_factory=True)
+        data["condition"] = {"type": default.type}
     node: Any = data
     for i, key in enumerate(keys[:-1]):
         here = ".".join(map(str, keys[: i + 1]))

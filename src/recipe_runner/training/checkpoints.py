@@ -31,7 +31,11 @@ def list_checkpoints(folder: RunFolder) -> list[tuple[int, Path]]:
     """(step, path) of every step-N folder, oldest first, complete or not."""
     if not folder.checkpoints.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in folder.checkpoints.iterdir() if (m := _NAME.match(p.name)) and p.is_dir()]
+    found = [
+        (int(m.group(1)), p)
+        for p in folder.checkpoints.iterdir()
+        if (m := _NAME.match(p.name)) and p.is_dir()
+    ]
     return sorted(found)
 
 
@@ -95,7 +99,9 @@ def resume(accelerator: Accelerator, folder: RunFolder, fields: dict, say: Say) 
             state = json.loads((path / STATE_FILE).read_text())
             saved_fields = state["resume_fields"]
         except (OSError, ValueError, KeyError) as e:
-            say(f"[yellow]checkpoint step-{step} has no readable {STATE_FILE} ({e}): trying the previous one[/]")
+            say(
+                f"[yellow]checkpoint step-{step} has no readable {STATE_FILE} ({e}): trying the previous one[/]"
+            )
             continue
         changes = changed_fields(saved_fields, fields)
         if changes:
@@ -109,8 +115,10 @@ def resume(accelerator: Accelerator, folder: RunFolder, fields: dict, say: Say) 
         try:
             accelerator.load_state(str(path))
         except Exception as e:  # noqa: BLE001 - any unreadable file means: use the previous one
-            say(f"[yellow]checkpoint step-{step} could not be loaded ({type(e).__name__}: {e}): "
-                "trying the previous one[/]")
+            say(
+                f"[yellow]checkpoint step-{step} could not be loaded ({type(e).__name__}: {e}): "
+                "trying the previous one[/]"
+            )
             continue
         say(f"resuming from checkpoint step-{step} ({path})")
         return state

@@ -154,7 +154,9 @@ def load_components(
             else None
         )
     if family == "sdxl" and not hasattr(encoders[1], "text_projection"):
-        raise UserError(f"model.base {spec.base!r}: the second text encoder of an SDXL model must have a projection")
+        raise UserError(
+            f"model.base {spec.base!r}: the second text encoder of an SDXL model must have a projection"
+        )
     vae = _load_vae(loaded, base)
     components = Components(family, tokenizers, list(encoders), vae, noise_scheduler, unet_model)
     if unet_model is not None:
@@ -168,7 +170,9 @@ def _load_vae(loaded: LoadedRecipe, base: str) -> AutoencoderKL:
     spec = loaded.recipe.model
     if spec.vae is None:
         with _loading("the VAE of model.base", base):
-            return AutoencoderKL.from_pretrained(base, subfolder="vae", revision=spec.revision, variant=spec.variant)
+            return AutoencoderKL.from_pretrained(
+                base, subfolder="vae", revision=spec.revision, variant=spec.variant
+            )
     local = resolve_path(loaded, spec.vae)
     ref = str(local) if local.is_dir() else spec.vae
     # A VAE repository has its config at the top; a whole pipeline folder has it in vae/.

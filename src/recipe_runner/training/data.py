@@ -32,7 +32,9 @@ def load_rows(data_dir: Path, recipe: Recipe) -> DatasetDict:
         )
     data = load_from_disk(str(data_dir))
     if not isinstance(data, DatasetDict) or "train" not in data:
-        raise UserError(f"the dataset at {data_dir} has no `train` split", hint="rebuild it: recipe build-dataset")
+        raise UserError(
+            f"the dataset at {data_dir} has no `train` split", hint="rebuild it: recipe build-dataset"
+        )
     train = data["train"]
     missing = [c for c in COLUMNS if c not in train.column_names]
     if missing or len(train) == 0:
@@ -60,7 +62,9 @@ def _fit(image: Image.Image, resolution: int) -> Image.Image:
         return image
     w, h = image.size
     scale = resolution / min(w, h)
-    image = image.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BILINEAR)
+    image = image.resize(
+        (max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BILINEAR
+    )
     left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
     return image.crop((left, top, left + resolution, top + resolution))
 
@@ -95,7 +99,10 @@ class RowSource(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         row = self.rows[int(index)]
-        item = {"index": int(index), "conditioning": to_conditioning(row["conditioning_image"], self.resolution, self.channels)}
+        item = {
+            "index": int(index),
+            "conditioning": to_conditioning(row["conditioning_image"], self.resolution, self.channels),
+        }
         if not self.precomputed:
             item["pixels"] = to_pixels(row["image"], self.resolution)
             item["prompt"] = row["prompt"]

@@ -14,7 +14,11 @@ from recipe_runner.training.components import Components
 
 def _token_ids(tokenizer, prompts: list[str]) -> torch.Tensor:
     return tokenizer(
-        prompts, max_length=tokenizer.model_max_length, padding="max_length", truncation=True, return_tensors="pt"
+        prompts,
+        max_length=tokenizer.model_max_length,
+        padding="max_length",
+        truncation=True,
+        return_tensors="pt",
     ).input_ids
 
 
@@ -70,8 +74,15 @@ def vae_dtype(recipe: Recipe, weight_dtype: torch.dtype) -> torch.dtype:
     return weight_dtype
 
 
+def move(model: torch.nn.Module, device: torch.device | str, dtype: torch.dtype) -> None:
+    """`.to(device)`, then `.to(dtype)` only when it changes something (diffusers warns on every cast)."""
+    model.to(device)
+    if model.dtype != dtype:
+        model.to(dtype=dtype)
+
+
 def place_encoders(c: Components, recipe: Recipe, device: torch.device | str, weight_dtype: torch.dtype) -> None:
     """Move the VAE and text encoders to `device` (frozen, in the half dtype when mixed precision is on)."""
-    c.vae.requires_grad_(False).to(device, dtype=vae_dtype(recipe, weight_dtype))
+    move(c.vae.requires_grad_(False), device, vae_dtype(recipe, weight_dtype))
     for encoder in c.text_encoders:
-        encoder.requires_grad_(False).to(device, dtype=weight_dtype)
+        move(encoder.requires_grad_(False), device, weight_dtype)

@@ -57,7 +57,9 @@ def check_environment(recipe: Recipe) -> None:
             "logging.tracker: wandb needs the wandb package, which is not installed",
             hint="pip install 'recipe-runner[wandb]', or set logging.tracker: tensorboard",
         )
-    if recipe.logging.tracker == "tensorboard" and not (_installed("tensorboard") or _installed("tensorboardX")):
+    if recipe.logging.tracker == "tensorboard" and not (
+        _installed("tensorboard") or _installed("tensorboardX")
+    ):
         raise UserError(
             "logging.tracker: tensorboard needs the tensorboard package, which is not installed",
             hint="pip install tensorboard, or set logging.tracker: none",

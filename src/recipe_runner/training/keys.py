@@ -76,7 +76,11 @@ def resume_fields(recipe: Recipe) -> dict[str, Any]:
 def changed_fields(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Human-readable `field: old -> new` lines."""
     keys = sorted(set(old) | set(new))
-    return [f"{k}: {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}" for k in keys if old.get(k) != new.get(k)]
+    return [
+        f"{k}: {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}"
+        for k in keys
+        if old.get(k) != new.get(k)
+    ]
 
 
 def training_cache_key(loaded: LoadedRecipe, dataset_fingerprint: str) -> str:
@@ -107,3 +111,16 @@ def dataset_fingerprint(data_dir: Path) -> str:
         ]
         parts.append([state.parent.name, fingerprint, files])
     return sha256_json(parts)
+
+
+def built_dataset_fingerprint(dataset_dir: Path) -> str:
+    """The dataset stage's own content hash from report.json when there is one, else the file fingerprint
+    of its data/ folder (datasets written by hand, e.g. in tests)."""
+    try:
+        report = json.loads((Path(dataset_dir) / "report.json").read_text())
+    except (OSError, ValueError):
+        report = {}
+    for key in ("data_sha256", "fingerprint", "cache_key"):
+        if isinstance(report.get(key), str) and report[key]:
+            return f"{key}:{report[key]}"
+    return dataset_fingerprint(Path(dataset_dir) / "data")

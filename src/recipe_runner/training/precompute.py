@@ -83,7 +83,14 @@ class EncodedCache:
             return None
         load = lambda name: np.load(folder / f"{name}.npy", mmap_mode="r")  # noqa: E731
         pooled = load("pooled") if (folder / "pooled.npy").is_file() else None
-        return cls(folder, load("latent_mean"), load("latent_std"), load("prompt_embeds"), load("prompt_index"), pooled)
+        return cls(
+            folder,
+            load("latent_mean"),
+            load("latent_std"),
+            load("prompt_embeds"),
+            load("prompt_index"),
+            pooled,
+        )
 
 
 def _storage(dtype: torch.dtype) -> np.dtype:

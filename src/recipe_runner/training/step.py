@@ -76,9 +76,13 @@ def inputs_from_cache(
     )
 
 
-def inputs_by_encoding(c: Components, batch: dict, draws: Draws, device: torch.device, dtype: torch.dtype) -> StepInputs:
+def inputs_by_encoding(
+    c: Components, batch: dict, draws: Draws, device: torch.device, dtype: torch.dtype
+) -> StepInputs:
     """Reference mode: run the VAE and the text encoder(s) on this batch."""
-    prompts = ["" if empty else p for p, empty in zip(batch["prompt"], draws.empty_prompt.tolist(), strict=True)]
+    prompts = [
+        "" if empty else p for p, empty in zip(batch["prompt"], draws.empty_prompt.tolist(), strict=True)
+    ]
     mean, std = encode_pixels(c, batch["pixels"])
     embeds, pooled = encode_prompts(c, prompts)
     return StepInputs(

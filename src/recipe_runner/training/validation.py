@@ -53,7 +53,10 @@ def conditions(loaded: LoadedRecipe, data: DatasetDict) -> list[Condition]:
         return out
     split = data["holdout"] if "holdout" in data and len(data["holdout"]) else data["train"]
     rows = split.select(range(min(v.num_rows, len(split))))
-    return [Condition(p, im.convert("RGB")) for p, im in zip(rows["prompt"], rows["conditioning_image"], strict=True)]
+    return [
+        Condition(p, im.convert("RGB"))
+        for p, im in zip(rows["prompt"], rows["conditioning_image"], strict=True)
+    ]
 
 
 def build_pipeline(c: Components, controlnet: ControlNetModel):
