@@ -20,10 +20,17 @@ OutputDirOpt = Annotated[
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the newest complete checkpoint.")]
 
 
+def _heavy() -> None:
+    from recipe_runner.run.runlog import quiet_libraries
+
+    quiet_libraries()
+
+
 def _run(file: Path, overrides, output_dir, stages, *, resume=False, quiet=False, json_=False, force=False):
     from recipe_runner.run.pipeline import run_recipe
 
     loaded = load_checked(file, overrides)
+    _heavy()
     result = run_recipe(
         loaded, stages=stages, output_dir=output_dir, resume=resume, quiet=quiet or json_, force=force
     )
@@ -96,11 +103,15 @@ def sample(
     steps: Annotated[int, typer.Option("--steps", min=1, max=1000, help="Denoising steps.")] = 20,
     guidance_scale: Annotated[float, typer.Option("--guidance-scale", min=0)] = 7.5,
     seed: Annotated[int, typer.Option("--seed")] = 0,
+    extract: Annotated[
+        bool, typer.Option("--extract", help="IMG is a photo: make the condition from it with the recipe's.")
+    ] = False,
     json_: JsonOpt = False,
 ) -> None:
     """Generate images from a trained run; saved under RUN_DIR/samples/."""
     from recipe_runner.run.sample import sample_run
 
+    _heavy()
     result = sample_run(
         run_dir,
         condition,
@@ -124,6 +135,7 @@ def evaluate(
     """Condition fidelity of a trained run against its base model, on held-out conditions."""
     from recipe_runner.run.pipeline import evaluate_run
 
+    _heavy()
     result = evaluate_run(run_dir, quiet=json_)
     if json_:
         emit_json(result)
@@ -140,6 +152,7 @@ def reproduce(
     """Re-run exactly what a lock file records into a new folder and compare the weights."""
     from recipe_runner.run.reproduce import reproduce_lock
 
+    _heavy()
     result = reproduce_lock(lock, output_dir=output_dir, quiet=quiet or json_)
     if json_:
         emit_json(result)

@@ -1,9 +1,4 @@
-"""Loading the base model and the trained ControlNet as inference pipelines.
-
-STAND-IN: `resolve_base` and `load_base_pipelines` duplicate what `recipe_runner.training.components`
-will provide (resolving `model.base`, the VAE override, dtype and device). When that module lands, swap
-`resolve_base` for its resolver and keep only the pipeline assembly here.
-"""
+"""Loading the base model and a trained ControlNet as inference pipelines (evaluate and `recipe sample`)."""
 
 from __future__ import annotations
 
@@ -18,15 +13,10 @@ from recipe_runner.run.folder import RunFolder
 
 
 def resolve_base(loaded: LoadedRecipe, folder: RunFolder) -> str:
-    """`model.base` as something `from_pretrained` accepts: a builtin's cached folder, a local folder
-    (relative to the recipe), or the hub id unchanged."""
-    base = loaded.recipe.model.base
-    if base.startswith("builtin:"):
-        from recipe_runner.models.tiny import resolve_builtin
+    """`model.base` as something `from_pretrained` accepts (the training stage's resolver)."""
+    from recipe_runner.training.components import resolve_base as resolve
 
-        return str(resolve_builtin(base.removeprefix("builtin:"), folder.models_cache))
-    local = loaded.base_dir / base
-    return str(local) if local.is_dir() else base
+    return resolve(loaded, folder.models_cache)
 
 
 def inference_device() -> tuple[str, torch.dtype]:

@@ -63,3 +63,28 @@ def run_console(log_path: Path, *, quiet: bool = False) -> Iterator[Console]:
         finally:
             root.removeHandler(handler)
             tee.flush()
+
+
+def quiet_libraries() -> None:
+    """Silence the libraries' own progress bars and chatter; our progress and summaries say what matters.
+
+    Their warnings still reach log.txt through the logging handler installed by `run_console`.
+    """
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+        datasets.utils.logging.set_verbosity_error()
+    except ImportError:
+        pass

@@ -1,0 +1,109 @@
+"""`recipe sample RUN_DIR --condition IMG --prompt TEXT`: images from a trained run, saved next to it."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from recipe_runner.errors import UserError
+from recipe_runner.recipe.loader import LoadedRecipe, load_resolved
+from recipe_runner.run.atomic import is_complete, write_text
+from recipe_runner.run.folder import RunFolder
+from recipe_runner.run.lockfile import read_lock
+
+
+def load_run(run_dir: Path) -> tuple[LoadedRecipe, RunFolder]:
+    """The recipe a finished run recorded, and its folder; a clear error when it is not one."""
+    folder = RunFolder(Path(run_dir))
+    lock = read_lock(folder.lock)
+    if lock is None or "recipe" not in lock:
+        raise UserError(
+            f"{folder.root} is not a run folder (no readable run.lock.json)",
+            hint="pass the folder a `recipe run` wrote, e.g. runs/demo",
+        )
+    if not is_complete(folder.controlnet):
+        raise UserError(
+            f"{folder.root} has no trained ControlNet yet ({folder.controlnet} is missing or incomplete)",
+            hint=f"train it first: recipe run {lock.get('recipe_file', 'FILE')} --output-dir {folder.root}",
+        )
+    return load_resolved(lock["recipe"], Path(lock["recipe_dir"])), folder
+
+
+def _open_condition(path: Path, resolution: int):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            image = im.convert("RGB")
+    except FileNotFoundError:
+        raise UserError(f"--condition {path}: file not found") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise UserError(f"--condition {path}: not a readable image ({e})") from None
+    if image.size != (resolution, resolution):
+        # The ControlNet was trained on square images at the dataset resolution.
+        image = image.resize((resolution, resolution), Image.Resampling.BICUBIC)
+    return image
+
+
+def sample_run(
+    run_dir: Path,
+    condition: Path,
+    prompt: str,
+    *,
+    num_images: int = 1,
+    steps: int = 20,
+    guidance_scale: float = 7.5,
+    seed: int = 0,
+    extract: bool = False,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    import torch
+
+    from recipe_runner.conditions import build_condition
+    from recipe_runner.evaluate.models import load_base_pipelines
+
+    loaded, folder = load_run(run_dir)
+    resolution = loaded.recipe.dataset.resolution
+    image = _open_condition(Path(condition), resolution)
+    if extract:
+        fn = build_condition(loaded.recipe.condition, base_dir=loaded.base_dir)
+        image = fn(image)
+    pipe, _ = load_base_pipelines(loaded, folder)
+    generator = torch.Generator("cpu").manual_seed(seed)
+    images = pipe(
+        prompt,
+        image=image,
+        num_inference_steps=steps,
+        guidance_scale=guidance_scale,
+        num_images_per_prompt=num_images,
+        generator=generator,
+        height=resolution,
+        width=resolution,
+    ).images
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    folder.samples.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, im in enumerate(images):
+        path = folder.samples / f"sample-{stamp}-seed{seed}-{i}.png"
+        tmp = path.with_name("." + path.name + ".tmp")
+        im.save(tmp, format="PNG")
+        tmp.replace(path)
+        paths.append(str(path))
+    meta = {
+        "prompt": prompt,
+        "condition": str(condition),
+        "extracted": extract,
+        "seed": seed,
+        "steps": steps,
+        "guidance_scale": guidance_scale,
+        "images": paths,
+    }
+    write_text(folder.samples / f"sample-{stamp}-seed{seed}.json", json.dumps(meta, indent=2) + "\n")
+    if not quiet:
+        from recipe_runner.cli.output import err
+
+        for p in paths:
+            err.print(f"[green]✓[/] {p}")
+    return meta
