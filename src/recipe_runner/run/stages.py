@@ -57,8 +57,9 @@ class DatasetStage:
         from recipe_runner.data.build import build_dataset
 
         report = build_dataset(ctx.loaded, ctx.folder, console=ctx.console, force=ctx.force)
+        report = {k: v for k, v in report.items() if k != "key_inputs"}
         ctx.lock["dataset"] = {
-            "fingerprint": report.get("fingerprint"),
+            "fingerprint": report.get("data_sha256"),
             "cache_key": report.get("cache_key"),
             "rows": report.get("rows_out"),
         }
@@ -66,10 +67,11 @@ class DatasetStage:
 
 
 def dataset_fingerprint(folder: RunFolder) -> str:
+    """Content hash of the built dataset (the same in any folder, so reproductions can compare it)."""
     import json
 
     report = json.loads((folder.dataset / "report.json").read_text())
-    return str(report.get("fingerprint") or report["cache_key"])
+    return str(report.get("data_sha256") or report["cache_key"])
 
 
 class TrainStage:

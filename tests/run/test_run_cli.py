@@ -1,0 +1,166 @@
+"""`recipe run`, `reproduce`, `sample` and `evaluate` as a user types them: files and exit codes out."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+TINY = """\
+name: tiny
+seed: 3
+dataset:
+  source: {builtin: shapes, num_samples: 24}
+  resolution: 64
+  holdout: 4
+model:
+  base: builtin:tiny-sd
+train:
+  max_steps: 4
+  batch_size: 2
+  learning_rate: 1.0e-4
+  checkpoint_every: 2
+  validation: {every: 4, num_images: 1, num_rows: 2, num_inference_steps: 2, guidance_scale: 1.0}
+logging: {tracker: tensorboard}
+evaluate: {enabled: true, num_inference_steps: 2}
+"""
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """One complete run of every stage, shared by the tests that only read it."""
+    from typer.testing import CliRunner
+
+    from recipe_runner.cli import app
+
+    root = tmp_path_factory.mktemp("run")
+    recipe = root / "tiny.yaml"
+    recipe.write_text(TINY)
+    out = root / "runs" / "tiny"
+    result = CliRunner().invoke(app, ["run", str(recipe), "-o", str(out)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return recipe, out, result
+
+
+def test_run_leaves_the_documented_run_folder(finished_run):
+    _, out, _ = finished_run
+    for name in ("recipe.resolved.yaml", "run.lock.json", "log.txt", "README.md"):
+        assert (out / name).is_file(), name
+    assert (out / "dataset" / "preview.png").is_file()
+    assert (out / "controlnet" / "config.json").is_file()
+    assert list((out / "samples").glob("step-4.png"))
+    assert list((out / "checkpoints").glob("step-*"))
+    assert (out / "evaluation" / "results.json").is_file()
+    lock = json.loads((out / "run.lock.json").read_text())
+    assert lock["recipe"]["train"]["max_steps"] == 4
+    assert lock["packages"]["torch"] and lock["packages"]["diffusers"]
+    assert lock["dataset"]["fingerprint"]
+    assert {"dataset", "train", "evaluate"} <= set(lock["stages"])
+    assert "hardware" in lock and "git" in lock
+    card = (out / "README.md").read_text()
+    assert "base_model" in card and "## Evaluation" in card
+
+
+def test_controlnet_reloads_in_diffusers(finished_run):
+    from diffusers import ControlNetModel
+
+    _, out, _ = finished_run
+    model = ControlNetModel.from_pretrained(out / "controlnet")
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_second_run_skips_every_stage(cli, finished_run):
+    recipe, out, _ = finished_run
+    result = cli("run", recipe, "-o", out)
+    assert result.exit_code == 0, result.output
+    for stage in ("dataset", "train", "evaluate"):
+        assert f"✓ {stage}: skipped" in result.stderr, result.stderr
+
+
+def test_changing_the_learning_rate_reuses_the_dataset(cli, finished_run, tmp_path):
+    recipe, out, _ = finished_run
+    copy = tmp_path / "copy"
+    import shutil
+
+    shutil.copytree(out, copy)
+    (copy / ".in-use").unlink(missing_ok=True)
+    result = cli("run", recipe, "-o", copy, "--set", "train.learning_rate=2e-4")
+    assert result.exit_code == 0, result.output
+    assert "✓ dataset: skipped" in result.stderr
+    assert "▶ train: running" in result.stderr
+
+
+def test_reproduce_gives_bit_identical_weights(cli, finished_run, tmp_path):
+    _, out, _ = finished_run
+    target = tmp_path / "again"
+    result = cli("reproduce", out / "run.lock.json", "-o", target, "--json")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["weights"]["identical"] is True, payload["weights"]
+    assert payload["data_drift"] is False
+
+
+def test_sample_writes_images(cli, finished_run, tmp_path):
+    _, out, _ = finished_run
+    cond = tmp_path / "cond.png"
+    Image.new("RGB", (64, 64), "black").save(cond)
+    result = cli("sample", out, "--condition", cond, "--prompt", "a red circle", "--steps", "2", "--json")
+    assert result.exit_code == 0, result.output
+    images = json.loads(result.stdout)["images"]
+    assert len(images) == 1 and Image.open(images[0]).size == (64, 64)
+
+
+def test_evaluate_command_reports_numbers(cli, finished_run):
+    _, out, _ = finished_run
+    result = cli("evaluate", out, "--json")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert "edge_f1" in payload["mean"]["ours"] and "edge_f1" in payload["mean"]["baseline"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["sample", "nowhere", "--condition", "x.png", "--prompt", "p"], "is not a run folder"),
+        (["evaluate", "nowhere"], "is not a run folder"),
+        (["reproduce", "nowhere/run.lock.json"], "not a readable run.lock.json"),
+    ],
+)
+def test_commands_on_a_missing_run_folder(cli, tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    result = cli(*args)
+    assert result.exit_code == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_sample_with_an_unreadable_condition(cli, finished_run, tmp_path):
+    _, out, _ = finished_run
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    result = cli("sample", out, "--condition", bad, "--prompt", "p")
+    assert result.exit_code == 2
+    assert "not a readable image" in result.stderr
+
+
+def test_a_folder_in_use_is_refused(cli, write_recipe, tmp_path):
+    import fcntl
+
+    recipe = write_recipe(TINY)
+    out = tmp_path / "busy"
+    out.mkdir()
+    with open(out / ".in-use", "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        result = cli("run", recipe, "-o", out)
+    assert result.exit_code == 2
+    assert "is in use" in result.stderr
+    assert not (out / "dataset").exists()
+
+
+def test_invalid_recipe_writes_nothing(cli, write_recipe, tmp_path):
+    recipe = write_recipe(TINY.replace("max_steps: 4", "max_steps: -4"))
+    out = tmp_path / "never"
+    result = cli("run", recipe, "-o", out)
+    assert result.exit_code == 2
+    assert not out.exists()
