@@ -18,6 +18,7 @@ from recipe_runner.recipe.show import resolved_yaml
 from recipe_runner.run.atomic import remove_stale_temporaries, write_text
 from recipe_runner.run.folder import RunFolder
 from recipe_runner.run.lockfile import new_lock, read_lock, write_lock
+from recipe_runner.run.resources import check_disk
 from recipe_runner.run.runlog import run_console
 from recipe_runner.run.stages import STAGES, RunContext
 
@@ -77,6 +78,7 @@ def run_recipe(
         console.rule(f"[bold]{recipe.name}[/] → {folder.root}")
         ctx = RunContext(loaded, folder, console, previous, lock, resume=resume, force=force)
         names = stages or [n for n, s in STAGES.items() if s.enabled(ctx)]
+        check_disk(loaded, folder.root, [n for n in names if not STAGES[n].status(ctx)[0]])
         for name in names:
             stage = STAGES[name]
             current, why = stage.status(ctx)

@@ -96,15 +96,27 @@ class TrainStage:
         return True, "inputs unchanged"
 
     def run(self, ctx: RunContext) -> dict[str, Any]:
+        import torch
+
+        from recipe_runner.errors import RunFailed
+        from recipe_runner.run.resources import MEMORY_HINT
         from recipe_runner.training import prepare_training, train_controlnet
 
-        prepare_training(ctx.loaded, ctx.folder, console=ctx.console)
-        if ctx.loaded.recipe.launch.num_processes > 1:
-            from recipe_runner.training.launch import launch_workers
+        try:
+            prepare_training(ctx.loaded, ctx.folder, console=ctx.console)
+            if ctx.loaded.recipe.launch.num_processes > 1:
+                from recipe_runner.training.launch import launch_workers
 
-            result = launch_workers(ctx.loaded, ctx.folder, resume=ctx.resume, console=ctx.console)
-        else:
-            result = train_controlnet(ctx.loaded, ctx.folder, resume=ctx.resume, console=ctx.console)
+                result = launch_workers(ctx.loaded, ctx.folder, resume=ctx.resume, console=ctx.console)
+            else:
+                result = train_controlnet(ctx.loaded, ctx.folder, resume=ctx.resume, console=ctx.console)
+        except torch.OutOfMemoryError as e:
+            first = str(e).splitlines()[0] if str(e) else "CUDA out of memory"
+            raise RunFailed(
+                f"out of memory while training ({first}); {MEMORY_HINT}. Completed checkpoints are kept: "
+                "add --resume to continue from the newest",
+                log=str(ctx.folder.log),
+            ) from None
         return {**result, "cache_key": self.key(ctx)}
 
 

@@ -1,0 +1,77 @@
+"""Resource checks before work starts: enough disk for what the stages will write, and what to do on OOM.
+
+Estimates are deliberately generous (PNG-compressed images, fp32 caches, AdamW state in every
+checkpoint): the point is to refuse a run that cannot fit, not to predict the exact size.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from recipe_runner.errors import UserError
+from recipe_runner.recipe.loader import LoadedRecipe
+from recipe_runner.run.estimates import model_size
+from recipe_runner.run.rows import count_rows
+
+GB = 2**30
+PNG_RATIO = 0.5  # PNG bytes per raw RGB byte, pessimistic for photos (flat images compress far better)
+TEXT_DIM = {"sd1": 768, "sd2": 1024, "sdxl": 2048 + 1280}
+TEXT_TOKENS = 77
+
+MEMORY_HINT = (
+    "to use less accelerator memory: extends: base/low-vram.yaml (fp16 frozen weights, 8-bit AdamW, "
+    "gradient checkpointing, batch 1 with accumulation), or set train.gradient_checkpointing: true, "
+    "train.optimizer: adamw_8bit, train.mixed_precision: fp16, a smaller train.batch_size with more "
+    "train.gradient_accumulation_steps, or a smaller dataset.resolution; `recipe plan` estimates the effect"
+)
+
+
+def disk_needed(loaded: LoadedRecipe, stages: list[str]) -> dict[str, float]:
+    """Bytes each of `stages` will write (an upper-bound estimate)."""
+    recipe = loaded.recipe
+    res = recipe.dataset.resolution
+    rows = count_rows(loaded).rows or 0
+    if recipe.dataset.max_samples:
+        rows = min(rows, recipe.dataset.max_samples)
+    need: dict[str, float] = {}
+    if "dataset" in stages:
+        need["dataset"] = rows * 2 * res * res * 3 * PNG_RATIO
+    if "train" in stages:
+        size = model_size(recipe, loaded.base_dir)
+        builtin = recipe.model.base.startswith("builtin:")
+        cache = 0.0
+        if recipe.train.precompute:
+            latents = rows * 4 * (res // 8) ** 2 * 4 * 2  # mean and std, fp32
+            text_dim = 32 if builtin else TEXT_DIM[recipe.model.resolved_family]
+            cache = latents + rows * TEXT_TOKENS * text_dim * 4
+        # A checkpoint holds the ControlNet in fp32 and AdamW's two moments; one more is written before
+        # the oldest is removed.
+        limit = recipe.train.checkpoints_total_limit
+        kept = (limit + 1) if limit else 3
+        checkpoints = size.controlnet * 4 * 3 * kept
+        need["train"] = cache + checkpoints + size.controlnet * 4
+    return need
+
+
+def _free_bytes(path: Path) -> tuple[int, Path]:
+    probe = path.resolve()
+    while not probe.exists():
+        probe = probe.parent
+    return shutil.disk_usage(probe).free, probe
+
+
+def check_disk(loaded: LoadedRecipe, run_dir: Path, stages: list[str]) -> None:
+    """Refuse to start when the stages about to run would not fit on the run folder's disk."""
+    need = disk_needed(loaded, stages)
+    total = sum(need.values())
+    free, where = _free_bytes(run_dir)
+    if total <= free:
+        return
+    parts = ", ".join(f"{k} ≈ {v / GB:.1f} GB" for k, v in need.items())
+    raise UserError(
+        f"not enough disk space for {run_dir}: the run needs ≈ {total / GB:.1f} GB ({parts}) "
+        f"but {where} has {free / GB:.1f} GB free",
+        hint="free some space, pass --output-dir on a larger disk, lower train.checkpoints_total_limit, "
+        "or set dataset.max_samples",
+    )
