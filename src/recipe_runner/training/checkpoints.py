@@ -99,9 +99,7 @@ def resume(accelerator: Accelerator, folder: RunFolder, fields: dict, say: Say) 
             state = json.loads((path / STATE_FILE).read_text())
             saved_fields = state["resume_fields"]
         except (OSError, ValueError, KeyError) as e:
-            say(
-                f"[yellow]checkpoint step-{step} has no readable {STATE_FILE} ({e}): trying the previous one[/]"
-            )
+            say(f"[yellow]checkpoint step-{step}: unreadable {STATE_FILE} ({e}); trying the previous one[/]")
             continue
         changes = changed_fields(saved_fields, fields)
         if changes:
@@ -114,14 +112,14 @@ def resume(accelerator: Accelerator, folder: RunFolder, fields: dict, say: Say) 
         tried_loading = True
         try:
             accelerator.load_state(str(path))
-        except Exception as e:  # noqa: BLE001 - any unreadable file means: use the previous one
+        except Exception as e:  # any unreadable file means: use the previous one
             say(
                 f"[yellow]checkpoint step-{step} could not be loaded ({type(e).__name__}: {e}): "
                 "trying the previous one[/]"
             )
             continue
         say(f"resuming from checkpoint step-{step} ({path})")
-        return state
+        return {**state, "path": str(path)}
     if tried_loading:
         raise RunFailed(
             f"no checkpoint in {folder.checkpoints} could be loaded; see the messages above",

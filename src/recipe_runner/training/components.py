@@ -8,7 +8,6 @@ KeyError from deep inside diffusers.
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,8 +83,8 @@ def _check_folder(recipe: Recipe, folder: Path) -> None:
     missing = [name for name in need if not (folder / name).is_dir()]
     if family == "sdxl" and "text_encoder_2" in missing and (folder / "text_encoder").is_dir():
         raise UserError(
-            f"model.base {recipe.model.base!r} looks like a Stable Diffusion 1.x/2.x model (no text_encoder_2/), "
-            "but the recipe trains an SDXL ControlNet",
+            f"model.base {recipe.model.base!r} looks like a Stable Diffusion 1.x/2.x model "
+            "(no text_encoder_2/), but the recipe trains an SDXL ControlNet",
             hint="use an SDXL base (e.g. stabilityai/stable-diffusion-xl-base-1.0), or set model.family: sd1",
         )
     if family != "sdxl" and (folder / "text_encoder_2").is_dir():
@@ -99,7 +98,7 @@ def _check_folder(recipe: Recipe, folder: Path) -> None:
         raise UserError(
             f"model.base {recipe.model.base!r} ({folder}) lacks {', '.join(s + '/' for s in missing)}; "
             f"found {', '.join(found)}",
-            hint="point model.base at a complete diffusers folder (as written by DiffusionPipeline.save_pretrained)",
+            hint="point model.base at a complete diffusers folder (from DiffusionPipeline.save_pretrained)",
         )
 
 
@@ -219,12 +218,3 @@ def load_controlnet(loaded: LoadedRecipe, unet: UNet2DConditionModel) -> Control
             hint=f"set model.conditioning_channels: {have}",
         )
     return controlnet
-
-
-def read_model_index(base: str) -> dict:
-    """model_index.json of a local base (empty for hub ids): for the model card."""
-    path = Path(base) / "model_index.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}

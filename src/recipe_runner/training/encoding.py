@@ -81,7 +81,9 @@ def move(model: torch.nn.Module, device: torch.device | str, dtype: torch.dtype)
         model.to(dtype=dtype)
 
 
-def place_encoders(c: Components, recipe: Recipe, device: torch.device | str, weight_dtype: torch.dtype) -> None:
+def place_encoders(
+    c: Components, recipe: Recipe, device: torch.device | str, weight_dtype: torch.dtype
+) -> None:
     """Move the VAE and text encoders to `device` (frozen, in the half dtype when mixed precision is on)."""
     move(c.vae.requires_grad_(False), device, vae_dtype(recipe, weight_dtype))
     for encoder in c.text_encoders:

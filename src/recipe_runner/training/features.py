@@ -40,7 +40,7 @@ def check_environment(recipe: Recipe) -> None:
         if not _installed("xformers"):
             raise UserError(
                 "train.attention: xformers needs the xformers package, which is not installed",
-                hint="pip install 'recipe-runner[xformers]', or set train.attention: sdpa (as fast on PyTorch 2)",
+                hint="pip install 'recipe-runner[xformers]', or set train.attention: sdpa",
             )
         if not cuda:
             raise UserError(

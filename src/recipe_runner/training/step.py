@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from recipe_runner.recipe.recipe import Recipe
 from recipe_runner.training.components import Components
 from recipe_runner.training.encoding import add_time_ids, encode_pixels, encode_prompts, sample_latents
 from recipe_runner.training.keys import derive_seed
@@ -104,7 +105,7 @@ def controlnet_loss(
     controlnet: torch.nn.Module,
     inputs: StepInputs,
     draws: Draws,
-    recipe,
+    recipe: Recipe,
     dtype: torch.dtype,
 ) -> torch.Tensor:
     """Noise the latents at random timesteps and score the UNet+ControlNet's prediction."""

@@ -7,6 +7,7 @@ underneath. Grids go to samples/step-N.png (written atomically) and to the track
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import textwrap
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ import torch
 from accelerate import Accelerator
 from datasets import DatasetDict
 from diffusers import (
+    AutoencoderKL,
     ControlNetModel,
     StableDiffusionControlNetPipeline,
     StableDiffusionXLControlNetPipeline,
@@ -59,12 +61,13 @@ def conditions(loaded: LoadedRecipe, data: DatasetDict) -> list[Condition]:
     ]
 
 
-def build_pipeline(c: Components, controlnet: ControlNetModel):
+def build_pipeline(c: Components, controlnet: ControlNetModel, vae: AutoencoderKL | None = None):
     """A diffusers ControlNet pipeline sharing the training components (nothing is reloaded)."""
     scheduler = UniPCMultistepScheduler.from_config(c.noise_scheduler.config)
+    vae = vae or c.vae
     if c.family == "sdxl":
         pipe = StableDiffusionXLControlNetPipeline(
-            vae=c.vae,
+            vae=vae,
             text_encoder=c.text_encoders[0],
             text_encoder_2=c.text_encoders[1],
             tokenizer=c.tokenizers[0],
@@ -76,7 +79,7 @@ def build_pipeline(c: Components, controlnet: ControlNetModel):
         )
     else:
         pipe = StableDiffusionControlNetPipeline(
-            vae=c.vae,
+            vae=vae,
             text_encoder=c.text_encoders[0],
             tokenizer=c.tokenizers[0],
             unet=c.unet,
@@ -100,11 +103,22 @@ def generate(
 ) -> list[list[Image.Image]]:
     v = loaded.recipe.train.validation
     res = loaded.recipe.dataset.resolution
-    pipe = build_pipeline(c, controlnet)
+    autocast, vae = contextlib.nullcontext(), None
+    if dtype != torch.float32 and device.type == "cuda":
+        autocast = torch.autocast(
+            "cuda", dtype=dtype
+        )  # the fp32 ControlNet with the half UNet, as the reference
+    elif dtype != torch.float32:
+        # CPU autocast leaves some outputs (upsampling) in fp32, which the bf16 UNet's group norms reject:
+        # run everything in the half dtype instead, with a copy so the master weights stay fp32. Built
+        # from the config, as the prepared model's forward is wrapped to return fp32 outputs.
+        clone = ControlNetModel.from_config(controlnet.config)
+        clone.load_state_dict(controlnet.state_dict())
+        controlnet = clone.to(device, dtype=dtype).eval()
+        # The SDXL pipeline casts latents for the VAE only from fp16; our fp32 SDXL VAE needs a copy too.
+        vae = copy.deepcopy(c.vae).to(dtype=dtype) if c.vae.dtype != dtype else None
+    pipe = build_pipeline(c, controlnet, vae)
     generator = torch.Generator(device=device).manual_seed(loaded.recipe.seed)
-    autocast = (
-        torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
-    )
     outputs = []
     with autocast, torch.no_grad():
         for cond in conds:

@@ -1,0 +1,158 @@
+"""Training in several processes: `accelerate launch` runs `worker_main` N times.
+
+The orchestrating process prepares everything once (base model, precompute cache), writes
+`train-launch.json` (the resolved recipe, where it came from, the resolved base) into the run folder,
+launches the workers and waits. Rank 0 writes `train-result.json` (results, or the error to re-raise
+here with its type), so the caller sees the same results and exceptions as a one-process run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+import recipe_runner
+from recipe_runner.errors import Interrupted, RunFailed, UserError
+from recipe_runner.recipe.checks import resolve_path
+from recipe_runner.recipe.loader import LoadedRecipe
+from recipe_runner.recipe.recipe import Recipe
+from recipe_runner.run.atomic import write_text
+from recipe_runner.run.folder import RunFolder
+from recipe_runner.training.keys import effective_precision
+
+LAUNCH_FILE = "train-launch.json"
+RESULT_FILE = "train-result.json"
+_ERRORS = {"UserError": UserError, "RunFailed": RunFailed, "Interrupted": Interrupted}
+
+
+def launch_command(loaded: LoadedRecipe, folder: RunFolder, *, resume: bool) -> list[str]:
+    launch = loaded.recipe.launch
+    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    if launch.accelerate_config:
+        cmd += ["--config_file", str(resolve_path(loaded, launch.accelerate_config))]
+    # accelerate counts processes over all machines; --multi_gpu selects torch.distributed.run, which
+    # also gives CPU-only machines one gloo process each (accelerate's --cpu would start just one).
+    cmd += ["--multi_gpu", "--num_processes", str(launch.num_processes * launch.num_machines)]
+    cmd += [
+        "--num_machines",
+        str(launch.num_machines),
+        "--mixed_precision",
+        effective_precision(loaded.recipe),
+    ]
+    cmd += ["--dynamo_backend", "no"]
+    if launch.main_process_port:
+        cmd += ["--main_process_port", str(launch.main_process_port)]
+    cmd += ["-m", "recipe_runner.training.worker", str(folder.root.resolve())]
+    return cmd + (["--resume"] if resume else [])
+
+
+def _environment() -> dict[str, str]:
+    env = os.environ.copy()
+    # Workers must import this very package, also when it is not installed (tests, a source checkout).
+    src = str(Path(recipe_runner.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH", "")) if p)
+    if not torch.cuda.is_available():
+        # Without this accelerate sees no GPU and trains each process alone instead of with gloo.
+        env["ACCELERATE_USE_CPU"] = "true"
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // 2)))
+    return env
+
+
+def _wait(process: subprocess.Popen, console: Console | None) -> int:
+    """Wait for the workers; a first Ctrl-C (which they receive too) lets them write their checkpoint."""
+    interrupted = False
+    while True:
+        try:
+            return process.wait()
+        except KeyboardInterrupt:
+            if interrupted:
+                process.terminate()
+                raise
+            interrupted = True
+            if console is not None:
+                console.print("[yellow]waiting for the training processes to write a checkpoint...[/]")
+
+
+def launch_workers(
+    loaded: LoadedRecipe, folder: RunFolder, *, resume: bool = False, console: Console | None = None
+) -> dict:
+    """Train in launch.num_processes (x num_machines) processes; same results and errors as one process.
+
+    Calls prepare_training first (cheap when the orchestrator already did: the cache is found by key)."""
+    from recipe_runner.training.stage import prepare_training
+
+    prepared = prepare_training(loaded, folder, console)
+    spec = {
+        "recipe_path": str(loaded.path.resolve()),
+        "recipe": loaded.recipe.resolved_dict(),
+        "base": prepared.base,
+        "progress": console is not None,
+    }
+    write_text(folder.root / LAUNCH_FILE, json.dumps(spec, indent=2))
+    result_file = folder.root / RESULT_FILE
+    result_file.unlink(missing_ok=True)
+    cmd = launch_command(loaded, folder, resume=resume)
+    if console is not None:
+        console.print(f"[dim]launching {loaded.recipe.launch.num_processes} training processes[/]")
+    code = _wait(subprocess.Popen(cmd, env=_environment()), console)
+    try:
+        outcome = json.loads(result_file.read_text())
+    except (OSError, ValueError):
+        raise RunFailed(
+            f"the training processes exited with code {code} without a result; see the output above",
+            log=str(folder.log),
+        ) from None
+    if "results" in outcome:
+        return outcome["results"]
+    error = _ERRORS.get(outcome.get("type"), RunFailed)
+    if error is UserError:
+        raise UserError(outcome["message"], hint=outcome.get("hint"))
+    if error is RunFailed:
+        raise RunFailed(outcome["message"], log=outcome.get("log") or str(folder.log))
+    raise Interrupted(outcome["message"])
+
+
+def worker_main(run_dir: Path, resume: bool = False) -> dict | None:
+    """One launched training process: rebuild the recipe from `train-launch.json`, train, and (rank 0)
+    write `train-result.json` for the launching process. Errors are written there too, then re-raised,
+    so the process exits with their code (the CLI's train-worker maps them as usual)."""
+    from recipe_runner.training.stage import run_training
+
+    run_dir = Path(run_dir)
+    spec = json.loads((run_dir / LAUNCH_FILE).read_text())
+    recipe = Recipe.model_validate(spec["recipe"])
+    # Relative paths in the recipe resolve against the recipe file's folder, as in the parent.
+    loaded = LoadedRecipe(recipe, Path(spec["recipe_path"]), spec["recipe"], {})
+    # Not PartialState(): created before the Accelerator, it would ignore ACCELERATE_USE_CPU.
+    main = int(os.environ.get("RANK", "0")) == 0
+    console = Console() if spec.get("progress") and main else None
+    try:
+        results = run_training(loaded, RunFolder(run_dir), resume=resume, console=console, base=spec["base"])
+    except (UserError, RunFailed, Interrupted) as e:
+        kind = next(name for name, cls in _ERRORS.items() if isinstance(e, cls))
+        outcome = {"type": kind, "message": e.message if hasattr(e, "message") else str(e)}
+        _report(run_dir, main, {**outcome, "hint": getattr(e, "hint", None), "log": getattr(e, "log", None)})
+        raise
+    except Exception as e:
+        _report(
+            run_dir,
+            main,
+            {"type": "RunFailed", "message": f"training process failed: {type(e).__name__}: {e}"},
+        )
+        raise
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    _report(run_dir, main, {"results": results})
+    return results
+
+
+def _report(run_dir: Path, main: bool, outcome: dict) -> None:
+    if main:
+        write_text(run_dir / RESULT_FILE, json.dumps(outcome, indent=2, default=str))

@@ -1,0 +1,192 @@
+"""The training stage: prepare once, train (here or in N launched processes), save, sample, describe.
+
+prepare_training  -> base model resolved/built, precompute cache written (before any worker starts)
+train_controlnet  -> session -> resume? -> loop -> controlnet/ + final grid + README.md -> results
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from recipe_runner.recipe.loader import LoadedRecipe
+from recipe_runner.run.atomic import atomic_dir
+from recipe_runner.run.folder import RunFolder
+from recipe_runner.training import checkpoints, features, model_card
+from recipe_runner.training.components import load_components, resolve_base
+from recipe_runner.training.data import load_rows
+from recipe_runner.training.keys import resume_fields
+from recipe_runner.training.loop import LoopState, save_checkpoint, steady_rate, train_loop, validate
+from recipe_runner.training.precompute import EncodedCache
+from recipe_runner.training.progress import print_summary
+from recipe_runner.training.session import (
+    Session,
+    cache_folder,
+    ensure_cache,
+    open_session,
+    peak_accelerator_memory_mb,
+    peak_host_memory_mb,
+    tracker_config,
+    training_paths,
+)
+
+
+def _quiet_libraries() -> None:
+    # transformers/diffusers draw their own bars for every from_pretrained; ours says what matters.
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
+@dataclass
+class PreparedTraining:
+    base: str  # from_pretrained-able: a folder path or a hub id
+    cache: Path | None  # the precompute cache folder, when train.precompute
+
+
+def prepare_training(
+    loaded: LoadedRecipe, folder: RunFolder, console: Console | None = None
+) -> PreparedTraining:
+    """What must happen once before (possibly several) training processes start: check the machine,
+    resolve (or build) the base model, and write the precompute cache."""
+    _quiet_libraries()
+    recipe = loaded.recipe
+    features.check_environment(recipe)
+    data = load_rows(folder.dataset_data, recipe)
+    base = resolve_base(loaded, folder.models_cache)
+    if not recipe.train.precompute:
+        return PreparedTraining(base, None)
+    dtype = features.weight_dtype(recipe)
+    path = cache_folder(loaded, folder, base, dtype)
+    cached = EncodedCache.open(path)
+    if cached is not None and len(cached.prompt_index) == len(data["train"]):
+        return PreparedTraining(base, path)  # nothing to load: the cache is there
+    c = load_components(loaded, base, unet=False)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cache = ensure_cache(loaded, folder, c, base, data["train"], device, dtype, console)
+    return PreparedTraining(base, cache.folder)
+
+
+def in_launched_process() -> bool:
+    """True inside `accelerate launch`/torchrun workers: train here, do not launch again."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def train_controlnet(
+    loaded: LoadedRecipe, folder: RunFolder, *, resume: bool = False, console: Console | None = None
+) -> dict:
+    """Train the recipe's ControlNet into `folder`; with launch.num_processes > 1, in that many processes.
+
+    Raises UserError (bad inputs), RunFailed (e.g. non-finite loss) or Interrupted (SIGINT/SIGTERM, after
+    writing a checkpoint). Returns the results summary (also printed when a console is given)."""
+    processes = loaded.recipe.launch.num_processes * loaded.recipe.launch.num_machines
+    if processes > 1 and not in_launched_process():
+        from recipe_runner.training.launch import launch_workers
+
+        return launch_workers(loaded, folder, resume=resume, console=console)
+    return run_training(loaded, folder, resume=resume, console=console)
+
+
+def run_training(
+    loaded: LoadedRecipe,
+    folder: RunFolder,
+    *,
+    resume: bool = False,
+    console: Console | None = None,
+    base: str | None = None,
+    profile: bool = False,
+) -> dict:
+    """Train in this process (one of several when launched). `profile` times each phase (benchmark)."""
+    _quiet_libraries()
+    wall = time.perf_counter()
+    session = open_session(loaded, folder, console, base=base)
+    accelerator = session.accelerator
+    state = _start(session, resume)
+    start_step = state.global_step
+    if accelerator.is_main_process:
+        origin = f"from step {start_step}" if start_step else "from scratch"
+        session.say(
+            f"training {session.max_steps} steps ({origin}),"
+            f" batch {session.recipe.train.batch_size} x {session.recipe.train.gradient_accumulation_steps} "
+            f"accumulated x {accelerator.num_processes} process(es), on {session.device}"
+            f"{', latents and text precomputed' if session.cache is not None else ''}"
+        )
+    project = loaded.recipe.logging.project or loaded.recipe.name
+    accelerator.init_trackers(project, config=tracker_config(loaded))
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        state = train_loop(session, state, profile=profile)
+        if state.global_step % loaded.recipe.train.checkpoint_every != 0 and state.global_step > start_step:
+            save_checkpoint(session, state)  # the end is always resumable (e.g. to train longer)
+        validate(session, state)
+        _save_controlnet(session)
+        results = _results(session, state, start_step, time.perf_counter() - wall)
+        if accelerator.is_main_process:
+            model_card.write(loaded, folder, results)
+        accelerator.wait_for_everyone()
+    finally:
+        for tracker in accelerator.trackers:  # flush event files also when stopped or failed
+            tracker.finish()
+    print_summary(session.console, results)
+    return results
+
+
+def _start(session: Session, resume: bool) -> LoopState:
+    folder, accelerator = session.folder, session.accelerator
+    say = session.say if accelerator.is_main_process else (lambda _message: None)
+    if resume:
+        saved = checkpoints.resume(accelerator, folder, resume_fields(session.recipe), say)
+        if saved is not None:
+            return LoopState.from_checkpoint(saved)
+    elif accelerator.is_main_process:
+        checkpoints.clear_for_fresh_start(folder, say)
+    accelerator.wait_for_everyone()
+    return LoopState()
+
+
+def _save_controlnet(session: Session) -> None:
+    accelerator = session.accelerator
+    if accelerator.is_main_process:
+        controlnet = accelerator.unwrap_model(session.controlnet)
+        with atomic_dir(session.folder.controlnet) as tmp:
+            controlnet.save_pretrained(tmp, safe_serialization=True)
+    accelerator.wait_for_everyone()
+
+
+def _results(session: Session, state: LoopState, start_step: int, wall: float) -> dict:
+    train = session.recipe.train
+    images_per_step = train.batch_size * train.gradient_accumulation_steps * session.accelerator.num_processes
+    steps = state.global_step - start_step
+    rate = steady_rate(state) or (steps / state.seconds if state.seconds else 0.0)
+    return {
+        "steps": state.global_step,
+        "steps_this_run": steps,
+        "resumed_from": start_step or None,
+        "seconds": round(state.seconds, 3),
+        "wall_seconds": round(wall, 3),
+        "steps_per_second": rate,
+        "images_per_second": rate * images_per_step,
+        "final_loss": state.last_loss,
+        "skipped_steps": state.skipped_steps,
+        "losses": state.losses,
+        "phase_seconds": state.phases,  # steps after warm-up, when profiling
+        "steady_steps": state.steady_steps,
+        "learning_rate": session.learning_rate,
+        "images_per_step": images_per_step,
+        "processes": session.accelerator.num_processes,
+        "peak_memory_host_mb": peak_host_memory_mb(),
+        "peak_memory_accelerator_mb": peak_accelerator_memory_mb(),
+        "device": str(session.device),
+        "precomputed": session.cache is not None,
+        "sample_grid": state.last_sample,
+        "last_checkpoint": state.last_checkpoint,
+        "paths": training_paths(session.folder),
+    }

@@ -1,0 +1,28 @@
+"""launch.num_processes > 1: the same recipe trains in two gloo processes on the CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from recipe_runner.training import train_controlnet
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_processes_match_one_at_the_same_global_batch(make_run):
+    loaded, one = make_run("train.max_steps=3", "train.batch_size=4", name="one")
+    single = train_controlnet(loaded, one)
+
+    loaded, two = make_run("train.max_steps=3", "train.batch_size=2", "launch.num_processes=2", name="two")
+    double = train_controlnet(loaded, two)
+
+    assert double["processes"] == 2 and double["images_per_step"] == single["images_per_step"] == 4
+    assert double["steps"] == 3 and (two.controlnet / "config.json").is_file()
+    assert (two.samples / "step-3.png").is_file() and two.model_card.is_file()
+    for (_, a), (_, b) in zip(single["losses"], double["losses"], strict=True):
+        assert a == pytest.approx(b, rel=1e-4)
+    a = load_file(one.controlnet / "diffusion_pytorch_model.safetensors")
+    b = load_file(two.controlnet / "diffusion_pytorch_model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4) for k in a)

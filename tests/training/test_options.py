@@ -1,0 +1,84 @@
+"""Model options (VAE override, ControlNet to fine-tune) and speed switches."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+from safetensors.torch import load_file
+
+from recipe_runner.errors import UserError
+from recipe_runner.training import train_controlnet
+from recipe_runner.training.components import load_components, resolve_base
+
+
+def test_vae_override_replaces_the_base_vae(make_run, tmp_path):
+    loaded, folder = make_run()
+    base = resolve_base(loaded, folder.models_cache)
+    vae = tmp_path / "my-vae"
+    shutil.copytree(f"{base}/vae", vae)
+    config = json.loads((vae / "config.json").read_text())
+    (vae / "config.json").write_text(json.dumps({**config, "scaling_factor": 0.5}))
+    loaded, _ = make_run("model.vae=my-vae", name="vae")  # relative to the recipe's folder
+    components = load_components(loaded, base, unet=False)
+    assert components.vae.config.scaling_factor == 0.5
+
+
+def test_an_existing_controlnet_is_fine_tuned(make_run):
+    loaded, first = make_run("train.max_steps=1", name="first")
+    train_controlnet(loaded, first)
+    loaded, second = make_run("train.max_steps=1", f"model.controlnet={first.controlnet}", name="second")
+    train_controlnet(loaded, second)
+    before = load_file(first.controlnet / "diffusion_pytorch_model.safetensors")
+    after = load_file(second.controlnet / "diffusion_pytorch_model.safetensors")
+    # One more step moved the weights a little from where the first run left them, not from scratch.
+    moved = [(after[k] - before[k]).abs().max().item() for k in before]
+    assert max(moved) > 0 and max(moved) < 1e-3
+
+    loaded, third = make_run(
+        f"model.controlnet={first.controlnet}", "model.conditioning_channels=1", name="c1"
+    )
+    with pytest.raises(UserError) as info:
+        train_controlnet(loaded, third)
+    assert "model.conditioning_channels: 3" in info.value.hint
+
+
+def test_xformers_without_the_package_names_the_extra(make_run):
+    loaded, folder = make_run("train.attention=xformers")
+    with pytest.raises(UserError) as info:
+        train_controlnet(loaded, folder)
+    assert "recipe-runner[xformers]" in info.value.hint
+
+
+def test_speed_switches_keep_training_working(make_run):
+    loaded, plain = make_run("train.max_steps=2", "train.precompute=false", name="plain")
+    reference = train_controlnet(loaded, plain)
+    loaded, folder = make_run(
+        "train.max_steps=2",
+        "train.precompute=false",
+        "train.gradient_checkpointing=true",
+        "train.channels_last=true",
+        "train.attention=eager",
+        "train.dataloader_num_workers=1",
+        "train.allow_tf32=true",
+        "train.set_grads_to_none=false",
+        name="switches",
+    )
+    results = train_controlnet(loaded, folder)
+    assert math.isfinite(results["final_loss"])
+    # Same data, noise and weights: only the arithmetic's order differs.
+    assert results["losses"][0][1] == pytest.approx(reference["losses"][0][1], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(make_run):
+    """torch.compile (inductor; minutes of compiling on a CPU) changes speed, not results."""
+    loaded, eager = make_run("train.max_steps=2", name="eager")
+    reference = train_controlnet(loaded, eager)
+    loaded, compiled = make_run("train.max_steps=2", "train.compile=true", name="compiled")
+    results = train_controlnet(loaded, compiled)
+    for (_, a), (_, b) in zip(reference["losses"], results["losses"], strict=True):
+        assert a == pytest.approx(b, rel=1e-4)
+    assert (compiled.controlnet / "config.json").is_file()

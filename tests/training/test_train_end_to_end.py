@@ -1,0 +1,60 @@
+"""A tiny SD ControlNet trains on the CPU and leaves a complete run folder behind."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+from rich.console import Console
+
+from recipe_runner.data.builtin_shapes import make_sample
+from recipe_runner.training import train_controlnet
+from recipe_runner.training.components import resolve_base
+
+
+def test_tiny_sd_trains_and_leaves_a_complete_run_folder(make_run, capsys):
+    loaded, folder = make_run(
+        "train.max_steps=10",
+        "train.checkpoint_every=3",
+        "train.checkpoints_total_limit=2",
+        "train.validation.every=5",
+        "logging.tracker=tensorboard",
+    )
+    # --resume on a new folder starts from step 0 and says so.
+    results = train_controlnet(loaded, folder, resume=True, console=Console(width=200))
+    out = capsys.readouterr().out
+    assert "no checkpoint" in out and "training done" in out
+    assert results["resumed_from"] is None
+
+    assert results["steps"] == 10 and results["steps_this_run"] == 10
+    assert math.isfinite(results["final_loss"])
+    assert all(math.isfinite(loss) for _, loss in results["losses"]) and len(results["losses"]) == 10
+    assert results["steps_per_second"] > 0 and results["images_per_second"] == pytest.approx(
+        2 * results["steps_per_second"]
+    )
+    assert results["peak_memory_host_mb"] > 0
+
+    # Checkpoints at 3, 6, 9 and the end (10); only the newest two are kept, all complete.
+    names = sorted(p.name for p in folder.checkpoints.iterdir())
+    assert names == ["step-10", "step-9"]
+    assert all((folder.checkpoints / n / ".complete").is_file() for n in names)
+    assert (folder.samples / "step-5.png").is_file() and (folder.samples / "step-10.png").is_file()
+    assert list(folder.logs.rglob("events.out.tfevents.*"))
+
+    card = folder.model_card.read_text()
+    assert card.startswith("---\nbase_model: builtin:tiny-sd\n")
+    assert "- controlnet" in card and "library_name: diffusers" in card and "license: openrail++" in card
+    assert "samples/step-10.png" in card and "max_steps: 10" in card
+
+    controlnet = ControlNetModel.from_pretrained(folder.controlnet)
+    assert list(folder.controlnet.glob("*.safetensors"))
+    base = resolve_base(loaded, folder.models_cache)
+    pipe = StableDiffusionControlNetPipeline.from_pretrained(base, controlnet=controlnet, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    row = make_sample(0, seed=0, resolution=64)
+    out = pipe(row["prompt"], image=row["conditioning_image"], num_inference_steps=2, output_type="np")
+    assert out.images.shape == (1, 64, 64, 3)
+    # The ControlNet learned something: its zero-initialised output convolutions moved.
+    assert any(torch.count_nonzero(b.weight) for b in controlnet.controlnet_down_blocks)
