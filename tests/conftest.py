@@ -15,12 +15,22 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# One intra-op thread for every test (and the processes tests launch): the tiny models gain nothing
+# from more, and on a busy 2-core machine OpenMP threads waiting at barriers made steps ~100x slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _models_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Builtin models are built once per test session into a private cache."""
     os.environ["RECIPE_RUNNER_CACHE"] = str(tmp_path_factory.mktemp("recipe-runner-cache"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread() -> None:
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 MINIMAL = """\
