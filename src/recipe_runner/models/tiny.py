@@ -7,6 +7,7 @@ in seconds without downloading anything. Only training code imports this module.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -182,7 +183,35 @@ def build_tiny_sdxl(out_dir: Path, *, seed: int = 0) -> Path:
     return out_dir
 
 
-BUILTIN_MODELS: dict[str, Callable[..., Path]] = {"tiny-sd": build_tiny_sd, "tiny-sdxl": build_tiny_sdxl}
+def build_shapes_sd(out_dir: Path, *, seed: int = 0) -> Path:
+    """The small pretrained base shipped for the shapes demo (see docs/shapes-base.md), in fp32."""
+    from recipe_runner.models.shapes_base import write_shapes_sd
+
+    return write_shapes_sd(out_dir, seed=seed)
+
+
+BUILTIN_MODELS: dict[str, Callable[..., Path]] = {
+    "tiny-sd": build_tiny_sd,
+    "tiny-sdxl": build_tiny_sdxl,
+    "shapes-sd": build_shapes_sd,
+}
+
+
+def _source_digest(name: str) -> str | None:
+    """For a builtin copied from shipped weights, a digest of those files: new weights rebuild the cache."""
+    if name != "shapes-sd":
+        return None
+    from recipe_runner.models.shapes_base import shapes_base_path
+
+    digest = hashlib.sha256()
+    for path in sorted(shapes_base_path().rglob("*.safetensors")):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _marker(name: str) -> dict:
+    return {"name": name, "version": BUILD_VERSION, "source": _source_digest(name)}
 
 
 def _is_current(folder: Path, name: str) -> bool:
@@ -190,7 +219,7 @@ def _is_current(folder: Path, name: str) -> bool:
         marker = json.loads((folder / MARKER_FILE).read_text())
     except (OSError, ValueError):
         return False
-    return marker == {"name": name, "version": BUILD_VERSION}
+    return marker == _marker(name)
 
 
 def resolve_builtin(name: str, cache_root: Path) -> Path:
@@ -209,7 +238,7 @@ def resolve_builtin(name: str, cache_root: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.building-", dir=cache_root))
     try:
         BUILTIN_MODELS[name](tmp)
-        (tmp / MARKER_FILE).write_text(json.dumps({"name": name, "version": BUILD_VERSION}))
+        (tmp / MARKER_FILE).write_text(json.dumps(_marker(name)))
         tmp.chmod(0o755)  # mkdtemp's 0o700 would hide a shared cache from other users
         if _is_current(final, name):  # another process finished first: use theirs
             return final

@@ -161,7 +161,9 @@ def load_components(
     if unet_model is not None:
         _check_unet(recipe, components)
         if controlnet:
-            components.controlnet = load_controlnet(loaded, unet_model)
+            components.controlnet = load_controlnet(
+                loaded, unet_model, vae_scale_factor=components.vae_scale_factor
+            )
     return components
 
 
@@ -198,14 +200,24 @@ def _check_unet(recipe: Recipe, c: Components) -> None:
         )
 
 
-def load_controlnet(loaded: LoadedRecipe, unet: UNet2DConditionModel) -> ControlNetModel:
+def load_controlnet(
+    loaded: LoadedRecipe, unet: UNet2DConditionModel, *, vae_scale_factor: int = 8
+) -> ControlNetModel:
     """A ControlNet to fine-tune (model.controlnet) or a new one initialised from the UNet's encoder."""
     spec = loaded.recipe.model
     if spec.controlnet is None:
         # The conditioning embedding is randomly initialised: seed it, so every process (and a rerun)
         # starts from the same weights.
         torch.manual_seed(loaded.recipe.seed)
-        return ControlNetModel.from_unet(unet, conditioning_channels=spec.conditioning_channels)
+        # Its stride-2 blocks must shrink the conditioning image by the VAE's factor (8 for SD; the
+        # builtin shapes base has a 4x VAE): one block fewer per halving.
+        blocks = max(1, int(vae_scale_factor).bit_length() - 1)
+        channels = (16, 32, 96, 256, 256)[: blocks + 1]
+        return ControlNetModel.from_unet(
+            unet,
+            conditioning_channels=spec.conditioning_channels,
+            conditioning_embedding_out_channels=channels,
+        )
     local = resolve_path(loaded, spec.controlnet)
     ref = str(local) if local.is_dir() else spec.controlnet
     with _loading("model.controlnet", spec.controlnet):
