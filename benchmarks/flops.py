@@ -1,0 +1,102 @@
+"""FLOPs per training step from torch's flop counter, and model-FLOPs utilisation on a GPU.
+
+    python benchmarks/flops.py --arch sd15 --resolution 512      # counted on the meta device: no compute
+
+Counts one image through ControlNet + UNet forward and backward (what a precomputed step runs) and one
+VAE encode (what the reference script adds to every step). Models are built on the meta device, so the
+count needs no memory and no time, and no weights are downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+# Dense bf16/fp16 tensor-core peaks (no sparsity), from the vendors' data sheets.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}
+
+
+def _configs(arch: str) -> tuple[dict, dict]:
+    if arch == "sd15":
+        from train_speed import SD15_UNET, SD15_VAE
+
+        return SD15_UNET, SD15_VAE
+    import tempfile
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from recipe_runner.models.tiny import BUILTIN_MODELS
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = BUILTIN_MODELS[arch](Path(tmp) / arch)
+        return (
+            dict(UNet2DConditionModel.load_config(folder / "unet")),
+            dict(AutoencoderKL.load_config(folder / "vae")),
+        )
+
+
+def count(arch: str, resolution: int) -> dict[str, float]:
+    import torch
+    from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    unet_cfg, vae_cfg = _configs(arch)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(unet_cfg)
+        vae = AutoencoderKL.from_config(vae_cfg)
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        channels = (16, 32, 96, 256)[: factor.bit_length()]
+        controlnet = ControlNetModel.from_unet(
+            unet, load_weights_from_unet=False, conditioning_embedding_out_channels=channels
+        )
+        side = resolution // factor
+        latents = torch.randn(1, 4, side, side)
+        cond = torch.randn(1, 3, resolution, resolution)
+        tokens = 77 if arch == "sd15" else 16
+        text = torch.randn(1, tokens, unet.config.cross_attention_dim)
+        t = torch.tensor([500])
+        image = torch.randn(1, 3, resolution, resolution)
+    unet.requires_grad_(False)
+    with FlopCounterMode(display=False) as step:
+        down, mid = controlnet(
+            latents, t, encoder_hidden_states=text, controlnet_cond=cond, return_dict=False
+        )
+        pred = unet(
+            latents,
+            t,
+            encoder_hidden_states=text,
+            down_block_additional_residuals=down,
+            mid_block_additional_residual=mid,
+        ).sample
+        pred.float().pow(2).mean().backward()
+    with FlopCounterMode(display=False) as encode, torch.no_grad():
+        vae.encode(image)
+    return {
+        "train_step_tflop_per_image": step.get_total_flops() / 1e12,
+        "vae_encode_tflop_per_image": encode.get_total_flops() / 1e12,
+    }
+
+
+def mfu(images_per_second: float, tflop_per_image: float, device_name: str) -> float | None:
+    peak = next((v for k, v in PEAK_TFLOPS.items() if k in device_name), None)
+    return images_per_second * tflop_per_image / peak if peak else None
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", choices=["tiny-sd", "shapes-sd", "sd15"], default="sd15")
+    parser.add_argument("--resolution", type=int, default=None)
+    args = parser.parse_args(argv)
+    resolution = args.resolution or (512 if args.arch == "sd15" else 64)
+    result = {"arch": args.arch, "resolution": resolution, **count(args.arch, resolution)}
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
