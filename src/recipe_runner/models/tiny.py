@@ -204,8 +204,9 @@ def _source_digest(name: str) -> str | None:
     from recipe_runner.models.shapes_base import shapes_base_path
 
     digest = hashlib.sha256()
-    for path in sorted(shapes_base_path().rglob("*.safetensors")):
-        digest.update(path.name.encode())
+    root = shapes_base_path()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(root)).encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
 

@@ -1,0 +1,85 @@
+"""The shipped pretrained shapes-sd base: small, loads offline, runs with a ControlNet, copies to fp32."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionPipeline
+from PIL import Image
+from transformers import CLIPTextModel
+
+from recipe_runner.data.builtin_shapes import make_sample
+from recipe_runner.models.shapes_base import (
+    materialize_shapes_base,
+    shapes_base_path,
+    shapes_base_settings,
+)
+
+
+@pytest.fixture(scope="module")
+def pipe() -> StableDiffusionPipeline:
+    return StableDiffusionPipeline.from_pretrained(shapes_base_path(), safety_checker=None)
+
+
+def test_shipped_folder_is_small_and_complete():
+    folder = shapes_base_path()
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    assert size < 12 * 2**20
+    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        assert (folder / part).is_dir()
+    assert "_name_or_path" not in json.loads((folder / "model_index.json").read_text())
+    settings = shapes_base_settings()
+    assert settings["resolution"] == 64 and settings["vae_downsample"] == 4
+    # ControlNet's conditioning embedding must downsample exactly like the VAE.
+    assert 2 ** (len(settings["controlnet_conditioning_embedding_out_channels"]) - 1) == 4
+
+
+def test_loads_offline_in_fp32_and_generates(pipe: StableDiffusionPipeline):
+    assert pipe.vae_scale_factor == 4
+    assert pipe.unet.config.sample_size * pipe.vae_scale_factor == 64
+    assert {pipe.unet.dtype, pipe.vae.dtype, pipe.text_encoder.dtype} == {torch.float32}
+    # SD pipelines ignore shift_factor: the latent centring lives inside the VAE's weights.
+    assert pipe.vae.config.scaling_factor == 1.0 and pipe.vae.config.shift_factor is None
+    image = pipe(
+        "a red circle on a white background",
+        num_inference_steps=2,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images
+    assert image.shape == (1, 64, 64, 3)
+
+
+def test_controlnet_from_unet_runs_at_64px(pipe: StableDiffusionPipeline):
+    channels = shapes_base_settings()["controlnet_conditioning_embedding_out_channels"]
+    controlnet = ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=channels)
+    cn_pipe = StableDiffusionControlNetPipeline(
+        **{k: v for k, v in pipe.components.items() if k != "image_encoder"},
+        controlnet=controlnet,
+        requires_safety_checker=False,
+    )
+    row = make_sample(0, seed=0, resolution=64)
+    image = cn_pipe(
+        row["prompt"],
+        image=row["conditioning_image"],
+        num_inference_steps=2,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pil",
+    ).images[0]
+    assert isinstance(image, Image.Image) and image.size == (64, 64)
+
+
+def test_materialize_writes_an_fp32_copy_once(tmp_path: Path):
+    folder = materialize_shapes_base(tmp_path)
+    assert folder == tmp_path / "shapes-sd"
+    # transformers 5 loads a text encoder in its saved dtype: the copy must say fp32.
+    assert CLIPTextModel.from_pretrained(folder, subfolder="text_encoder").dtype == torch.float32
+    unet_weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    assert (
+        unet_weights.stat().st_size > (shapes_base_path() / unet_weights.relative_to(folder)).stat().st_size
+    )
+    mtime = unet_weights.stat().st_mtime_ns
+    assert materialize_shapes_base(tmp_path) == folder and unet_weights.stat().st_mtime_ns == mtime
+    assert [p.name for p in tmp_path.iterdir()] == ["shapes-sd"]  # no temporary folders left behind
