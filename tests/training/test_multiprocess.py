@@ -26,3 +26,42 @@ def test_two_processes_match_one_at_the_same_global_batch(make_run):
     a = load_file(one.controlnet / "diffusion_pytorch_model.safetensors")
     b = load_file(two.controlnet / "diffusion_pytorch_model.safetensors")
     assert all(torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4) for k in a)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_accelerate_launch_of_the_cli_trains_with_every_rank(tmp_path):
+    """`accelerate launch -m recipe_runner train FILE`: rank 0 builds and prepares once, both ranks train,
+    and a second launch with nothing to do lets every rank leave."""
+    import os
+    import subprocess
+    import sys
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "name: acc\ndataset: {source: {builtin: shapes, num_samples: 24}, resolution: 64}\n"
+        "model: {base: 'builtin:tiny-sd'}\n"
+        "train: {max_steps: 2, batch_size: 2, validation: {every: 2, num_images: 1, num_rows: 1, "
+        "num_inference_steps: 1}}\nlogging: {tracker: none}\n"
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "-m",
+        "recipe_runner",
+        "train",
+        str(recipe),
+        "-o",
+        str(tmp_path / "out"),
+    ]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    for _ in range(2):
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    log = (tmp_path / "out" / "log.txt").read_text()
+    assert "2 process(es)" in log
+    assert "train: skipped" in log

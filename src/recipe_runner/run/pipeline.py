@@ -16,6 +16,7 @@ from recipe_runner.errors import UserError
 from recipe_runner.recipe.loader import LoadedRecipe
 from recipe_runner.recipe.show import resolved_yaml
 from recipe_runner.run.atomic import remove_stale_temporaries, write_text
+from recipe_runner.run.distributed import announce, follow, launched_rank
 from recipe_runner.run.folder import RunFolder
 from recipe_runner.run.lockfile import new_lock, read_lock, write_lock
 from recipe_runner.run.resources import check_disk
@@ -65,6 +66,32 @@ def run_recipe(
 ) -> dict[str, Any]:
     """Run the named stages (default: all enabled) in order, skipping those whose inputs are unchanged."""
     folder = RunFolder(output_root(loaded, output_dir))
+    rank = launched_rank()
+    if rank:  # a non-zero rank of the user's `accelerate launch`: rank 0 prepares, this one joins
+        return follow(folder, resume=resume)
+    try:
+        return _run_stages(loaded, folder, stages, resume=resume, quiet=quiet, force=force)
+    except BaseException as e:
+        if rank == 0 and not _announced(folder):
+            announce(folder, train=False, error=str(e) or type(e).__name__)
+        raise
+
+
+def _announced(folder: RunFolder) -> bool:
+    from recipe_runner.run.distributed import _signal_file
+
+    return _signal_file(folder).exists()
+
+
+def _run_stages(
+    loaded: LoadedRecipe,
+    folder: RunFolder,
+    stages: list[str] | None,
+    *,
+    resume: bool,
+    quiet: bool,
+    force: bool,
+) -> dict[str, Any]:
     with exclusive(folder), run_console(folder.log, quiet=quiet) as console:
         for sub in (folder.root, folder.checkpoints):
             remove_stale_temporaries(sub)
@@ -95,6 +122,8 @@ def run_recipe(
             lock["stages"][name] = {**_lockable(result), "skipped": False, "reason": why, "seconds": seconds}
             write_lock(folder.lock, lock)
         write_lock(folder.lock, lock)
+        if launched_rank() == 0 and not ctx.announced:
+            announce(folder, train=False)  # nothing to train: the waiting ranks may leave
         _summary(console, folder, ctx.results)
     return {"run_dir": str(folder.root), "stages": ctx.results}
 

@@ -26,6 +26,7 @@ class RunContext:
     resume: bool = False
     force: bool = False
     results: dict[str, Any] = field(default_factory=dict)
+    announced: bool = False  # rank 0 of a user's `accelerate launch` told the other ranks to train
 
 
 class Stage(Protocol):
@@ -99,12 +100,20 @@ class TrainStage:
         import torch
 
         from recipe_runner.errors import RunFailed
+        from recipe_runner.run.distributed import announce, launched_rank
         from recipe_runner.run.resources import MEMORY_HINT
         from recipe_runner.training import prepare_training, train_controlnet
 
         try:
-            prepare_training(ctx.loaded, ctx.folder, console=ctx.console)
-            if ctx.loaded.recipe.launch.num_processes > 1:
+            prepared = prepare_training(ctx.loaded, ctx.folder, console=ctx.console)
+            if launched_rank() == 0:  # the user ran `accelerate launch`: the other ranks join here
+                from recipe_runner.training.launch import write_launch_spec
+
+                write_launch_spec(ctx.loaded, ctx.folder, prepared.base, progress=False)
+                announce(ctx.folder, train=True)
+                ctx.announced = True
+                result = train_controlnet(ctx.loaded, ctx.folder, resume=ctx.resume, console=ctx.console)
+            elif ctx.loaded.recipe.launch.num_processes > 1:
                 from recipe_runner.training.launch import launch_workers
 
                 result = launch_workers(ctx.loaded, ctx.folder, resume=ctx.resume, console=ctx.console)

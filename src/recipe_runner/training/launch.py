@@ -79,6 +79,17 @@ def _wait(process: subprocess.Popen, console: Console | None) -> int:
                 console.print("[yellow]waiting for the training processes to write a checkpoint...[/]")
 
 
+def write_launch_spec(loaded: LoadedRecipe, folder: RunFolder, base: str, *, progress: bool) -> None:
+    """What every worker needs to rebuild the recipe and find the prepared base (read by worker_main)."""
+    spec = {
+        "recipe_path": str(loaded.path.resolve()),
+        "recipe": loaded.recipe.resolved_dict(),
+        "base": base,
+        "progress": progress,
+    }
+    write_text(folder.root / LAUNCH_FILE, json.dumps(spec, indent=2))
+
+
 def launch_workers(
     loaded: LoadedRecipe, folder: RunFolder, *, resume: bool = False, console: Console | None = None
 ) -> dict:
@@ -88,13 +99,7 @@ def launch_workers(
     from recipe_runner.training.stage import prepare_training
 
     prepared = prepare_training(loaded, folder, console)
-    spec = {
-        "recipe_path": str(loaded.path.resolve()),
-        "recipe": loaded.recipe.resolved_dict(),
-        "base": prepared.base,
-        "progress": console is not None,
-    }
-    write_text(folder.root / LAUNCH_FILE, json.dumps(spec, indent=2))
+    write_launch_spec(loaded, folder, prepared.base, progress=console is not None)
     result_file = folder.root / RESULT_FILE
     result_file.unlink(missing_ok=True)
     cmd = launch_command(loaded, folder, resume=resume)

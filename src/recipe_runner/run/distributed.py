@@ -1,0 +1,57 @@
+"""`accelerate launch -m recipe_runner train FILE`: the user started N processes themselves.
+
+Rank 0 runs the stages as usual (dataset, preparation, then training together with the others);
+every other rank waits until rank 0 says whether there is training to join, then joins it through
+the same worker entry point `launch.num_processes` uses. So the dataset and caches are still built
+once, before any worker trains, and only rank 0 prints and writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from recipe_runner.errors import RunFailed
+from recipe_runner.run.atomic import write_text
+from recipe_runner.run.folder import RunFolder
+
+
+def launched_rank() -> int | None:
+    """This process's rank when started by accelerate/torchrun with several processes, else None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    return int(os.environ.get("RANK", "0"))
+
+
+def _signal_file(folder: RunFolder) -> Path:
+    # Every rank of one launch shares the launcher as parent: its pid names this launch's file, so a
+    # file left by an earlier launch is never mistaken for this one's.
+    return folder.root / f".launch-{os.getppid()}.json"
+
+
+def announce(folder: RunFolder, *, train: bool, error: str | None = None) -> None:
+    """Rank 0: tell the waiting ranks whether to join training (or that preparation failed)."""
+    current = _signal_file(folder)
+    for old in folder.root.glob(".launch-*.json"):  # earlier launches' files
+        if old != current:
+            old.unlink(missing_ok=True)
+    write_text(current, json.dumps({"train": train, "error": error}))
+
+
+def follow(folder: RunFolder, *, resume: bool) -> dict[str, Any]:
+    """Ranks > 0: wait for rank 0's preparation, then train with it (or leave)."""
+    from recipe_runner.training.launch import worker_main
+
+    signal_file = _signal_file(folder)
+    while not signal_file.exists():
+        time.sleep(0.5)
+    message = json.loads(signal_file.read_text())
+    if message.get("error"):
+        raise RunFailed(f"rank 0 stopped before training: {message['error']}")
+    if not message.get("train"):
+        return {"run_dir": str(folder.root), "stages": {}}
+    worker_main(folder.root, resume=resume)
+    return {"run_dir": str(folder.root), "stages": {"train": {"rank": launched_rank()}}}
