@@ -216,9 +216,10 @@ def memory_savers(recipe: Recipe) -> tuple[list[str], Recipe]:
 # latents and no checkpointing: rough figures from public diffusers ControlNet training logs (SD1.5 ≈ 8
 # images/s); SDXL's ~3× bigger UNet ≈ 3 images/s at 512 px (≈ 0.75 at 1024 px).
 IMAGES_PER_S_AT_512 = {"sd1": 8.0, "sd2": 7.5, "sdxl": 3.0}
-# Builtin models on a CPU are dominated by per-step overhead: measured ≈ 4.5 steps/s for tiny-sd at 64 px,
-# batch 2-4, on 2 cores (torch 2.x); past 4 images of 64 px a step grows with the pixels.
-TINY_CPU_STEPS_PER_S = 4.0
+# Builtin models on a 2-core CPU (benchmarks/RESULTS.md): tiny-sd at 64 px batch 4 runs 12.8 steps/s,
+# shapes-sd at batch 32 runs 3.45 steps/s; a step costs ≈ 48 ms plus ≈ 7.6 ms per 64 px image.
+CPU_STEP_OVERHEAD_S = 0.048
+CPU_SECONDS_PER_IMAGE_64 = 0.0076
 
 
 @dataclass(frozen=True)
@@ -236,10 +237,10 @@ def estimate_time(recipe: Recipe, steps: int | None) -> TimeEstimate:
     """Training time (no dataset build, validation sampling or evaluation) from a throughput table."""
     t, family = recipe.train, recipe.model.resolved_family
     if recipe.model.base.startswith("builtin:"):
-        pixels = t.batch_size * (recipe.dataset.resolution / 64) ** 2
-        per_micro = TINY_CPU_STEPS_PER_S / max(1.0, pixels / 4)
-        rate = per_micro / t.gradient_accumulation_steps
-        why = f"builtin model on a CPU: ≈ {TINY_CPU_STEPS_PER_S:g} steps/s at 64 px, batch ≤ 4 (measured)"
+        images = t.batch_size * (recipe.dataset.resolution / 64) ** 2
+        per_micro = CPU_STEP_OVERHEAD_S + CPU_SECONDS_PER_IMAGE_64 * images
+        rate = 1 / (per_micro * t.gradient_accumulation_steps)
+        why = "builtin model on a 2-core CPU: ≈ 48 ms a step + 7.6 ms per 64 px image (measured)"
     else:
         images = IMAGES_PER_S_AT_512[family] * (512 / recipe.dataset.resolution) ** 2
         if (recipe.launch.mixed_precision or t.mixed_precision) == "no":
