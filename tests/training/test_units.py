@@ -89,3 +89,16 @@ def test_resume_fields_allow_training_longer(tmp_path):
     a = resume_fields(load_recipe(path).recipe)
     assert a == resume_fields(load_recipe(path, ["train.max_steps=20000", "train.checkpoint_every=3"]).recipe)
     assert a != resume_fields(load_recipe(path, ["train.batch_size=8"]).recipe)
+
+
+def test_overlong_prompts_are_found(tmp_path):
+    from transformers import CLIPTokenizer
+
+    from recipe_runner.models.tokenizer import write_tiny_clip_tokenizer
+    from recipe_runner.training.encoding import overlong_prompts
+
+    write_tiny_clip_tokenizer(tmp_path, model_max_length=16)
+    tokenizer = CLIPTokenizer.from_pretrained(tmp_path)
+    short = "a red circle on a blue background"
+    long = " ".join(["a red circle"] * 10)
+    assert overlong_prompts(tokenizer, [short, long]) == [long]

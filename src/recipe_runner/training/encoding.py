@@ -22,6 +22,13 @@ def _token_ids(tokenizer, prompts: list[str]) -> torch.Tensor:
     ).input_ids
 
 
+def overlong_prompts(tokenizer, prompts: list[str]) -> list[str]:
+    """The prompts the text encoder will see truncated (longer than its token window)."""
+    limit = tokenizer.model_max_length
+    lengths = tokenizer(prompts, truncation=False, padding=False)["input_ids"]
+    return [p for p, ids in zip(prompts, lengths, strict=True) if len(ids) > limit]
+
+
 @torch.no_grad()
 def encode_prompts(c: Components, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Text embeddings (batch, tokens, width) and, for SDXL, the pooled embeddings (batch, width_2)."""
