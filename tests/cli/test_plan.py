@@ -85,8 +85,7 @@ def test_cached_dataset_then_changed_threshold(cli, write_recipe, tmp_path):
 def test_trained_run_is_cached_until_learning_rate_changes(cli, write_recipe, tmp_path):
     from recipe_runner.recipe.loader import load_recipe
     from recipe_runner.run.folder import RunFolder
-    from recipe_runner.run.stages import dataset_fingerprint
-    from recipe_runner.training.keys import training_cache_key
+    from recipe_runner.training.keys import built_dataset_fingerprint, training_cache_key
 
     recipe = write_recipe(RECIPE)
     run = tmp_path / "run"
@@ -94,7 +93,7 @@ def test_trained_run_is_cached_until_learning_rate_changes(cli, write_recipe, tm
     loaded = load_recipe(recipe)
     (run / "controlnet").mkdir()
     (run / "controlnet" / ".complete").write_text("ok\n")
-    key = training_cache_key(loaded, dataset_fingerprint(RunFolder(run)))
+    key = training_cache_key(loaded, built_dataset_fingerprint(RunFolder(run).dataset))
     lock = {"recipe": loaded.recipe.resolved_dict(), "stages": {"train": {"cache_key": key}}}
     (run / "run.lock.json").write_text(json.dumps(lock))
     assert [s["status"] for s in plan_json(cli, recipe, "-o", run)["stages"]] == ["cached", "cached"]

@@ -41,6 +41,11 @@ def announce(folder: RunFolder, *, train: bool, error: str | None = None) -> Non
     write_text(current, json.dumps({"train": train, "error": error}))
 
 
+def announced(folder: RunFolder) -> bool:
+    """Whether rank 0 of this launch has already told the other ranks what to do."""
+    return _signal_file(folder).exists()
+
+
 def follow(folder: RunFolder, *, resume: bool) -> dict[str, Any]:
     """Ranks > 0: wait for rank 0's preparation, then train with it (or leave)."""
     from recipe_runner.training.launch import worker_main

@@ -12,7 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from recipe_runner import __version__
+from recipe_runner.errors import UserError
+from recipe_runner.recipe.loader import LoadedRecipe, load_resolved
 from recipe_runner.run.atomic import write_text
+from recipe_runner.run.folder import RunFolder
 
 LOCK_FORMAT = 1
 PACKAGES = (
@@ -114,3 +117,14 @@ def read_lock(path: Path) -> dict[str, Any] | None:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+def load_run_recipe(folder: RunFolder) -> tuple[LoadedRecipe, dict[str, Any]]:
+    """The recipe a run recorded in its lock file (and the lock); a clear error for any other folder."""
+    lock = read_lock(folder.lock)
+    if lock is None or "recipe" not in lock:
+        raise UserError(
+            f"{folder.root} is not a run folder (no readable run.lock.json)",
+            hint="pass the folder a `recipe run` wrote, e.g. runs/demo",
+        )
+    return load_resolved(lock["recipe"], Path(lock["recipe_dir"])), lock

@@ -16,9 +16,9 @@ from recipe_runner.errors import UserError
 from recipe_runner.recipe.loader import LoadedRecipe
 from recipe_runner.recipe.show import resolved_yaml
 from recipe_runner.run.atomic import remove_stale_temporaries, write_text
-from recipe_runner.run.distributed import announce, follow, launched_rank
+from recipe_runner.run.distributed import announce, announced, follow, launched_rank
 from recipe_runner.run.folder import RunFolder
-from recipe_runner.run.lockfile import new_lock, read_lock, write_lock
+from recipe_runner.run.lockfile import load_run_recipe, new_lock, read_lock, write_lock
 from recipe_runner.run.resources import check_disk
 from recipe_runner.run.runlog import run_console
 from recipe_runner.run.stages import STAGES, RunContext
@@ -72,15 +72,9 @@ def run_recipe(
     try:
         return _run_stages(loaded, folder, stages, resume=resume, quiet=quiet, force=force)
     except BaseException as e:
-        if rank == 0 and not _announced(folder):
+        if rank == 0 and not announced(folder):
             announce(folder, train=False, error=str(e) or type(e).__name__)
         raise
-
-
-def _announced(folder: RunFolder) -> bool:
-    from recipe_runner.run.distributed import _signal_file
-
-    return _signal_file(folder).exists()
 
 
 def _run_stages(
@@ -158,16 +152,9 @@ def _summary(console, folder: RunFolder, results: dict[str, Any]) -> None:
 def evaluate_run(run_dir: Path, *, quiet: bool = False) -> dict[str, Any]:
     """`recipe evaluate RUN_DIR`: evaluate a finished run with the recipe it recorded."""
     from recipe_runner.evaluate import evaluate_folder
-    from recipe_runner.recipe.loader import load_resolved
 
     folder = RunFolder(Path(run_dir))
-    lock = read_lock(folder.lock)
-    if lock is None:
-        raise UserError(
-            f"{folder.root} is not a run folder (no readable run.lock.json)",
-            hint="pass the folder a `recipe run` wrote, e.g. runs/demo",
-        )
-    loaded = load_resolved(lock["recipe"], Path(lock["recipe_dir"]))
+    loaded, lock = load_run_recipe(folder)
     with exclusive(folder), run_console(folder.log, quiet=quiet) as console:
         result = evaluate_folder(loaded, folder, console=console)
         lock.setdefault("stages", {})["evaluate"] = {**_lockable(result), "skipped": False}

@@ -8,27 +8,22 @@ from pathlib import Path
 from typing import Any
 
 from recipe_runner.errors import UserError
-from recipe_runner.recipe.loader import LoadedRecipe, load_resolved
+from recipe_runner.recipe.loader import LoadedRecipe
 from recipe_runner.run.atomic import is_complete, write_text
 from recipe_runner.run.folder import RunFolder
-from recipe_runner.run.lockfile import read_lock
+from recipe_runner.run.lockfile import load_run_recipe
 
 
 def load_run(run_dir: Path) -> tuple[LoadedRecipe, RunFolder]:
     """The recipe a finished run recorded, and its folder; a clear error when it is not one."""
     folder = RunFolder(Path(run_dir))
-    lock = read_lock(folder.lock)
-    if lock is None or "recipe" not in lock:
-        raise UserError(
-            f"{folder.root} is not a run folder (no readable run.lock.json)",
-            hint="pass the folder a `recipe run` wrote, e.g. runs/demo",
-        )
+    loaded, lock = load_run_recipe(folder)
     if not is_complete(folder.controlnet):
         raise UserError(
             f"{folder.root} has no trained ControlNet yet ({folder.controlnet} is missing or incomplete)",
             hint=f"train it first: recipe run {lock.get('recipe_file', 'FILE')} --output-dir {folder.root}",
         )
-    return load_resolved(lock["recipe"], Path(lock["recipe_dir"])), folder
+    return loaded, folder
 
 
 def _open_condition(path: Path, resolution: int):

@@ -67,14 +67,6 @@ class DatasetStage:
         return report
 
 
-def dataset_fingerprint(folder: RunFolder) -> str:
-    """Content hash of the built dataset (the same in any folder, so reproductions can compare it)."""
-    import json
-
-    report = json.loads((folder.dataset / "report.json").read_text())
-    return str(report.get("data_sha256") or report["cache_key"])
-
-
 class TrainStage:
     name = "train"
 
@@ -83,8 +75,9 @@ class TrainStage:
 
     def key(self, ctx: RunContext) -> str:
         from recipe_runner.training import training_cache_key
+        from recipe_runner.training.keys import built_dataset_fingerprint
 
-        return training_cache_key(ctx.loaded, dataset_fingerprint(ctx.folder))
+        return training_cache_key(ctx.loaded, built_dataset_fingerprint(ctx.folder.dataset))
 
     def status(self, ctx: RunContext) -> tuple[bool, str]:
         if not is_complete(ctx.folder.controlnet):
