@@ -177,3 +177,71 @@ def test_the_function_gets_a_copy(recipe_dir: Path) -> None:
     assert _custom("conds_mutate:paint", recipe_dir)(image).getpixel((0, 0)) == (255, 0, 0)
     assert image.getpixel((0, 0)) == (0, 0, 0)
     assert np.asarray(image).sum() == 0
+
+
+def _dataset_recipe(folder: Path, function: str):
+    from recipe_runner.recipe.loader import load_recipe
+
+    path = folder / "recipe.yaml"
+    path.write_text(
+        "name: t\n"
+        "dataset: {source: {builtin: shapes, num_samples: 4}, resolution: 32}\n"
+        f"condition: {{type: custom, function: '{function}'}}\n"
+    )
+    return load_recipe(path)
+
+
+def test_editing_the_function_rebuilds_the_dataset(recipe_dir: Path) -> None:
+    import datasets
+
+    from recipe_runner.data.build import build_dataset, dataset_cache_key, dataset_status
+    from recipe_runner.run.folder import RunFolder
+
+    _module(recipe_dir, "conds_edited", "from PIL import ImageOps\n\ndef make(image):\n    return image\n")
+    folder = RunFolder(recipe_dir / "run")
+    loaded = _dataset_recipe(recipe_dir, "conds_edited:make")
+    first_key = build_dataset(loaded, folder)["cache_key"]
+    assert build_dataset(loaded, folder)["cached"] is True
+    before = datasets.load_from_disk(str(folder.dataset_data))["train"][0]["conditioning_image"]
+
+    _module(
+        recipe_dir,
+        "conds_edited",
+        "from PIL import ImageOps\n\ndef make(image):\n    return ImageOps.invert(image)\n",
+    )
+    assert dataset_cache_key(loaded) != first_key
+    cached, why = dataset_status(loaded, folder)
+    assert not cached and why == "condition changed (the code in conds_edited.py changed)"
+    del sys.modules["conds_edited"]  # imported by the first build; a new `recipe` process starts afresh
+    assert build_dataset(loaded, folder)["cached"] is False
+    after = datasets.load_from_disk(str(folder.dataset_data))["train"][0]["conditioning_image"]
+    assert after.tobytes() != before.tobytes()
+    assert dataset_status(loaded, folder)[0] is True
+
+
+def test_the_key_covers_a_package_without_importing_it(recipe_dir: Path) -> None:
+    from recipe_runner.data.build import dataset_cache_key, key_inputs
+
+    marker = f"open({str(recipe_dir / 'imported')!r}, 'w').close()\nraise RuntimeError('boom')\n"
+    _module(recipe_dir, "edges_pkg/__init__", marker)
+    _module(recipe_dir, "edges_pkg.detect", marker + "from edges_pkg.helpers import blur\n")
+    _module(recipe_dir, "edges_pkg.helpers", "def blur(image):\n    return image\n")
+    loaded = _dataset_recipe(recipe_dir, "edges_pkg.detect:edges")
+    key = dataset_cache_key(loaded)
+    code = key_inputs(loaded)["condition"]["code"]
+    assert code["source"] == "edges_pkg" and code["files"] == 3
+    assert not (recipe_dir / "imported").exists()
+    assert not any(name.startswith("edges_pkg") for name in sys.modules)
+
+    _module(recipe_dir, "edges_pkg.helpers", "def blur(image):\n    return image.copy()\n")
+    assert dataset_cache_key(loaded) != key  # a helper in the same package is part of the code
+
+
+def test_a_module_found_only_by_importing_keys_by_name(recipe_dir: Path) -> None:
+    from recipe_runner.data.build import dataset_cache_key, key_inputs
+
+    _module(recipe_dir, "edges_ns.detect", "def edges(image):\n    return image\n")  # no __init__.py
+    loaded = _dataset_recipe(recipe_dir, "edges_ns.detect:edges")
+    assert key_inputs(loaded)["condition"]["code"] is None  # a namespace package: no folder of its own
+    assert len(dataset_cache_key(loaded)) == 64
+    assert "edges_ns" not in sys.modules

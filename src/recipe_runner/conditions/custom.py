@@ -2,7 +2,8 @@
 
 The module is imported in `setup` (so on the first image), never when the recipe is validated: checking a
 recipe must not run user code. The recipe's folder goes first on sys.path, as a script's folder does, so
-a `conds.py` beside the recipe can be named as `conds:function`.
+a `conds.py` beside the recipe can be named as `conds:function`. The dataset cache key holds a digest of
+the module's source, found over this same search path without importing it (`data/condition_code.py`).
 """
 
 from __future__ import annotations

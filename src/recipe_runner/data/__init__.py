@@ -13,9 +13,9 @@ from typing import Any
 
 _LAZY = {
     "build_dataset": "recipe_runner.data.build",
-    "dataset_cache_key": "recipe_runner.data.build",
-    "dataset_status": "recipe_runner.data.build",
-    "DATASET_CODE_VERSION": "recipe_runner.data.build",
+    "dataset_cache_key": "recipe_runner.data.cache_key",
+    "dataset_status": "recipe_runner.data.cache_key",
+    "DATASET_CODE_VERSION": "recipe_runner.data.cache_key",
 }
 
 __all__ = sorted(_LAZY)

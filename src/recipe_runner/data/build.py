@@ -2,8 +2,8 @@
 
 The whole `dataset/` folder is written to a temporary sibling and renamed into place, so a failed or
 interrupted build leaves the previous dataset (or none) and never half of one. A build is skipped when
-the cache key (the source's cheap fingerprint, the condition, the processing settings, the seed and
-this code's version) matches the one in the existing report.
+`cache_key.dataset_status` says the built one is current: the same cache key, and every file the rows
+named by path as the build recorded it (`referenced_files.json`).
 """
 
 from __future__ import annotations
@@ -20,10 +20,20 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from recipe_runner.data.sources import BASE_DIR, ROW, SourceData, load_source, source_fingerprint
+from recipe_runner.data import references
+from recipe_runner.data.cache_key import (
+    DATASET_CODE_VERSION,
+    computes_condition,
+    dataset_cache_key,
+    dataset_status,
+    digest,
+    key_inputs,
+    old_report,
+)
+from recipe_runner.data.sources import BASE_DIR, ROW, SourceData, fingerprinted_files, load_source
 from recipe_runner.errors import UserError
 from recipe_runner.recipe.loader import LoadedRecipe
-from recipe_runner.run.atomic import atomic_dir, is_complete, write_text
+from recipe_runner.run.atomic import atomic_dir, write_text
 from recipe_runner.run.folder import RunFolder
 
 if TYPE_CHECKING:
@@ -32,91 +42,16 @@ if TYPE_CHECKING:
     from recipe_runner.data.process import RowPlan
     from recipe_runner.recipe.dataset import DatasetSpec
 
-DATASET_CODE_VERSION = 1
-"""Bump when a change to this package changes the rows it builds: every cached dataset is rebuilt."""
-_NOT_KEYED = {"source", "num_proc", "batch_size"}  # how fast, not what: changing them keeps the cache
-_PARTS = {
-    "source": "source",
-    "condition": "condition",
-    "processing": "dataset settings",
-    "seed": "seed",
-    "code_version": "dataset code version",
-}
+# The cache's names stay importable from here, where callers have always found them.
+__all__ = [
+    "DATASET_CODE_VERSION",
+    "build_dataset",
+    "computes_condition",
+    "dataset_cache_key",
+    "dataset_status",
+    "key_inputs",
+]
 _EXAMPLES = 5
-
-
-def computes_condition(loaded: LoadedRecipe) -> bool:
-    """Whether conditioning images are made by the recipe's condition (rather than given by the data)."""
-    spec = loaded.recipe.dataset
-    return spec.columns.conditioning_image is None and spec.source.conditioning_dir is None
-
-
-def key_inputs(loaded: LoadedRecipe) -> dict:
-    """Everything the built rows depend on, by part; stored in report.json to say what changed."""
-    r = loaded.recipe
-    return {
-        "source": source_fingerprint(loaded),
-        "condition": r.condition.model_dump(mode="json") if computes_condition(loaded) else None,
-        "processing": r.dataset.model_dump(mode="json", exclude=_NOT_KEYED),
-        "seed": r.seed,
-        "code_version": DATASET_CODE_VERSION,
-    }
-
-
-def _digest(inputs: dict) -> str:
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def dataset_cache_key(loaded: LoadedRecipe) -> str:
-    """sha256 of `key_inputs`: equal keys mean a rebuild would give the same rows. Reads no data."""
-    return _digest(key_inputs(loaded))
-
-
-def _old_report(folder: RunFolder) -> dict | None:
-    try:
-        return json.loads((folder.dataset / "report.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-def dataset_status(loaded: LoadedRecipe, folder: RunFolder) -> tuple[bool, str]:
-    """(cached?, why): whether `build_dataset` would reuse the built dataset, without reading its data."""
-    if not folder.dataset.exists():
-        return False, "no dataset yet"
-    report = _old_report(folder)
-    if report is None or not is_complete(folder.dataset):
-        return False, "the dataset folder is incomplete (an earlier build did not finish)"
-    inputs = key_inputs(loaded)
-    if report.get("cache_key") == _digest(inputs):
-        src = loaded.recipe.dataset.source
-        unpinned = " (hub source without a revision: not re-checked)" if src.hub and not src.revision else ""
-        return True, f"unchanged since {report.get('created_at', 'the last build')}{unpinned}"
-    return False, _what_changed(report.get("key_inputs") or {}, inputs)
-
-
-def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(value, dict):
-        return {prefix: value}
-    out: dict[str, Any] = {}
-    for k, v in value.items():
-        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out
-
-
-def _what_changed(old: dict, new: dict) -> str:
-    changes = []
-    for part, label in _PARTS.items():
-        if old.get(part) == new[part]:
-            continue
-        a, b = _flat(old.get(part)), _flat(new[part])
-        diffs = []
-        for k in sorted(set(a) | set(b), key=str):
-            if a.get(k) == b.get(k):
-                continue
-            diffs.append("files changed" if "content" in k else f"{k or part}: {a.get(k)!r} -> {b.get(k)!r}")
-        shown = sorted(set(diffs), key=diffs.index)[:3]
-        changes.append(f"{label} changed ({'; '.join(shown)})")
-    return ", ".join(changes) or "cache key changed"
 
 
 def build_dataset(
@@ -124,9 +59,8 @@ def build_dataset(
 ) -> dict:
     """Build the recipe's dataset into `folder.dataset` unless an identical build is there; the report."""
     inputs = key_inputs(loaded)
-    key = _digest(inputs)
-    old = None if force else _old_report(folder)
-    if old is not None and old.get("cache_key") == key and is_complete(folder.dataset):
+    old = None if force or not dataset_status(loaded, folder, inputs)[0] else old_report(folder)
+    if old is not None:
         if console is not None:
             console.print(f"dataset: unchanged, using {folder.dataset} ({_rows(old)} rows)", soft_wrap=True)
         return {**old, "cached": True}
@@ -149,7 +83,7 @@ def _build(loaded: LoadedRecipe, tmp: Path, inputs: dict, console: Console | Non
     from recipe_runner.data import preview
     from recipe_runner.data.process import BOOKKEEPING, DROP, FILE, NOTES, RowError
 
-    spec, key = loaded.recipe.dataset, _digest(inputs)
+    spec, key = loaded.recipe.dataset, digest(inputs)
     work = tmp / ".work"  # datasets' cache files: on the run folder's disk, removed before the rename
     try:
         source = load_source(loaded, work)
@@ -159,7 +93,13 @@ def _build(loaded: LoadedRecipe, tmp: Path, inputs: dict, console: Console | Non
             from recipe_runner.conditions import build_condition
 
             condition = build_condition(loaded.recipe.condition, base_dir=loaded.base_dir)
-        ds = _prepare(source, plan, spec)
+        order = _order(len(source.dataset), spec, plan.seed)
+        refs = None
+        if spec.source.path is not None:  # hub and builtin sources name no local files
+            columns = [c for c in (plan.image_column, plan.conditioning_column) if c is not None]
+            paths = references.referenced_paths(source.dataset.data, columns, order, BASE_DIR)
+            refs = references.record(tmp, paths, covered=fingerprinted_files(loaded))  # stat before reading
+        ds = _prepare(source, plan, order)
         try:
             out = _map(ds, plan, condition, spec, key, work, console)
         except RowError as e:  # raised in a worker; plain args so that it survives the trip back
@@ -184,8 +124,9 @@ def _build(loaded: LoadedRecipe, tmp: Path, inputs: dict, console: Console | Non
         "cache_key": key,
         "key_inputs": inputs,
         "source": source.description,
-        "source_fingerprint": _digest(inputs["source"]),
+        "source_fingerprint": digest(inputs["source"]),
         "data_sha256": _data_digest(tmp / "data"),
+        "referenced_files": refs,
         "columns": {
             "image": plan.image_column,
             "conditioning_image": plan.conditioning_column or f"computed: {loaded.recipe.condition.type}",
@@ -254,10 +195,17 @@ def _need(columns: list[str], name: str | None, field: str, source: SourceData) 
     )
 
 
-def _prepare(source: SourceData, plan: RowPlan, spec: DatasetSpec) -> Any:
-    """The needed columns only, images left undecoded, text as bytes; shuffled and cut to max_samples."""
-    import datasets
+def _order(n: int, spec: DatasetSpec, seed: int) -> Any:
+    """The source rows to build, in order: shuffled (or not) and cut to max_samples."""
     import numpy as np
+
+    order = np.random.default_rng(seed).permutation(n) if spec.shuffle else np.arange(n)
+    return order[: spec.max_samples]
+
+
+def _prepare(source: SourceData, plan: RowPlan, order: Any) -> Any:
+    """The rows in `order`, needed columns only, images left undecoded, text as bytes."""
+    import datasets
 
     from recipe_runner.data.process import template_fields
 
@@ -273,8 +221,7 @@ def _prepare(source: SourceData, plan: RowPlan, spec: DatasetSpec) -> Any:
                 # Files from other tools can hold invalid UTF-8 in string columns, and reading those
                 # raises; as bytes they are decoded with replacement (and counted) by the workers.
                 ds = ds.cast_column(name, datasets.Value(feature.dtype.replace("string", "binary")))
-    order = np.random.default_rng(plan.seed).permutation(len(ds)) if spec.shuffle else np.arange(len(ds))
-    return ds.select(order[: spec.max_samples])
+    return ds.select(order)
 
 
 def _map(

@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from recipe_runner.conditions.base import to_rgb
+from recipe_runner.data.references import local_path
 from recipe_runner.data.sources import BASE_DIR, ROW
 
 DROP, FILE, COLUMN, NOTES = "__drop__", "__file__", "__column__", "__notes__"
@@ -119,11 +120,11 @@ def open_image(
         src: Any = io.BytesIO(value)
     elif isinstance(value, str):
         file = value
-        if value.startswith(("http://", "https://", "hf://")):
+        local = local_path(value, base_dir)  # as the dataset cache records it (references.py)
+        if local is None:
             src = _download(value)
         else:
-            path = Path(value).expanduser()
-            src = path if path.is_absolute() or not base_dir else Path(base_dir) / path
+            src = local
             if not src.is_file():
                 raise BadImage("missing file", file, f"looked at {src}")
     else:

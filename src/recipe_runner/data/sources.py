@@ -280,10 +280,20 @@ def _files_digest(root: Path) -> dict:
     return {"files": len(files), "sha256": h.hexdigest()}
 
 
-def source_fingerprint(loaded: LoadedRecipe) -> dict:
-    """What identifies the source's content without reading it (the cache key uses this).
+def fingerprinted_files(loaded: LoadedRecipe) -> set[str]:
+    """The files `source_fingerprint` stats one by one (those under a source folder or conditioning_dir),
+    as absolute paths: a row naming one of them needs no record of its own in `references.py`."""
+    src = loaded.recipe.dataset.source
+    roots = [resolve_path(loaded, p) for p in (src.path, src.conditioning_dir) if p is not None]
+    return {str(f.absolute()) for root in roots if root.is_dir() for f in walk(root)}
 
-    Files a data file refers to by path outside the source folder are not covered; `--force` rebuilds.
+
+def source_fingerprint(loaded: LoadedRecipe) -> dict:
+    """What identifies the source's content without reading it (the cache key uses this): the data
+    file(s) or folder and `conditioning_dir`, each file by path, size and mtime.
+
+    Files the rows name by path outside those (`img/0001.png` beside a jsonl, absolute paths) are known
+    only after reading the data: the build records them and the cache checks them (`references.py`).
     """
     src = loaded.recipe.dataset.source
     if src.hub is not None:

@@ -1,0 +1,134 @@
+"""Whether a built `dataset/` still holds what the recipe would build, and if not, why.
+
+Two checks, both cheap enough for `recipe plan` (no data is read, no user code runs):
+- the cache key: a digest of `key_inputs`, everything the rows depend on that is known before reading
+  the data (the source's file fingerprint, the condition with a custom condition's source, the
+  processing settings, the seed and this code's version), stored in report.json to say what changed;
+- the files the rows named by path, recorded by the build (`references.py`) and stat-ed again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from recipe_runner.data import references
+from recipe_runner.data.condition_code import code_digest
+from recipe_runner.data.sources import source_fingerprint
+from recipe_runner.recipe.loader import LoadedRecipe
+from recipe_runner.run.atomic import is_complete
+from recipe_runner.run.folder import RunFolder
+
+DATASET_CODE_VERSION = 1
+"""Bump when a change to this package changes the rows it builds: every cached dataset is rebuilt."""
+_NOT_KEYED = {"source", "num_proc", "batch_size"}  # how fast, not what: changing them keeps the cache
+_PARTS = {
+    "source": "source",
+    "condition": "condition",
+    "processing": "dataset settings",
+    "seed": "seed",
+    "code_version": "dataset code version",
+}
+
+
+def computes_condition(loaded: LoadedRecipe) -> bool:
+    """Whether conditioning images are made by the recipe's condition (rather than given by the data)."""
+    spec = loaded.recipe.dataset
+    return spec.columns.conditioning_image is None and spec.source.conditioning_dir is None
+
+
+def _condition(loaded: LoadedRecipe) -> dict | None:
+    if not computes_condition(loaded):
+        return None
+    cfg = loaded.recipe.condition
+    key = cfg.model_dump(mode="json")
+    if cfg.type == "custom":  # the function's code makes the pixels as much as its params do
+        key["code"] = code_digest(cfg.function.partition(":")[0], loaded.base_dir)
+    return key
+
+
+def key_inputs(loaded: LoadedRecipe) -> dict:
+    """Everything the built rows depend on, by part; stored in report.json to say what changed."""
+    r = loaded.recipe
+    return {
+        "source": source_fingerprint(loaded),
+        "condition": _condition(loaded),
+        "processing": r.dataset.model_dump(mode="json", exclude=_NOT_KEYED),
+        "seed": r.seed,
+        "code_version": DATASET_CODE_VERSION,
+    }
+
+
+def digest(inputs: dict) -> str:
+    """sha256 of a JSON-able value, independent of key order."""
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def dataset_cache_key(loaded: LoadedRecipe) -> str:
+    """sha256 of `key_inputs`: equal keys mean a rebuild would give the same rows. Reads no data."""
+    return digest(key_inputs(loaded))
+
+
+def old_report(folder: RunFolder) -> dict | None:
+    """The built dataset's report.json, or None when there is none (or it is unreadable)."""
+    try:
+        return json.loads((folder.dataset / "report.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def dataset_status(loaded: LoadedRecipe, folder: RunFolder, inputs: dict | None = None) -> tuple[bool, str]:
+    """(cached?, why): whether `build_dataset` would reuse the built dataset, without reading its data.
+
+    `inputs` are `key_inputs(loaded)` when the caller has them already."""
+    if not folder.dataset.exists():
+        return False, "no dataset yet"
+    report = old_report(folder)
+    if report is None or not is_complete(folder.dataset):
+        return False, "the dataset folder is incomplete (an earlier build did not finish)"
+    inputs = key_inputs(loaded) if inputs is None else inputs
+    if report.get("cache_key") != digest(inputs):
+        return False, _what_changed(report.get("key_inputs") or {}, inputs)
+    src = loaded.recipe.dataset.source
+    recorded = report.get("referenced_files")
+    if recorded is None and src.path is not None:
+        return False, "built by a version that did not record the files the data refers to"
+    stale = references.changed(folder.dataset, recorded or {}, loaded.base_dir)
+    if stale is not None:
+        return False, stale
+    unpinned = " (hub source without a revision: not re-checked)" if src.hub and not src.revision else ""
+    return True, f"unchanged since {report.get('created_at', 'the last build')}{unpinned}"
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(value, dict):
+        return {prefix: value}
+    out: dict[str, Any] = {}
+    for k, v in value.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def _what_changed(old: dict, new: dict) -> str:
+    changes = []
+    for part, label in _PARTS.items():
+        if old.get(part) == new[part]:
+            continue
+        a, b = _flat(old.get(part)), _flat(new[part])
+        diffs = []
+        for k in sorted(set(a) | set(b), key=str):
+            if a.get(k) != b.get(k):
+                diffs.append(_difference(k, part, a, b))
+        shown = sorted(set(diffs), key=diffs.index)[:3]
+        changes.append(f"{label} changed ({'; '.join(shown)})")
+    return ", ".join(changes) or "cache key changed"
+
+
+def _difference(key: str, part: str, a: dict, b: dict) -> str:
+    if "content" in key:
+        return "files changed"
+    if key == "code" or key.startswith("code."):
+        where = b.get("code.source") or a.get("code.source")
+        return f"the code in {where} changed" if where else "its code changed"
+    return f"{key or part}: {a.get(key)!r} -> {b.get(key)!r}"
