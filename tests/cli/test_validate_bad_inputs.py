@@ -259,3 +259,23 @@ def test_json_output_lists_every_problem(cli, write_recipe):
     paths = {p["path"] for p in payload["files"][0]["problems"]}
     assert paths == {"seed", "train.batch_size"}
     assert all(p["line"] for p in payload["files"][0]["problems"])
+
+
+@pytest.mark.parametrize(
+    ("text", "overrides"),
+    [
+        (BASE + "train:\n  mixed_precision: no\n", []),
+        (BASE, ["train.mixed_precision=no", "launch.mixed_precision=no"]),
+    ],
+    ids=["file", "set"],
+)
+def test_unquoted_no_precision_means_no(cli, write_recipe, text, overrides):
+    """YAML 1.1 reads a bare `no` as false; for mixed_precision the user meant "no" (fp32)."""
+    args = ["show", write_recipe(text)]
+    for o in overrides:
+        args += ["--set", o]
+    result = cli(*args)
+    assert result.exit_code == 0, result.output
+    assert "mixed_precision: 'no'" in result.stdout
+    bad = cli("validate", write_recipe(BASE + "train:\n  mixed_precision: yes\n"))
+    assert bad.exit_code == 2 and "train.mixed_precision" in bad.stderr

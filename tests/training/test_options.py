@@ -7,11 +7,13 @@ import math
 import shutil
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from recipe_runner.errors import UserError
-from recipe_runner.training import train_controlnet
+from recipe_runner.training import features, train_controlnet
 from recipe_runner.training.components import load_components, resolve_base
+from recipe_runner.training.keys import resume_fields
 
 
 def test_vae_override_replaces_the_base_vae(make_run, tmp_path):
@@ -82,3 +84,44 @@ def test_compiled_training_matches_eager(make_run):
     for (_, a), (_, b) in zip(reference["losses"], results["losses"], strict=True):
         assert a == pytest.approx(b, rel=1e-4)
     assert (compiled.controlnet / "config.json").is_file()
+
+
+def _optimizer_after_one_step(recipe, seed: int = 0) -> tuple[torch.optim.Optimizer, list[torch.Tensor]]:
+    torch.manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(shape)) for shape in [(8, 4), (4,), (3, 3, 2, 2)]]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    optimizer = features.make_optimizer(recipe, params, lr=1e-2)
+    optimizer.step()
+    return optimizer, [p.detach().clone() for p in params]
+
+
+def test_fused_adamw_by_default_with_the_reference_update(make_run):
+    fused, after_fused = _optimizer_after_one_step(make_run()[0].recipe)
+    plain, after_plain = _optimizer_after_one_step(make_run("train.fused_optimizer=false")[0].recipe)
+    assert fused.defaults["fused"] is True
+    assert not plain.defaults["fused"]  # torch's default: what diffusers' script gets
+    for a, b in zip(after_fused, after_plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_fused_adamw_falls_back_where_the_device_has_no_kernel(make_run, monkeypatch, caplog):
+    real = torch.optim.AdamW
+
+    def no_fused(params, **kwargs):
+        if kwargs.get("fused"):
+            raise RuntimeError(
+                "`fused=True` requires all the params to be floating point Tensors of supported devices"
+            )
+        return real(params, **kwargs)
+
+    monkeypatch.setattr(features.torch.optim, "AdamW", no_fused)
+    optimizer, _ = _optimizer_after_one_step(make_run()[0].recipe)
+    assert not optimizer.defaults["fused"]
+    assert "fused AdamW unavailable" in caplog.text
+
+
+def test_switching_the_optimizer_kernel_refuses_resume(make_run):
+    assert resume_fields(make_run()[0].recipe) != resume_fields(
+        make_run("train.fused_optimizer=false")[0].recipe
+    )

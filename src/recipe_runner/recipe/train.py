@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import BeforeValidator, Field, model_validator
 
 from recipe_runner.recipe.base import FieldError, Section
 
-Precision = Literal["no", "fp16", "bf16"]
+# YAML 1.1 reads an unquoted `no` as false; `mixed_precision: no` means "no", so accept it as such.
+Precision = Annotated[Literal["no", "fp16", "bf16"], BeforeValidator(lambda v: "no" if v is False else v)]
 
 
 class Validation(Section):
@@ -80,6 +81,9 @@ class TrainSpec(Section):
     """Power of the `polynomial` schedule."""
     optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
     """AdamW from torch, or 8-bit AdamW from bitsandbytes (extra `bnb`; needs a CUDA GPU)."""
+    fused_optimizer: bool = True
+    """`adamw` only: torch's fused AdamW kernel, one pass over all parameters (the same update, 3-4x
+    faster to apply); false: torch's default implementation, as diffusers' train_controlnet.py uses."""
     adam_beta1: float = Field(0.9, ge=0, lt=1)
     """AdamW beta1."""
     adam_beta2: float = Field(0.999, ge=0, lt=1)
