@@ -119,3 +119,26 @@ def test_validation_uses_the_recipe_prompts_and_images(make_run, tmp_path):
     results = train_controlnet(loaded, folder)
     grid = Image.open(results["sample_grid"])
     assert grid.width == 3 * 64 and grid.height > 2 * 64  # two rows of condition + 2 images, captions
+
+
+@pytest.mark.parametrize("precompute", [True, False], ids=["precomputed", "reference"])
+def test_over_long_prompts_are_reported_in_both_modes(make_run, shapes_data, tmp_path, caplog, precompute):
+    """The text encoder sees 77 tokens at most; truncating silently in one mode would hide it."""
+    from datasets import load_from_disk
+
+    data = load_from_disk(str(shapes_data))
+    long = " ".join(["a small red circle on a blue background"] * 12)
+    data["train"] = data["train"].map(
+        lambda row, i: {"prompt": long if i == 0 else row["prompt"]}, with_indices=True
+    )
+    data.save_to_disk(str(tmp_path / "long-data"))
+    loaded, folder = make_run(
+        "train.max_steps=1",
+        f"train.precompute={str(precompute).lower()}",
+        name="long",
+        data=tmp_path / "long-data",
+    )
+    train_controlnet(loaded, folder)
+    warnings = [r.getMessage() for r in caplog.records if "truncated" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith("1 of ") and "77 tokens" in warnings[0]

@@ -6,10 +6,16 @@ mode (`train.precompute: false`), so both modes see the same embeddings and late
 
 from __future__ import annotations
 
+import logging
+from typing import TYPE_CHECKING
+
 import torch
 
 from recipe_runner.recipe.recipe import Recipe
 from recipe_runner.training.components import Components
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 def _token_ids(tokenizer, prompts: list[str]) -> torch.Tensor:
@@ -27,6 +33,23 @@ def overlong_prompts(tokenizer, prompts: list[str]) -> list[str]:
     limit = tokenizer.model_max_length
     lengths = tokenizer(prompts, truncation=False, padding=False)["input_ids"]
     return [p for p, ids in zip(prompts, lengths, strict=True) if len(ids) > limit]
+
+
+def warn_overlong(c: Components, prompts: list[str], console: Console | None) -> None:
+    """Over-long captions are truncated (as in the reference script); say so instead of doing it silently.
+    Called once per run on the distinct prompts: by the precompute cache, or before reference-mode steps."""
+    long = overlong_prompts(c.tokenizers[0], prompts)
+    if not long:
+        return
+    limit = c.tokenizers[0].model_max_length
+    example = long[0] if len(long[0]) <= 80 else long[0][:77] + "..."
+    message = (
+        f"{len(long)} of {len(prompts)} distinct prompts are longer than the text encoder's {limit} tokens "
+        f"and are truncated, e.g. {example!r}"
+    )
+    logging.getLogger("recipe_runner").warning(message)
+    if console:
+        console.print(f"[yellow]warning:[/] {message}")
 
 
 @torch.no_grad()

@@ -8,7 +8,6 @@ folder only gets its final name once complete (run/atomic.py), so a killed preco
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from recipe_runner.recipe.recipe import Recipe
 from recipe_runner.run.atomic import atomic_dir, is_complete
 from recipe_runner.training.components import Components
 from recipe_runner.training.data import to_pixels
-from recipe_runner.training.encoding import encode_pixels, encode_prompts, overlong_prompts, vae_dtype
+from recipe_runner.training.encoding import encode_pixels, encode_prompts, vae_dtype, warn_overlong
 from recipe_runner.training.keys import TRAINING_CODE_VERSION, sha256_json
 
 CACHE_FORMAT = 1
@@ -99,22 +98,6 @@ def _storage(dtype: torch.dtype) -> np.dtype:
     return np.dtype(np.float16) if dtype == torch.float16 else np.dtype(np.float32)
 
 
-def _warn_overlong(c: Components, prompts: list[str], console: Console | None) -> None:
-    """Over-long captions are truncated (as in the reference script); say so instead of doing it silently."""
-    long = overlong_prompts(c.tokenizers[0], prompts)
-    if not long:
-        return
-    limit = c.tokenizers[0].model_max_length
-    example = long[0] if len(long[0]) <= 80 else long[0][:77] + "..."
-    message = (
-        f"{len(long)} of {len(prompts)} distinct prompts are longer than the text encoder's {limit} tokens "
-        f"and are truncated, e.g. {example!r}"
-    )
-    logging.getLogger("recipe_runner").warning(message)
-    if console:
-        console.print(f"[yellow]warning:[/] {message}")
-
-
 def build_cache(
     c: Components,
     recipe: Recipe,
@@ -134,7 +117,7 @@ def build_cache(
     prompts = list(rows["prompt"])
     unique = list(dict.fromkeys(["", *prompts]))  # the empty prompt first: EncodedCache.EMPTY
     where = {p: i for i, p in enumerate(unique)}
-    _warn_overlong(c, unique, console)
+    warn_overlong(c, unique, console)
     batch = max(1, recipe.train.batch_size)
     storage = _storage(weight_dtype)
     with atomic_dir(folder) as tmp, Progress(console=console, disable=console is None, transient=True) as bar:

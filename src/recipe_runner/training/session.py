@@ -27,7 +27,7 @@ from recipe_runner.run.folder import RunFolder
 from recipe_runner.training import features
 from recipe_runner.training.components import Components, load_components, resolve_base
 from recipe_runner.training.data import BatchPlan, load_rows
-from recipe_runner.training.encoding import move, place_encoders
+from recipe_runner.training.encoding import move, place_encoders, warn_overlong
 from recipe_runner.training.keys import built_dataset_fingerprint, effective_precision, resume_fields
 from recipe_runner.training.precompute import EncodedCache, build_cache, precompute_key
 
@@ -149,8 +149,10 @@ def open_session(
         if train.precompute:
             cache = ensure_cache(loaded, folder, c, base, data["train"], device, dtype, console)
             place_encoders(c, recipe, "cpu", dtype)
-        else:
+        else:  # reference mode: prompts are encoded (and truncated) at each step
             place_encoders(c, recipe, device, dtype)
+            if accelerator.is_main_process:
+                warn_overlong(c, list(dict.fromkeys(data["train"]["prompt"])), console)
 
     assert c.unet is not None and c.controlnet is not None
     move(c.unet.requires_grad_(False), device, dtype)
