@@ -1,6 +1,7 @@
 """FLOPs per training step from torch's flop counter, and model-FLOPs utilisation on a GPU.
 
-    python benchmarks/flops.py --arch sd15 --resolution 512      # counted on the meta device: no compute
+    python benchmarks/flops.py --arch sd15              # 512 px, counted on the meta device: no compute
+    python benchmarks/flops.py --arch sdxl              # 1024 px
 
 Counts one image through ControlNet + UNet forward and backward (what a precomputed step runs) and one
 VAE encode (what the reference script adds to every step). Models are built on the meta device, so the
@@ -19,13 +20,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 # Dense bf16/fp16 tensor-core peaks (no sparsity), from the vendors' data sheets.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}
+ARCH_NAMES = ["tiny-sd", "shapes-sd", "sd15", "sdxl"]
 
 
 def _configs(arch: str) -> tuple[dict, dict]:
-    if arch == "sd15":
-        from train_speed import SD15_UNET, SD15_VAE
+    from archs import ARCHS
 
-        return SD15_UNET, SD15_VAE
+    if arch in ARCHS:
+        return ARCHS[arch].unet, ARCHS[arch].vae
     import tempfile
 
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -57,14 +59,23 @@ def count(arch: str, resolution: int) -> dict[str, float]:
         side = resolution // factor
         latents = torch.randn(1, 4, side, side)
         cond = torch.randn(1, 3, resolution, resolution)
-        tokens = 77 if arch == "sd15" else 16
+        tokens = 77 if arch in ("sd15", "sdxl") else 16
         text = torch.randn(1, tokens, unet.config.cross_attention_dim)
         t = torch.tensor([500])
         image = torch.randn(1, 3, resolution, resolution)
+        added = {}
+        if unet.config.addition_embed_type == "text_time":  # SDXL: pooled text and 6 size/crop numbers
+            pooled = (
+                unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+            )
+            added["added_cond_kwargs"] = {
+                "text_embeds": torch.randn(1, pooled),
+                "time_ids": torch.randn(1, 6),
+            }
     unet.requires_grad_(False)
     with FlopCounterMode(display=False) as step:
         down, mid = controlnet(
-            latents, t, encoder_hidden_states=text, controlnet_cond=cond, return_dict=False
+            latents, t, encoder_hidden_states=text, controlnet_cond=cond, return_dict=False, **added
         )
         pred = unet(
             latents,
@@ -72,6 +83,7 @@ def count(arch: str, resolution: int) -> dict[str, float]:
             encoder_hidden_states=text,
             down_block_additional_residuals=down,
             mid_block_additional_residual=mid,
+            **added,
         ).sample
         pred.float().pow(2).mean().backward()
     with FlopCounterMode(display=False) as encode, torch.no_grad():
@@ -87,12 +99,16 @@ def mfu(images_per_second: float, tflop_per_image: float, device_name: str) -> f
     return images_per_second * tflop_per_image / peak if peak else None
 
 
+def default_resolution(arch: str) -> int:
+    return {"sd15": 512, "sdxl": 1024}.get(arch, 64)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", choices=["tiny-sd", "shapes-sd", "sd15"], default="sd15")
+    parser.add_argument("--arch", choices=ARCH_NAMES, default="sd15")
     parser.add_argument("--resolution", type=int, default=None)
     args = parser.parse_args(argv)
-    resolution = args.resolution or (512 if args.arch == "sd15" else 64)
+    resolution = args.resolution or default_resolution(args.arch)
     result = {"arch": args.arch, "resolution": resolution, **count(args.arch, resolution)}
     print(json.dumps(result, indent=2))
     return result

@@ -1,14 +1,20 @@
-"""Training speed: the reference loop (VAE + text encoder every step) against precomputed latents and text.
+"""Training speed: diffusers' reference loop against our training stage, in the same process.
 
-    python benchmarks/train_speed.py                          # tiny SD, 64 px, CPU-friendly
-    python benchmarks/train_speed.py --arch sd15 --resolution 512 --batch-size 4   # on a GPU
+    python benchmarks/train_speed.py                                   # tiny SD, 64 px, CPU (~1 min)
+    python benchmarks/train_speed.py --arch shapes --batch-size 32     # the demo's model and batch
+    python benchmarks/train_speed.py --arch sd15 --batch-size 4 --preset fast        # on a GPU
+    python benchmarks/train_speed.py --arch sd15 --preset low-vram --modes ours      # memory, batch 1
+    python benchmarks/train_speed.py --arch sdxl --batch-size 2 --preset fast        # SDXL, 1024 px
 
-Both modes run in this process on the same data and model, through the real training stage
-(`train.precompute: false` / `true`). Reported after warm-up: steps/s, images/s, seconds per phase
-(data, encode, forward, backward, optimizer), peak RSS and peak CUDA memory, the one-off precompute time
-and after how many steps it has paid for itself. JSON (--json) plus a markdown table on stdout.
-`--arch sd15` builds random-initialised Stable Diffusion 1.5-sized models from configs written below (no
-download); the speed of random weights is the speed of trained ones.
+Every mode runs the real training stage on the same model, data, resolution, batch and precision:
+  reference   what diffusers' train_controlnet.py does with the same flags: the VAE and text encoder
+              run every step (`precompute: false`), torch's default AdamW, no channels-last, no compile
+  precompute  the reference plus latents and text encoded once: that part of the gain alone
+  ours        our defaults plus the preset: precomputed, fused AdamW, channels-last/compile if set
+Modes alternate over --rounds rounds, their order rotating, so a machine that slows down midway (a
+shared CPU) weighs on all of them alike. Each figure is the median over rounds after 2 warm-up steps;
+the speed-up is the median of the rounds' ours / reference ratios, with their range.
+`--arch sd15`/`sdxl` build random-initialised full-size models (benchmarks/archs.py; no download).
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ import argparse
 import json
 import os
 import platform
+import shutil
+import statistics
 import sys
 import tempfile
 import threading
@@ -25,56 +33,28 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # a source checkout works too
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "src"))  # a source checkout works too
 
-# runwayml/stable-diffusion-v1-5's unet/config.json and vae/config.json, and CLIP ViT-L/14's text tower.
-SD15_UNET = {
-    "act_fn": "silu",
-    "attention_head_dim": 8,
-    "block_out_channels": [320, 640, 1280, 1280],
-    "center_input_sample": False,
-    "cross_attention_dim": 768,
-    "down_block_types": [
-        "CrossAttnDownBlock2D",
-        "CrossAttnDownBlock2D",
-        "CrossAttnDownBlock2D",
-        "DownBlock2D",
-    ],
-    "downsample_padding": 1,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 4,
-    "layers_per_block": 2,
-    "mid_block_scale_factor": 1,
-    "norm_eps": 1e-05,
-    "norm_num_groups": 32,
-    "out_channels": 4,
-    "sample_size": 64,
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-}
-SD15_VAE = {
-    "act_fn": "silu",
-    "block_out_channels": [128, 256, 512, 512],
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "in_channels": 3,
-    "latent_channels": 4,
-    "layers_per_block": 2,
-    "norm_num_groups": 32,
-    "out_channels": 3,
-    "sample_size": 512,
-    "scaling_factor": 0.18215,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-}
-CLIP_L_TEXT = {
-    "hidden_size": 768,
-    "intermediate_size": 3072,
-    "num_attention_heads": 12,
-    "num_hidden_layers": 12,
-    "projection_dim": 768,
-    "hidden_act": "quick_gelu",
+MODES = ("reference", "precompute", "ours")
+# CPU-sized bases: random tiny SD (the tests'), and the demo's small pretrained one.
+BUILTINS = {"tiny": "builtin:tiny-sd", "shapes": "builtin:shapes-sd"}
+# The reference script's flags cover precision, checkpointing, 8-bit Adam, TF32 and xformers, so those
+# stay as the preset sets them; these it has no flag for (or does otherwise) are set back to its way.
+REFERENCE = [
+    "train.fused_optimizer=false",
+    "train.channels_last=false",
+    "train.compile=false",
+    "train.dataloader_num_workers=0",
+]
+MODE_OVERRIDES = {
+    "reference": ["train.precompute=false", *REFERENCE],
+    "precompute": ["train.precompute=true", *REFERENCE],
+    "ours": ["train.precompute=true"],
 }
 
-RECIPE = """\
+BASE_RECIPE = """\
 name: train-speed
 seed: 0
 dataset:
@@ -82,61 +62,20 @@ dataset:
   resolution: {resolution}
 model:
   base: {base}
+  family: {family}
 train:
   max_steps: {steps}
-  batch_size: {batch_size}
+  batch_size: 4
   learning_rate: 1.0e-5
   mixed_precision: "{precision}"
-  gradient_checkpointing: {checkpointing}
-  precompute: {precompute}
   checkpoint_every: 1000000
   validation: {{every: 1000000, num_rows: 1, num_images: 1, num_inference_steps: 1, guidance_scale: 1.0}}
 logging: {{tracker: none}}
 """
 
 
-def build_sd15(folder: Path) -> Path:
-    """A random-initialised SD 1.5-sized pipeline folder (the offline tiny tokenizer, CLIP-L-sized text)."""
-    import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    from recipe_runner.models.tokenizer import write_tiny_clip_tokenizer
-
-    if (folder / "model_index.json").is_file():
-        return folder
-    write_tiny_clip_tokenizer(folder / "tokenizer")
-    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
-    torch.manual_seed(0)
-    text_config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        max_position_embeddings=77,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        **CLIP_L_TEXT,
-    )
-    pipe = StableDiffusionPipeline(
-        vae=AutoencoderKL(**SD15_VAE),
-        text_encoder=CLIPTextModel(text_config),
-        tokenizer=tokenizer,
-        unet=UNet2DConditionModel(**SD15_UNET),
-        scheduler=DDPMScheduler(
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            steps_offset=1,
-            clip_sample=False,
-        ),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(folder, safe_serialization=True)
-    return folder
-
-
 def write_dataset(data_dir: Path, rows: int, resolution: int) -> None:
+    """The built-dataset layout, written directly (the dataset stage has its own benchmark)."""
     from datasets import Dataset, DatasetDict, Image
 
     from recipe_runner.data.builtin_shapes import make_sample
@@ -174,136 +113,260 @@ class PeakRSS:
         self.peak = max(self.peak, self.process.memory_info().rss)
 
 
-def run_mode(root: Path, data: Path, base: str, args: argparse.Namespace, precompute: bool) -> dict:
-    import shutil
+class Bench:
+    """The work folder: one recipe file (base + preset), the dataset, one shared precompute cache."""
 
-    import torch
-
-    from recipe_runner.recipe.loader import load_recipe
-    from recipe_runner.run.folder import RunFolder
-    from recipe_runner.training.stage import prepare_training, run_training
-
-    name = "precompute" if precompute else "reference"
-    recipe = root / f"{name}.yaml"
-    recipe.write_text(
-        RECIPE.format(
-            rows=args.rows,
-            resolution=args.resolution,
-            base=base,
-            steps=args.steps + 2,  # the loop leaves its first 2 steps out of the steady-state figures
-            batch_size=args.batch_size,
-            precision=args.precision,
-            checkpointing=str(args.gradient_checkpointing).lower(),
-            precompute=str(precompute).lower(),
+    def __init__(self, root: Path, args: argparse.Namespace, base: str, family: str):
+        self.root, self.args = root, args
+        (root / "bench-base.yaml").write_text(
+            BASE_RECIPE.format(
+                rows=args.rows,
+                resolution=args.resolution,
+                base=base,
+                family=family,
+                steps=args.steps + 2,  # the loop leaves its first 2 steps out of the steady-state figures
+                precision=args.precision,
+            )
         )
-    )
-    loaded, folder = load_recipe(recipe), RunFolder(root / name)
-    shutil.copytree(data, folder.dataset_data)
-    precompute_seconds = None
-    if precompute:  # the one-off cost, timed on its own (train_controlnet would do it at setup)
+        parents = ["bench-base.yaml"] + ([str(preset_path(args.preset))] if args.preset else [])
+        (root / "recipe.yaml").write_text(f"extends: {json.dumps(parents)}\n")
+        self.data = root / f"data-{args.rows}-{args.resolution}"
+        if not self.data.exists():
+            write_dataset(self.data, args.rows, args.resolution)
+        self.cache = root / "precompute-cache"
+        self.cache.mkdir(exist_ok=True)
+
+    def overrides(self, mode: str) -> list[str]:
+        explicit = [f"train.batch_size={self.args.batch_size}"] if self.args.batch_size else []
+        if self.args.gradient_checkpointing is not None:
+            explicit.append(f"train.gradient_checkpointing={str(self.args.gradient_checkpointing).lower()}")
+        return [*explicit, *self.args.set, *MODE_OVERRIDES[mode]]
+
+    def recipe(self, mode: str):
+        from recipe_runner.recipe.loader import load_recipe
+
+        return load_recipe(self.root / "recipe.yaml", self.overrides(mode))
+
+    def folder(self, mode: str):
+        from recipe_runner.run.folder import RunFolder
+
+        loaded = self.recipe(mode)
+        folder = RunFolder(Path(tempfile.mkdtemp(prefix=f"run-{mode}-", dir=self.root)))
+        shutil.copytree(self.data, folder.dataset_data)
+        folder.cache.symlink_to(self.cache, target_is_directory=True)
+        return loaded, folder
+
+    def precompute_seconds(self) -> float:
+        """The one-off encoding of the dataset, timed on its own (the reference pays it at every step)."""
+        from recipe_runner.training.stage import prepare_training
+
+        loaded, folder = self.folder("ours")
         start = time.perf_counter()
         prepare_training(loaded, folder)
-        precompute_seconds = time.perf_counter() - start
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    with PeakRSS() as rss:
-        results = run_training(loaded, folder, profile=True)
-    steps = max(1, results["steady_steps"])
-    return {
-        "mode": name,
-        "steps_per_second": results["steps_per_second"],
-        "images_per_second": results["images_per_second"],
-        "ms_per_step": {k: 1000 * v / steps for k, v in sorted(results["phase_seconds"].items())},
-        "measured_steps": results["steady_steps"],
-        "final_loss": results["final_loss"],
-        "peak_rss_mb": rss.peak / 2**20,
-        "peak_cuda_mb": results["peak_memory_accelerator_mb"],
-        "precompute_seconds": precompute_seconds,
-    }
+        return time.perf_counter() - start
+
+    def run(self, mode: str) -> dict:
+        import torch
+
+        from recipe_runner.training.stage import run_training
+
+        loaded, folder = self.folder(mode)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        with PeakRSS() as rss:
+            results = run_training(loaded, folder, profile=True)
+        shutil.rmtree(folder.root, ignore_errors=True)
+        steps = max(1, results["steady_steps"])
+        return {
+            "steps_per_second": results["steps_per_second"],
+            "images_per_second": results["images_per_second"],
+            "images_per_step": results["images_per_step"],
+            "ms_per_step": {k: 1000 * v / steps for k, v in sorted(results["phase_seconds"].items())},
+            "final_loss": results["final_loss"],
+            "peak_rss_mb": rss.peak / 2**20,
+            "peak_cuda_mb": results["peak_memory_accelerator_mb"],
+        }
+
+
+def preset_path(name: str) -> Path:
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return path.resolve()
+    shipped = HERE.parent / "recipes" / "base" / f"{name}.yaml"
+    if not shipped.is_file():
+        raise SystemExit(f"--preset: no {shipped} (and {name!r} is not a recipe file)")
+    return shipped
+
+
+def summarise(rounds: list[dict[str, dict]]) -> dict[str, dict]:
+    """Per mode: medians over rounds of the rates and of each phase, the maxima of memory."""
+    out = {}
+    for mode in rounds[0]:
+        runs = [r[mode] for r in rounds]
+        phases = sorted({p for run in runs for p in run["ms_per_step"]})
+        cuda = [run["peak_cuda_mb"] for run in runs if run["peak_cuda_mb"] is not None]
+        out[mode] = {
+            "steps_per_second": statistics.median(run["steps_per_second"] for run in runs),
+            "images_per_second": statistics.median(run["images_per_second"] for run in runs),
+            "images_per_step": runs[0]["images_per_step"],
+            "per_round_steps_per_second": [round(run["steps_per_second"], 3) for run in runs],
+            "ms_per_step": {
+                p: statistics.median(run["ms_per_step"].get(p, 0.0) for run in runs) for p in phases
+            },
+            "final_loss": runs[-1]["final_loss"],
+            "peak_rss_mb": max(run["peak_rss_mb"] for run in runs),
+            "peak_cuda_mb": max(cuda) if cuda else None,
+        }
+    return out
 
 
 def markdown(report: dict) -> str:
-    ref, pre = report["reference"], report["precompute"]
-    phases = sorted(set(ref["ms_per_step"]) | set(pre["ms_per_step"]))
-    rows = [
-        ("steps/s", f"{ref['steps_per_second']:.2f}", f"{pre['steps_per_second']:.2f}"),
-        ("images/s", f"{ref['images_per_second']:.1f}", f"{pre['images_per_second']:.1f}"),
-        *[
-            (f"ms/step {p}", f"{ref['ms_per_step'].get(p, 0):.1f}", f"{pre['ms_per_step'].get(p, 0):.1f}")
-            for p in phases
-        ],
-        ("peak RSS (MiB)", f"{ref['peak_rss_mb']:.0f}", f"{pre['peak_rss_mb']:.0f}"),
-        (
-            "peak CUDA (MiB)",
-            str(ref["peak_cuda_mb"] and round(ref["peak_cuda_mb"])),
-            str(pre["peak_cuda_mb"] and round(pre["peak_cuda_mb"])),
-        ),
-        ("one-off precompute (s)", "-", f"{pre['precompute_seconds']:.2f}"),
-    ]
+    modes = report["modes"]
+    names = list(modes)
+    phases = sorted({p for m in modes.values() for p in m["ms_per_step"]})
+
+    def row(label: str, fmt) -> str:
+        return f"| {label} | " + " | ".join(fmt(modes[n]) for n in names) + " |"
+
+    def mib(value: float | None) -> str:
+        return "-" if value is None else f"{value:,.0f}"
+
     lines = [
-        f"{report['arch']} @ {report['resolution']} px, batch {report['batch_size']}, {report['precision']}, "
-        f"{report['device']}, {report['threads']} thread(s): precompute is {report['speedup']:.2f}x the "
-        f"reference steps/s (pays for itself after {report['break_even_steps']} steps)",
+        f"{report['arch']} @ {report['resolution']} px, batch {report['batch_size']} x "
+        f"{report['gradient_accumulation_steps']} accumulated, {report['precision']}, preset "
+        f"{report['preset'] or 'none'}, {report['device']}, {report['threads']} thread(s), "
+        f"{report['rounds']} round(s)",
         "",
-        "| | reference (encode every step) | precompute |",
-        "|---|---|---|",
-        *[f"| {a} | {b} | {c} |" for a, b, c in rows],
+        "| | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+        row("steps/s (median)", lambda m: f"{m['steps_per_second']:.3f}"),
+        row("images/s", lambda m: f"{m['images_per_second']:.1f}"),
+        row("per round, steps/s", lambda m: ", ".join(f"{v:.2f}" for v in m["per_round_steps_per_second"])),
+        *[row(f"ms/step {p}", lambda m, p=p: f"{m['ms_per_step'].get(p, 0.0):.1f}") for p in phases],
+        row("peak RSS (MiB)", lambda m: mib(m["peak_rss_mb"])),
+        row("peak accelerator memory (MiB)", lambda m: mib(m["peak_cuda_mb"])),
     ]
+    if "speedup" in report:
+        low, high = report["speedup_range"]
+        lines += [
+            "",
+            f"**ours / reference: ×{report['speedup']:.2f}** (median of rounds; ×{low:.2f} to ×{high:.2f})"
+            + "".join(f"; {k} ×{v:.2f}" for k, v in report.get("attribution", {}).items()),
+        ]
+    if report.get("precompute_seconds") is not None:
+        lines.append(
+            f"one-off precompute of {report['rows']} rows: {report['precompute_seconds']:.2f} s"
+            + (
+                f", paid back after {report['break_even_steps']} steps"
+                if report.get("break_even_steps")
+                else ""
+            )
+        )
     return "\n".join(lines)
 
 
+def _ratios(report: dict, rounds: list[dict[str, dict]]) -> None:
+    modes = report["modes"]
+    if "reference" not in modes or "ours" not in modes:
+        return
+    ref, ours = modes["reference"], modes["ours"]
+    # Paired: the two runs of a round are minutes apart at most, so a slower machine cancels out.
+    per_round = [r["ours"]["steps_per_second"] / r["reference"]["steps_per_second"] for r in rounds]
+    report["speedup"] = statistics.median(per_round)
+    report["speedup_range"] = [min(per_round), max(per_round)]
+    if "precompute" in modes:
+        pre = modes["precompute"]["steps_per_second"]
+        report["attribution"] = {
+            "precompute alone": pre / ref["steps_per_second"],
+            "the rest (fused AdamW, preset)": ours["steps_per_second"] / pre,
+        }
+    saved = 1 / ref["steps_per_second"] - 1 / ours["steps_per_second"]
+    seconds = report.get("precompute_seconds")
+    report["break_even_steps"] = round(seconds / saved) if seconds and saved > 0 else None
+
+
 def main(argv: list[str] | None = None) -> dict:
+    from recipe_runner.errors import UserError
+
+    try:
+        return _main(argv)
+    except UserError as e:  # a bad --set or preset: the message, as the CLI would print it
+        problems = getattr(e, "problems", None) or []
+        details = "".join(f"\n  {p.file or ''} {p.path}: {p.message}" for p in problems)
+        raise SystemExit(f"train_speed: {e}{details}" + (f"\n  hint: {e.hint}" if e.hint else "")) from None
+
+
+def _main(argv: list[str] | None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", choices=["tiny", "sd15"], default="tiny")
-    parser.add_argument("--resolution", type=int, default=None, help="default: 64 (tiny), 512 (sd15)")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument(
-        "--steps", type=int, default=20, help="measured steps per mode, after 2 warm-up steps"
-    )
+    parser.add_argument("--arch", choices=[*BUILTINS, "sd15", "sdxl"], default="tiny")
+    parser.add_argument("--resolution", type=int, help="default: 64 (tiny), 512 (sd15), 1024 (sdxl)")
+    parser.add_argument("--batch-size", type=int, help="default: the preset's, else 4")
+    parser.add_argument("--steps", type=int, default=20, help="measured optimizer steps per run")
+    parser.add_argument("--rounds", type=int, default=5, help="runs of each mode, alternating")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--precision", choices=["auto", "no", "fp16", "bf16"], default="auto")
-    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--preset", help="a recipes/base/ preset (fast, low-vram) or a recipe file to extend")
+    parser.add_argument("--set", action="append", default=[], help="a recipe override for every mode")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
-    parser.add_argument("--workdir", type=Path, help="keep the run folders here (default: a temporary one)")
+    parser.add_argument("--workdir", type=Path, help="keep the data and models here (default: temporary)")
     parser.add_argument("--json", type=Path, help="also write the JSON report here")
     args = parser.parse_args(argv)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not modes or set(modes) - set(MODES):
+        parser.error(f"--modes: choose from {', '.join(MODES)}")
 
     import torch
+    from archs import ARCHS, build_random_pipeline
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    args.resolution = args.resolution or (64 if args.arch == "tiny" else 512)
+    args.resolution = args.resolution or (ARCHS[args.arch].resolution if args.arch in ARCHS else 64)
     if args.precision == "auto":
         args.precision = "fp16" if torch.cuda.is_available() else "no"
     with tempfile.TemporaryDirectory(prefix="train-speed-") as tmp:
         root = args.workdir or Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
-        os.environ.setdefault("RECIPE_RUNNER_CACHE", str(root / "cache"))
-        base = "builtin:tiny-sd" if args.arch == "tiny" else str(build_sd15(root / "sd15-random"))
-        data = root / "data"
-        if not data.exists():
-            write_dataset(data, args.rows, args.resolution)
-        modes = {m: run_mode(root, data, base, args, m == "precompute") for m in ("reference", "precompute")}
-    ref, pre = modes["reference"], modes["precompute"]
-    saved_per_step = 1 / ref["steps_per_second"] - 1 / pre["steps_per_second"]
+        os.environ.setdefault("RECIPE_RUNNER_CACHE", str(root / "models"))
+        if args.arch in BUILTINS:
+            base, family = BUILTINS[args.arch], "sd1"
+        else:
+            base, family = (
+                str(build_random_pipeline(root / f"{args.arch}-random", args.arch)),
+                ARCHS[args.arch].family,
+            )
+        bench = Bench(root, args, base, family)
+        precompute_seconds = bench.precompute_seconds() if {"precompute", "ours"} & set(modes) else None
+        rounds = []
+        for r in range(args.rounds):
+            order = modes[r % len(modes) :] + modes[: r % len(modes)]
+            done = {mode: bench.run(mode) for mode in order}
+            rounds.append({mode: done[mode] for mode in modes})
+        settings = bench.recipe("ours").recipe.train
     report = {
         "arch": args.arch,
         "resolution": args.resolution,
-        "batch_size": args.batch_size,
-        "precision": args.precision,
-        "gradient_checkpointing": args.gradient_checkpointing,
+        "batch_size": settings.batch_size,
+        "gradient_accumulation_steps": settings.gradient_accumulation_steps,
+        "precision": settings.mixed_precision,
+        "preset": args.preset,
+        "overrides": args.set,
+        "rows": args.rows,
+        "rounds": args.rounds,
         "device": torch.cuda.get_device_name()
         if torch.cuda.is_available()
         else f"cpu ({os.cpu_count()} cores)",
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
-        **modes,
-        "speedup": pre["steps_per_second"] / ref["steps_per_second"],
-        "break_even_steps": round(pre["precompute_seconds"] / saved_per_step) if saved_per_step > 0 else None,
+        "precompute_seconds": precompute_seconds,
+        "modes": summarise(rounds),
     }
+    _ratios(report, rounds)
     if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
     print()
     print(markdown(report))

@@ -1,0 +1,181 @@
+"""Full-size Stable Diffusion architectures with random weights, for benchmarks (no download).
+
+The configs are those of runwayml/stable-diffusion-v1-5 and stabilityai/stable-diffusion-xl-base-1.0
+(unet/ and vae/ config.json, and the text towers of CLIP ViT-L/14 and OpenCLIP ViT-bigG/14). Random
+weights cost the same compute as trained ones; the tokenizer is the package's offline tiny one, which
+pads to the same 77 tokens.
+
+    ARCHS["sd15"].unet                 # a config dict, e.g. for the meta-device FLOP count
+    build_random_pipeline(folder, "sdxl")   # a from_pretrained-able folder (weights saved in fp16)
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+SD15_UNET = {
+    "act_fn": "silu",
+    "attention_head_dim": 8,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 768,
+    "down_block_types": [
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ],
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "sample_size": 64,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+}
+SDXL_UNET = {
+    "act_fn": "silu",
+    "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256,
+    "attention_head_dim": [5, 10, 20],
+    "block_out_channels": [320, 640, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 2048,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "projection_class_embeddings_input_dim": 2816,  # pooled bigG (1280) + 6 micro-conditioning x 256
+    "sample_size": 128,
+    "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "use_linear_projection": True,
+}
+_VAE = {
+    "act_fn": "silu",
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "in_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "out_channels": 3,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+}
+SD15_VAE = {**_VAE, "sample_size": 512, "scaling_factor": 0.18215}
+SDXL_VAE = {**_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True}
+CLIP_L_TEXT = {
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_attention_heads": 12,
+    "num_hidden_layers": 12,
+    "projection_dim": 768,
+    "hidden_act": "quick_gelu",
+}
+CLIP_BIGG_TEXT = {
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_attention_heads": 20,
+    "num_hidden_layers": 32,
+    "projection_dim": 1280,
+    "hidden_act": "gelu",
+}
+
+
+@dataclass(frozen=True)
+class Arch:
+    unet: dict
+    vae: dict
+    text: tuple[dict, ...]  # one text tower per encoder (SDXL has two)
+    resolution: int  # the native training resolution
+    family: str  # the recipe's model.family
+
+
+ARCHS = {
+    "sd15": Arch(SD15_UNET, SD15_VAE, (CLIP_L_TEXT,), 512, "sd1"),
+    "sdxl": Arch(SDXL_UNET, SDXL_VAE, (CLIP_L_TEXT, CLIP_BIGG_TEXT), 1024, "sdxl"),
+}
+
+
+def build_random_pipeline(folder: Path, arch: str) -> Path:
+    """A random-initialised pipeline folder of `arch` (kept: a second call reuses it)."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        DDPMScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from recipe_runner.models.tokenizer import write_tiny_clip_tokenizer
+
+    if (folder / "model_index.json").is_file():
+        return folder
+    spec = ARCHS[arch]
+    names = ["tokenizer", "tokenizer_2"][: len(spec.text)]
+    tokenizers = []
+    for name in names:
+        write_tiny_clip_tokenizer(folder / name)
+        tokenizers.append(CLIPTokenizer.from_pretrained(folder / name))
+    torch.manual_seed(0)
+    # Random init of ~3.5B parameters (SDXL) takes minutes on a CPU and seconds on a GPU.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):
+        encoders = []
+        for i, (tokenizer, text) in enumerate(zip(tokenizers, spec.text, strict=True)):
+            config = CLIPTextConfig(
+                vocab_size=len(tokenizer),
+                max_position_embeddings=77,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+                **text,
+            )
+            encoders.append((CLIPTextModelWithProjection if i == 1 else CLIPTextModel)(config))
+        unet, vae = UNet2DConditionModel(**spec.unet), AutoencoderKL(**spec.vae)
+    scheduler = DDPMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, clip_sample=False
+    )
+    if arch == "sdxl":
+        pipe = StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=encoders[0],
+            text_encoder_2=encoders[1],
+            tokenizer=tokenizers[0],
+            tokenizer_2=tokenizers[1],
+            unet=unet,
+            scheduler=scheduler,
+            add_watermarker=False,
+        )
+    else:
+        pipe = StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=encoders[0],
+            tokenizer=tokenizers[0],
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    # fp16 on disk halves the write (SDXL: 7 GB); from_pretrained loads it back as fp32.
+    pipe.to(torch.float16).save_pretrained(folder, safe_serialization=True)
+    for name in names:  # transformers may save load-time kwargs there; the tiny tokenizer's 4 files suffice
+        shutil.rmtree(folder / name)
+        write_tiny_clip_tokenizer(folder / name)
+    return folder

@@ -1,0 +1,72 @@
+"""The benchmark entry points keep working (figures are never asserted: they are measured, not tested)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+import archs
+import flops
+import train_speed
+
+
+def test_the_sdxl_architecture_is_consistent():
+    """Text widths feed the UNet's cross-attention, pooled text + 6 size numbers its added embedding."""
+    sdxl = archs.ARCHS["sdxl"]
+    assert sum(t["hidden_size"] for t in sdxl.text) == sdxl.unet["cross_attention_dim"]
+    added = sdxl.text[1]["projection_dim"] + 6 * sdxl.unet["addition_time_embed_dim"]
+    assert added == sdxl.unet["projection_class_embeddings_input_dim"]
+    counted = flops.count("sdxl", 256)  # builds and runs it on the meta device: no memory, no time
+    assert counted["train_step_tflop_per_image"] > counted["vae_encode_tflop_per_image"] > 0
+
+
+def test_train_speed_runs_every_mode_and_reports_the_ratio(tmp_path, capsys):
+    report = train_speed.main(
+        ["--steps", "1", "--rounds", "2", "--rows", "8", "--threads", "1", "--workdir", str(tmp_path)]
+    )
+    assert set(report["modes"]) == {"reference", "precompute", "ours"}
+    low, high = report["speedup_range"]
+    assert low <= report["speedup"] <= high
+    for mode in report["modes"].values():
+        assert len(mode["per_round_steps_per_second"]) == 2
+        assert {"data", "forward", "backward", "optimizer"} <= set(mode["ms_per_step"])
+    # The reference encodes every step; precomputed modes do not.
+    assert (
+        report["modes"]["reference"]["ms_per_step"]["encode"]
+        > 10 * report["modes"]["ours"]["ms_per_step"]["encode"]
+    )
+    assert "| steps/s (median) |" in capsys.readouterr().out
+
+
+def test_with_a_preset_the_reference_keeps_the_flags_train_controlnet_has(tmp_path):
+    """--preset fast: both modes train in bf16 with TF32; only ours gets channels-last and fused AdamW."""
+    args = argparse.Namespace(
+        rows=4,
+        resolution=64,
+        steps=1,
+        precision="no",
+        preset="fast",
+        batch_size=2,
+        gradient_checkpointing=None,
+        set=[],
+    )
+    bench = train_speed.Bench(tmp_path, args, "builtin:tiny-sd", "sd1")
+    reference, ours = (bench.recipe(mode).recipe.train for mode in ("reference", "ours"))
+    assert reference.mixed_precision == ours.mixed_precision == "bf16"
+    assert reference.allow_tf32 and ours.allow_tf32
+    assert reference.batch_size == ours.batch_size == 2
+    assert not reference.precompute and ours.precompute
+    assert not reference.fused_optimizer and ours.fused_optimizer
+    assert not reference.channels_last and ours.channels_last
+
+
+def test_an_unknown_preset_is_refused():
+    with pytest.raises(SystemExit, match=r"no .*nope\.yaml"):
+        train_speed.preset_path("nope")
