@@ -44,14 +44,17 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _kill_and_resume(recipe: Path, out: Path, kills: int, rng: random.Random) -> int:
-    """Start, SIGKILL after a random delay, repeat `kills` times, then let a resumed run finish."""
+def _kill_and_resume(recipe: Path, out: Path, kills: int, rng: random.Random, run_seconds: float) -> int:
+    """Start, SIGKILL after a random delay, repeat `kills` times, then let a resumed run finish.
+
+    Delays are drawn over the uninterrupted run's own duration (start-up included), not fixed seconds:
+    a faster machine or faster training must not let every run finish before its kill."""
     killed = 0
     for _ in range(kills):
         args = _recipe_cmd(recipe, out, "--resume") if out.exists() else _recipe_cmd(recipe, out)
         proc = subprocess.Popen(args, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            proc.wait(timeout=rng.uniform(3.0, 16.0))
+            proc.wait(timeout=rng.uniform(0.3, 0.9) * run_seconds)
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
@@ -79,15 +82,16 @@ def reference(tmp_path_factory):
     recipe = root / "killme.yaml"
     recipe.write_text(RECIPE)
     out = root / "run"
+    start = time.perf_counter()
     done = subprocess.run(_recipe_cmd(recipe, out), env=_env(), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    return recipe, out
+    return recipe, out, time.perf_counter() - start
 
 
 def _check(reference, tmp_path, kills: int, seed: int) -> None:
-    recipe, ref_out = reference
+    recipe, ref_out, run_seconds = reference
     out = tmp_path / "killed"
-    killed = _kill_and_resume(recipe, out, kills, random.Random(seed))
+    killed = _kill_and_resume(recipe, out, kills, random.Random(seed), run_seconds)
     assert killed >= 1, "no kill landed before the run finished: the test proved nothing"
     comparison = compare_weights(ref_out / "controlnet", out / "controlnet")
     assert comparison["identical"], (killed, comparison)

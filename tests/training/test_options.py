@@ -125,3 +125,26 @@ def test_switching_the_optimizer_kernel_refuses_resume(make_run):
     assert resume_fields(make_run()[0].recipe) != resume_fields(
         make_run("train.fused_optimizer=false")[0].recipe
     )
+
+
+def test_loader_workers_give_the_same_batches_across_epochs(make_run):
+    """One DataLoader reads ahead over epoch ends (4 batches an epoch here); the order must not change."""
+    losses = {}
+    for workers in (0, 2):
+        loaded, folder = make_run(
+            "train.max_steps=6", f"train.dataloader_num_workers={workers}", name=f"workers-{workers}"
+        )
+        losses[workers] = [loss for _, loss in train_controlnet(loaded, folder)["losses"]]
+    assert len(losses[0]) == 6 and losses[0] == losses[2]
+
+
+def test_loader_workers_default_to_none_on_a_cpu_and_some_per_gpu(monkeypatch):
+    from recipe_runner.training.loop import loader_workers
+
+    assert loader_workers(None, torch.device("cpu")) == 0
+    assert loader_workers(3, torch.device("cpu")) == 3
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert loader_workers(None, torch.device("cuda", 0)) == 4
+    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    assert loader_workers(None, torch.device("cuda", 0)) == 1

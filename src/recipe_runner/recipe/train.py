@@ -113,8 +113,9 @@ class TrainSpec(Section):
     """Use channels-last memory format for the UNet and ControlNet (faster convolutions on GPUs)."""
     compile: bool = False
     """torch.compile the ControlNet and UNet (slow first steps, faster after)."""
-    dataloader_num_workers: int = Field(0, ge=0, le=64)
-    """Data-loading worker processes (0: load in the main process)."""
+    dataloader_num_workers: int | None = Field(None, ge=0, le=64)
+    """Data-loading worker processes; 0: load in the training process; null: 0 on a CPU (workers would take
+    its cores from training), else up to 4 per GPU, so the next batch is decoded while the GPU steps."""
     checkpoint_every: int = Field(500, ge=1)
     """Save a resumable checkpoint every this many optimizer steps."""
     checkpoints_total_limit: int | None = Field(None, ge=1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -111,30 +112,47 @@ def validate(session: Session, state: LoopState) -> None:
     accelerator.wait_for_everyone()
 
 
+def loader_workers(requested: int | None, device: torch.device) -> int:
+    """The recipe's worker count, or for null: none on a CPU, else up to 4 per local GPU."""
+    if requested is not None:
+        return requested
+    if device.type == "cpu":
+        return 0
+    per_gpu = (os.cpu_count() or 1) // max(1, torch.cuda.device_count())
+    return max(0, min(4, per_gpu - 1))  # one core stays with the training process
+
+
 def _micro_batches(session: Session, state: LoopState, total_micro: int) -> Iterator[tuple[dict, list[int]]]:
-    """(batch, global positions) for micro-steps state.micro_step .. total_micro-1, epoch by epoch."""
-    plan, train, micro = session.plan, session.recipe.train, state.micro_step
+    """(batch, global positions) for micro-steps state.micro_step .. total_micro-1, epoch by epoch.
+
+    One DataLoader for the whole run: its workers start once and read ahead across epoch ends."""
+    plan, train = session.plan, session.recipe.train
     source = RowSource(
         session.data["train"],
         session.recipe.dataset.resolution,
         session.recipe.model.conditioning_channels,
         precomputed=session.cache is not None,
     )
-    while micro < total_micro:
-        epoch, first = divmod(micro, plan.batches_per_epoch)
-        order = plan.epoch_order(epoch)
-        last = min(plan.batches_per_epoch, first + total_micro - micro)
-        batches = [plan.batch(order, k) for k in range(first, last)]
-        loader = DataLoader(
-            source,
-            batch_sampler=[rows for rows, _ in batches],
-            num_workers=train.dataloader_num_workers,
-            collate_fn=collate,
-            pin_memory=session.device.type == "cuda",
-        )
-        for batch, (_, positions) in zip(loader, batches, strict=True):
-            yield batch, positions
-        micro += len(batches)
+
+    def schedule() -> Iterator[tuple[list[int], list[int]]]:
+        micro = state.micro_step
+        while micro < total_micro:
+            epoch, first = divmod(micro, plan.batches_per_epoch)
+            order = plan.epoch_order(epoch)
+            last = min(plan.batches_per_epoch, first + total_micro - micro)
+            for k in range(first, last):
+                yield plan.batch(order, k)
+            micro += last - first
+
+    loader = DataLoader(
+        source,
+        batch_sampler=(rows for rows, _ in schedule()),  # read once, ahead of the loop when workers run
+        num_workers=loader_workers(train.dataloader_num_workers, session.device),
+        collate_fn=collate,
+        pin_memory=session.device.type == "cuda",
+    )
+    for batch, (_, positions) in zip(loader, schedule(), strict=True):
+        yield batch, positions
 
 
 def _nonfinite(session: Session, state: LoopState, value: float) -> None:
