@@ -97,6 +97,7 @@ def test_results_json_has_ours_and_baseline(evaluated):
     assert (folder.evaluation / ".complete").is_file()
     assert saved["settings"]["num_inference_steps"] == 2
     assert saved["settings"]["num_rows"] == HOLDOUT
+    assert saved["settings"]["reference"] == "conditioning_image"  # the builtin data's edges are canny's
     assert saved["seconds"] > 0
     assert len(saved["rows"]) == HOLDOUT
     for who in ("ours", "baseline"):
@@ -196,3 +197,25 @@ def test_sdxl_base_uses_the_sdxl_pipelines(tmp_path: Path):
     assert isinstance(pipe, StableDiffusionXLControlNetPipeline)
     result = evaluate_folder(loaded, folder)
     assert result["mean"]["ours"]["edge_f1"] is not None
+
+
+def test_auto_reference_extracts_from_the_image_when_the_data_ships_its_conditions(tmp_path: Path, tiny_base):
+    from recipe_runner.evaluate.run import reference_for
+
+    computed = write_recipe(tmp_path, tiny_base)
+    assert reference_for(computed) == "conditioning_image"
+    (tmp_path / "data").mkdir()
+    shipped = load_recipe(
+        tmp_path / "recipe.yaml",
+        ["dataset.source={path: data}", "dataset.columns.conditioning_image=outline"],
+    )
+    assert reference_for(shipped) == "image"
+    forced = load_recipe(
+        tmp_path / "recipe.yaml",
+        [
+            "dataset.source={path: data}",
+            "dataset.columns.conditioning_image=outline",
+            "evaluate.reference=conditioning_image",
+        ],
+    )
+    assert reference_for(forced) == "conditioning_image"

@@ -72,3 +72,35 @@ def test_without_a_base_pipeline_only_ours_is_scored_and_shapes_iou_is_optional(
     with_iou = evaluate_pipeline(FakePipe(), None, ROWS, cond, SPEC, seed=0, shapes=True)
     # The fake returns the outline, not the filled shape: almost none of it is the shape's colour.
     assert with_iou["mean"]["ours"]["shape_iou"] < 0.1
+
+
+class TruthPipe:
+    """A perfect ControlNet for data whose conditions are drawn another way: it gives back the row's image."""
+
+    def __init__(self, rows):
+        self.by_prompt = {r["prompt"]: r["image"] for r in rows}
+
+    def __call__(self, **kw):
+        return SimpleNamespace(images=[self.by_prompt[kw["prompt"]]])
+
+
+def test_conditions_of_another_kind_are_compared_like_with_like():
+    """Data shipping thick hand-drawn outlines, a canny recipe: re-extracted canny edges of a perfect image
+    match canny edges of the held-out image, not the outline drawing."""
+    import cv2
+
+    cond = build_condition(CannyCondition())
+    rows = []
+    for i, row in enumerate(ROWS):
+        edges = np.asarray(cond.extract(row["image"]).convert("L"))
+        thick = cv2.dilate(edges, np.ones((5, 5), np.uint8))  # the same outline, drawn with a thick pen
+        rows.append({**row, "prompt": f"{row['prompt']} #{i}", "conditioning_image": Image.fromarray(thick)})
+    given = evaluate_pipeline(TruthPipe(rows), None, rows, cond, SPEC, seed=0, reference="conditioning_image")
+    extracted = evaluate_pipeline(TruthPipe(rows), None, rows, cond, SPEC, seed=0, reference="image")
+    assert extracted["mean"]["ours"]["edge_f1"] == pytest.approx(1.0)
+    assert given["mean"]["ours"]["edge_f1"] < 0.9
+    # The grid still shows what the ControlNet was given.
+    assert np.array_equal(
+        np.asarray(extracted["images"]["condition"][0].convert("L")),
+        np.asarray(rows[0]["conditioning_image"]),
+    )

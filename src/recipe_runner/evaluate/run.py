@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from recipe_runner.conditions import ConditionFn, build_condition
+from recipe_runner.data.cache_key import computes_condition
 from recipe_runner.errors import UserError
 from recipe_runner.evaluate import report
 from recipe_runner.evaluate.metrics import metrics_for
@@ -66,14 +67,17 @@ def evaluate_pipeline(
     seed: int,
     *,
     shapes: bool = False,
+    reference: str = "conditioning_image",
     on_row: Callable[[], Any] | None = None,
 ) -> dict[str, Any]:
     """Score `pipe` (a ControlNet pipeline) and optionally `base_pipe` (the same base without it).
 
-    `rows` hold `conditioning_image`, `prompt` and (for `shapes`) `image`; row i is generated from seed
-    `seed + i` by both pipelines. The condition is re-extracted from every image with `condition` and
-    compared with the row's conditioning image by the metric for the condition's type; `shapes` adds the
-    shape-mask IoU of the builtin shapes data. `on_row()` is called after each row (for progress).
+    `rows` hold `conditioning_image`, `prompt` and (for `shapes` or reference "image") `image`; row i is
+    generated from seed `seed + i` by both pipelines, from the row's conditioning image. The condition
+    is re-extracted from every generated image with `condition` and compared, by the metric for the
+    condition's type, with the row's conditioning image, or with `reference="image"` with the condition
+    extracted from the row's image; `shapes` adds the shape-mask IoU of the builtin shapes data.
+    `on_row()` is called after each row (for progress).
 
     Returns {"rows": [{index, prompt, ours, baseline?}], "mean": {"ours", "baseline"?}, "images":
     {"condition", "ours", "baseline"?}}; "images" holds PIL images, so drop it before writing JSON.
@@ -88,8 +92,9 @@ def evaluate_pipeline(
     scored: list[dict[str, Any]] = []
     images: dict[str, list[Image.Image]] = {"condition": [], **{who: [] for who in runs}}
     for i, row in enumerate(rows):
-        ref = row["conditioning_image"].convert("RGB")
-        images["condition"].append(ref)
+        given = row["conditioning_image"].convert("RGB")
+        images["condition"].append(given)
+        ref = condition.extract(row["image"].convert("RGB")).convert("RGB") if reference == "image" else given
         entry: dict[str, Any] = {"index": i, "prompt": row["prompt"]}
         for who, (p, control) in runs.items():
             generated = _generate(p, row, spec, seed + i, control)
@@ -103,6 +108,15 @@ def evaluate_pipeline(
             on_row()
     mean = {who: _mean([r[who] for r in scored]) for who in runs}
     return {"rows": scored, "mean": mean, "images": images}
+
+
+def reference_for(loaded: LoadedRecipe) -> str:
+    """`evaluate.reference` resolved: with auto, the rows' own conditioning images when the dataset stage
+    made them with the recipe's condition, else the condition extracted from the rows' images."""
+    reference = loaded.recipe.evaluate.reference
+    if reference != "auto":
+        return reference
+    return "conditioning_image" if computes_condition(loaded) else "image"
 
 
 def _recipe_file(loaded: LoadedRecipe, folder: RunFolder) -> str:
@@ -175,16 +189,27 @@ def evaluate_folder(
     condition.setup(device)  # a missing annotator or broken custom function fails before the models load
     pipe, base_pipe = load_base_pipelines(loaded, folder)
     shapes = recipe.dataset.source.builtin == "shapes"
+    reference = reference_for(loaded)
 
     if console is not None:
         with _progress(console) as bar:
             task = bar.add_task("evaluate", total=len(rows))
             advance = functools.partial(bar.advance, task)
             out = evaluate_pipeline(
-                pipe, base_pipe, rows, condition, spec, recipe.seed, shapes=shapes, on_row=advance
+                pipe,
+                base_pipe,
+                rows,
+                condition,
+                spec,
+                recipe.seed,
+                shapes=shapes,
+                reference=reference,
+                on_row=advance,
             )
     else:
-        out = evaluate_pipeline(pipe, base_pipe, rows, condition, spec, recipe.seed, shapes=shapes)
+        out = evaluate_pipeline(
+            pipe, base_pipe, rows, condition, spec, recipe.seed, shapes=shapes, reference=reference
+        )
 
     images = out.pop("images")
     results: dict[str, Any] = {
@@ -195,6 +220,7 @@ def evaluate_folder(
             "num_inference_steps": spec.num_inference_steps,
             "guidance_scale": spec.guidance_scale,
             "tolerance": spec.tolerance,
+            "reference": reference,
             "seed": recipe.seed,
             "shape_iou": shapes,
             "device": device,

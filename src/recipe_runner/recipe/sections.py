@@ -77,5 +77,10 @@ class EvaluateSpec(Section):
     """Classifier-free guidance scale for evaluation images."""
     tolerance: int = Field(2, ge=0, le=32)
     """Pixel tolerance when matching edges (edge F1)."""
+    reference: Literal["auto", "conditioning_image", "image"] = "auto"
+    """What the condition re-extracted from a generated image is compared with: `conditioning_image`, the
+    held-out row's own; `image`, the condition extracted from the held-out image the same way (so both
+    sides are the same kind, e.g. for data that ships outlines drawn by hand and a canny recipe); auto:
+    `conditioning_image` when the dataset stage made it with this condition, else `image`."""
     at_validation: bool = False
     """Also evaluate at every validation step, to show convergence as a curve."""
