@@ -148,3 +148,28 @@ def test_loader_workers_default_to_none_on_a_cpu_and_some_per_gpu(monkeypatch):
     assert loader_workers(None, torch.device("cuda", 0)) == 4
     monkeypatch.setattr("os.cpu_count", lambda: 4)
     assert loader_workers(None, torch.device("cuda", 0)) == 1
+
+
+def test_evaluate_at_validation_scores_each_validation_step(make_run):
+    loaded, folder = make_run(
+        "train.max_steps=4",
+        "train.validation.every=2",
+        "dataset.holdout=2",
+        "evaluate.enabled=true",
+        "evaluate.at_validation=true",
+        "evaluate.num_inference_steps=1",
+        name="eval-curve",
+    )
+    results = train_controlnet(loaded, folder)
+    steps = [step for step, _ in results["evaluations"]]
+    assert steps == [2, 4]  # every validation, and the final one
+    assert all(0.0 <= scores["edge_f1"] <= 1.0 for _, scores in results["evaluations"])
+    state = json.loads((folder.checkpoints / "step-4" / "state.json").read_text())
+    assert [step for step, _ in state["evaluations"]] == [2]  # the step-4 checkpoint is written before it
+
+
+def test_without_at_validation_training_does_not_evaluate(make_run):
+    loaded, folder = make_run(
+        "train.max_steps=2", "dataset.holdout=2", "evaluate.enabled=true", name="no-curve"
+    )
+    assert train_controlnet(loaded, folder)["evaluations"] == []

@@ -29,6 +29,10 @@ from recipe_runner.training.step import controlnet_loss, draw, inputs_by_encodin
 WARMUP_STEPS = 2  # optimizer steps left out of the steady-state speed (allocator, autotuning, compile)
 
 
+# What a checkpoint keeps of the loop's state (the rest is this run's bookkeeping).
+_RESUMED = ("global_step", "micro_step", "skipped_steps", "last_loss", "seconds", "losses", "evaluations")
+
+
 @dataclass
 class LoopState:
     global_step: int = 0
@@ -41,11 +45,11 @@ class LoopState:
     last_checkpoint: str | None = None
     last_sample: str | None = None
     losses: list[list[float]] = field(default_factory=list)  # [step, loss] at each logging point
+    evaluations: list[list] = field(default_factory=list)  # [step, {metric: value}] (evaluate.at_validation)
     phases: dict[str, float] = field(default_factory=dict)  # filled when profiling
 
     def for_checkpoint(self, session: Session) -> dict:
-        keep = ("global_step", "micro_step", "skipped_steps", "last_loss", "seconds", "losses")
-        state = {k: v for k, v in asdict(self).items() if k in keep}
+        state = {k: v for k, v in asdict(self).items() if k in _RESUMED}
         state["epoch"] = self.micro_step // session.plan.batches_per_epoch
         state["recipe_hash"] = session.recipe.content_hash()
         state["resume_fields"] = resume_fields(session.recipe)
@@ -53,8 +57,7 @@ class LoopState:
 
     @classmethod
     def from_checkpoint(cls, state: dict) -> LoopState:
-        names = ("global_step", "micro_step", "skipped_steps", "last_loss", "seconds", "losses")
-        return cls(**{k: state[k] for k in names if k in state}, last_checkpoint=state.get("path"))
+        return cls(**{k: state[k] for k in _RESUMED if k in state}, last_checkpoint=state.get("path"))
 
 
 class PhaseTimer:
@@ -109,7 +112,37 @@ def validate(session: Session, state: LoopState) -> None:
         path = validation.save_grid(grid, session.folder.samples / f"step-{state.global_step}.png")
         validation.log_grid(accelerator, grid, state.global_step)
         state.last_sample = str(path)
+        if validation.evaluates_at_validation(session.loaded, session.data):
+            _evaluate(session, state, controlnet)
     accelerator.wait_for_everyone()
+
+
+def _evaluate(session: Session, state: LoopState, controlnet: torch.nn.Module) -> None:
+    """Condition fidelity now, as `evaluate/<metric>` at this step: the final evaluate stage's curve."""
+    if session.eval_condition is None:
+        from recipe_runner.conditions import build_condition
+
+        session.eval_condition = build_condition(session.recipe.condition, base_dir=session.loaded.base_dir)
+        session.eval_condition.setup(session.device.type)
+    controlnet.eval()
+    try:
+        with session.encoders_on_device():
+            scores = validation.evaluate_now(
+                session.loaded,
+                session.components,
+                controlnet,
+                session.eval_condition,
+                session.data,
+                session.device,
+                session.weight_dtype,
+            )
+    finally:
+        controlnet.train()
+    values = {k: v for k, v in scores.items() if v is not None and math.isfinite(v)}
+    session.accelerator.log({f"evaluate/{k}": v for k, v in values.items()}, step=state.global_step)
+    state.evaluations.append([state.global_step, values])
+    shown = ", ".join(f"{k} {v:.3f}" for k, v in values.items())
+    session.say(f"[dim]step {state.global_step}: condition fidelity {shown}[/]")
 
 
 def loader_workers(requested: int | None, device: torch.device) -> int:

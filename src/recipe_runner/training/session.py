@@ -11,6 +11,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -48,6 +49,7 @@ class Session:
     max_steps: int
     learning_rate: float
     console: Console | None
+    eval_condition: Any = None  # the condition evaluate.at_validation re-extracts with, set up once
 
     @property
     def recipe(self) -> Recipe:

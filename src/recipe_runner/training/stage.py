@@ -177,6 +177,7 @@ def _results(session: Session, state: LoopState, start_step: int, wall: float) -
         "final_loss": state.last_loss,
         "skipped_steps": state.skipped_steps,
         "losses": state.losses,
+        "evaluations": state.evaluations,
         "phase_seconds": state.phases,  # steps after warm-up, when profiling
         "steady_steps": state.steady_steps,
         "learning_rate": session.learning_rate,

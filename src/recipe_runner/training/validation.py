@@ -93,16 +93,10 @@ def build_pipeline(c: Components, controlnet: ControlNetModel, vae: AutoencoderK
     return pipe
 
 
-def generate(
-    loaded: LoadedRecipe,
-    c: Components,
-    controlnet: ControlNetModel,
-    conds: list[Condition],
-    device: torch.device,
-    dtype: torch.dtype,
-) -> list[list[Image.Image]]:
-    v = loaded.recipe.train.validation
-    res = loaded.recipe.dataset.resolution
+def _pipeline(
+    c: Components, controlnet: ControlNetModel, device: torch.device, dtype: torch.dtype
+) -> tuple[object, contextlib.AbstractContextManager]:
+    """The pipeline for sampling mid-training, and the autocast context to run it in."""
     autocast, vae = contextlib.nullcontext(), None
     if dtype != torch.float32 and device.type == "cuda":
         autocast = torch.autocast(
@@ -117,7 +111,20 @@ def generate(
         controlnet = clone.to(device, dtype=dtype).eval()
         # The SDXL pipeline casts latents for the VAE only from fp16; our fp32 SDXL VAE needs a copy too.
         vae = copy.deepcopy(c.vae).to(dtype=dtype) if c.vae.dtype != dtype else None
-    pipe = build_pipeline(c, controlnet, vae)
+    return build_pipeline(c, controlnet, vae), autocast
+
+
+def generate(
+    loaded: LoadedRecipe,
+    c: Components,
+    controlnet: ControlNetModel,
+    conds: list[Condition],
+    device: torch.device,
+    dtype: torch.dtype,
+) -> list[list[Image.Image]]:
+    v = loaded.recipe.train.validation
+    res = loaded.recipe.dataset.resolution
+    pipe, autocast = _pipeline(c, controlnet, device, dtype)
     generator = torch.Generator(device=device).manual_seed(loaded.recipe.seed)
     outputs = []
     with autocast, torch.no_grad():
@@ -134,6 +141,40 @@ def generate(
             )
             outputs.append(list(result.images))
     return outputs
+
+
+def evaluates_at_validation(loaded: LoadedRecipe, data: DatasetDict) -> bool:
+    spec = loaded.recipe.evaluate
+    return spec.enabled and spec.at_validation and "holdout" in data and len(data["holdout"]) > 0
+
+
+def evaluate_now(
+    loaded: LoadedRecipe,
+    c: Components,
+    controlnet: ControlNetModel,
+    condition: object,
+    data: DatasetDict,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> dict[str, float | None]:
+    """`evaluate.at_validation`: the evaluate stage's scores of the ControlNet as it is now, on the
+    held-out rows (no base-model baseline: that does not change while training)."""
+    from recipe_runner.evaluate.run import evaluate_pipeline, reference_for
+
+    recipe = loaded.recipe
+    pipe, autocast = _pipeline(c, controlnet, device, dtype)
+    with autocast, torch.no_grad():
+        out = evaluate_pipeline(
+            pipe,
+            None,
+            list(data["holdout"]),
+            condition,
+            recipe.evaluate,
+            recipe.seed,
+            shapes=recipe.dataset.source.builtin == "shapes",
+            reference=reference_for(loaded),
+        )
+    return out["mean"]["ours"]
 
 
 def make_grid(conds: list[Condition], images: list[list[Image.Image]], resolution: int) -> Image.Image:
