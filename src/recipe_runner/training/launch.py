@@ -8,8 +8,10 @@ here with its type), so the caller sees the same results and exceptions as a one
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +30,7 @@ from recipe_runner.training.keys import effective_precision
 
 LAUNCH_FILE = "train-launch.json"
 RESULT_FILE = "train-result.json"
+STOP_FILE = "train-stop"  # written by the launching process to ask the workers to stop
 _ERRORS = {"UserError": UserError, "RunFailed": RunFailed, "Interrupted": Interrupted}
 
 
@@ -64,19 +67,36 @@ def _environment() -> dict[str, str]:
     return env
 
 
-def _wait(process: subprocess.Popen, console: Console | None) -> int:
-    """Wait for the workers; a first Ctrl-C (which they receive too) lets them write their checkpoint."""
-    interrupted = False
-    while True:
-        try:
-            return process.wait()
-        except KeyboardInterrupt:
-            if interrupted:
-                process.terminate()
-                raise
-            interrupted = True
+def _wait(launcher: subprocess.Popen, stop_file: Path, console: Console | None) -> tuple[int, bool]:
+    """Wait for the workers. The launcher has a session of its own, so a terminal's Ctrl-C reaches only
+    this process: torch's agent, which answers a signal with a traceback, and workers still importing
+    torch, which would die with one, get none. A first Ctrl-C or SIGTERM writes `stop_file`, which the
+    workers check at each step (they finish it, write a checkpoint and exit); a second Ctrl-C stops
+    them all at once. Returns (exit code, whether a stop was asked for)."""
+    stopping = False
+
+    def stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        if stopping and signum == signal.SIGINT:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(launcher.pid, signal.SIGKILL)
+            raise KeyboardInterrupt
+        if not stopping:
+            write_text(stop_file, f"{signal.Signals(signum).name}\n")
             if console is not None:
-                console.print("[yellow]waiting for the training processes to write a checkpoint...[/]")
+                console.print(
+                    f"[yellow]{signal.Signals(signum).name}: the training processes stop after this step "
+                    "and write a checkpoint (Ctrl-C again to stop at once, without one)[/]"
+                )
+        stopping = True
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return launcher.wait(), stopping
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        stop_file.unlink(missing_ok=True)  # a later run in this folder must not find it
 
 
 def write_launch_spec(loaded: LoadedRecipe, folder: RunFolder, base: str, *, progress: bool) -> None:
@@ -105,10 +125,15 @@ def launch_workers(
     cmd = launch_command(loaded, folder, resume=resume)
     if console is not None:
         console.print(f"[dim]launching {loaded.recipe.launch.num_processes} training processes[/]")
-    code = _wait(subprocess.Popen(cmd, env=_environment()), console)
+    stop_file = folder.root / STOP_FILE
+    stop_file.unlink(missing_ok=True)
+    launcher = subprocess.Popen(cmd, env=_environment(), start_new_session=True)
+    code, stopped = _wait(launcher, stop_file, console)
     try:
         outcome = json.loads(result_file.read_text())
     except (OSError, ValueError):
+        if stopped:
+            raise Interrupted("stopped before training began: no checkpoint was written") from None
         raise RunFailed(
             f"the training processes exited with code {code} without a result; see the output above",
             log=str(folder.log),
@@ -138,7 +163,14 @@ def worker_main(run_dir: Path, resume: bool = False) -> dict | None:
     main = int(os.environ.get("RANK", "0")) == 0
     console = Console() if spec.get("progress") and main else None
     try:
-        results = run_training(loaded, RunFolder(run_dir), resume=resume, console=console, base=spec["base"])
+        results = run_training(
+            loaded,
+            RunFolder(run_dir),
+            resume=resume,
+            console=console,
+            base=spec["base"],
+            stop_file=run_dir / STOP_FILE,
+        )
     except (UserError, RunFailed, Interrupted) as e:
         kind = next(name for name, cls in _ERRORS.items() if isinstance(e, cls))
         outcome = {"type": kind, "message": e.message if hasattr(e, "message") else str(e)}

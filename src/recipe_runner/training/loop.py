@@ -10,10 +10,12 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import signal
 import time
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
@@ -155,6 +157,12 @@ def loader_workers(requested: int | None, device: torch.device) -> int:
     return max(0, min(4, per_gpu - 1))  # one core stays with the training process
 
 
+def _ignore_ctrl_c(_worker_id: int) -> None:
+    # A terminal's Ctrl-C reaches every process of the job: a loader worker that died of it would fail
+    # the step that training finishes before it stops and checkpoints.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _micro_batches(session: Session, state: LoopState, total_micro: int) -> Iterator[tuple[dict, list[int]]]:
     """(batch, global positions) for micro-steps state.micro_step .. total_micro-1, epoch by epoch.
 
@@ -183,6 +191,7 @@ def _micro_batches(session: Session, state: LoopState, total_micro: int) -> Iter
         num_workers=loader_workers(train.dataloader_num_workers, session.device),
         collate_fn=collate,
         pin_memory=session.device.type == "cuda",
+        worker_init_fn=_ignore_ctrl_c,
     )
     for batch, (_, positions) in zip(loader, schedule(), strict=True):
         yield batch, positions
@@ -242,7 +251,9 @@ def _after_update(session: Session, state: LoopState, mean_loss: float, bar: Tra
     return due
 
 
-def train_loop(session: Session, state: LoopState, *, profile: bool = False) -> LoopState:
+def train_loop(
+    session: Session, state: LoopState, *, profile: bool = False, stop_file: Path | None = None
+) -> LoopState:
     recipe, train, accelerator = session.recipe, session.recipe.train, session.accelerator
     c, device, dtype = session.components, session.device, session.weight_dtype
     accelerator.step = state.micro_step  # accelerate's accumulation counter (not reset at epoch ends)
@@ -254,7 +265,7 @@ def train_loop(session: Session, state: LoopState, *, profile: bool = False) -> 
     started_at = state.global_step
     batches = _micro_batches(session, state, total_micro)
     with (
-        StopRequest(session.console) as stop,
+        StopRequest(session.console, stop_file) as stop,
         TrainingProgress(session.console, session.max_steps, started_at) as bar,
     ):
         while state.micro_step < total_micro:

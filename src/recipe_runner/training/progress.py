@@ -9,6 +9,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from pathlib import Path
 from types import FrameType
 
 from rich.console import Console
@@ -17,24 +18,34 @@ from rich.table import Table
 
 
 class StopRequest:
-    """Installs SIGINT/SIGTERM handlers for the duration of a `with` block (main thread only)."""
+    """Installs SIGINT/SIGTERM handlers for the duration of a `with` block (main thread only); with
+    `stop_file`, that file's appearing asks for a stop too (how a launching process asks its workers)."""
 
-    def __init__(self, console: Console | None):
+    def __init__(self, console: Console | None, stop_file: Path | None = None):
         self.console = console
-        self.requested = False
+        self.stop_file = stop_file
+        self._requested = False
         self._first = 0.0
         self._previous: dict[int, object] = {}
 
+    @property
+    def requested(self) -> bool:
+        """Read once per optimizer step: one stat() of the stop file at most."""
+        if not self._requested and self.stop_file is not None and self.stop_file.exists():
+            self._requested = True
+            self._first = time.monotonic()
+        return self._requested
+
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         now = time.monotonic()
-        if self.requested:
+        if self._requested:
             # A launcher forwarding the terminal's Ctrl-C delivers it twice within moments: only a
             # later, deliberate second Ctrl-C stops without a checkpoint.
             if signum == signal.SIGINT and now - self._first > 1.0:
                 signal.signal(signal.SIGINT, signal.default_int_handler)
                 raise KeyboardInterrupt
             return
-        self.requested, self._first = True, now
+        self._requested, self._first = True, now
         if self.console is not None:
             self.console.print(
                 f"[yellow]{signal.Signals(signum).name}: stopping after this step and writing a checkpoint "

@@ -102,8 +102,10 @@ def run_training(
     console: Console | None = None,
     base: str | None = None,
     profile: bool = False,
+    stop_file: Path | None = None,
 ) -> dict:
-    """Train in this process (one of several when launched). `profile` times each phase (benchmark)."""
+    """Train in this process (one of several when launched). `profile` times each phase (benchmark);
+    `stop_file` appearing stops training like a first Ctrl-C (the launching process's way to ask)."""
     _quiet_libraries()
     wall = time.perf_counter()
     session = open_session(loaded, folder, console, base=base)
@@ -123,7 +125,7 @@ def run_training(
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     try:
-        state = train_loop(session, state, profile=profile)
+        state = train_loop(session, state, profile=profile, stop_file=stop_file)
         if state.global_step % loaded.recipe.train.checkpoint_every != 0 and state.global_step > start_step:
             save_checkpoint(session, state)  # the end is always resumable (e.g. to train longer)
         validate(session, state)

@@ -17,8 +17,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         worker_main(args.run_dir, args.resume)
-    except (UserError, RunFailed, Interrupted) as e:
-        # Already reported to the launching process through train-result.json.
+    except Interrupted:
+        # Every rank stops at the same step (they agree on it), and the launching process reads the outcome
+        # from train-result.json and exits 130 itself: a 0 here keeps torch's agent from reporting a failure.
+        return 0
+    except (UserError, RunFailed) as e:
+        # Already reported through train-result.json; non-zero, so that the agent stops the other ranks.
         return e.exit_code
     return 0
 
