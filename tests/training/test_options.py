@@ -139,7 +139,7 @@ def test_loader_workers_give_the_same_batches_across_epochs(make_run):
 
 
 def test_loader_workers_default_to_none_on_a_cpu_and_some_per_gpu(monkeypatch):
-    from recipe_runner.training.loop import loader_workers
+    from recipe_runner.training.data import loader_workers
 
     assert loader_workers(None, torch.device("cpu")) == 0
     assert loader_workers(3, torch.device("cpu")) == 3

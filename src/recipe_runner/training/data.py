@@ -7,6 +7,9 @@ run can jump to any micro-step and see exactly the batches an uninterrupted run 
 from __future__ import annotations
 
 import math
+import os
+import signal
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +17,7 @@ import numpy as np
 import torch
 from datasets import Dataset, DatasetDict, load_from_disk
 from PIL import Image
+from torch.utils.data import DataLoader
 
 from recipe_runner.errors import UserError
 from recipe_runner.recipe.recipe import Recipe
@@ -159,3 +163,48 @@ class BatchPlan:
         start = self.rank * per_process
         positions = list(range(start, start + per_process))
         return chunk[start : start + per_process].tolist(), positions
+
+
+def loader_workers(requested: int | None, device: torch.device) -> int:
+    """The recipe's worker count, or for null: none on a CPU, else up to 4 per local GPU."""
+    if requested is not None:
+        return requested
+    if device.type == "cpu":
+        return 0
+    per_gpu = (os.cpu_count() or 1) // max(1, torch.cuda.device_count())
+    return max(0, min(4, per_gpu - 1))  # one core stays with the training process
+
+
+def _ignore_ctrl_c(_worker_id: int) -> None:
+    # A terminal's Ctrl-C reaches every process of the job: a loader worker that died of it would fail
+    # the step that training finishes before it stops and checkpoints.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def micro_batches(
+    source: RowSource, plan: BatchPlan, start: int, stop: int, workers: int, device: torch.device
+) -> Iterator[tuple[dict, list[int]]]:
+    """(batch, global positions) for micro-steps start .. stop-1, epoch by epoch.
+
+    One DataLoader for the whole run: its workers start once and read ahead across epoch ends."""
+
+    def schedule() -> Iterator[tuple[list[int], list[int]]]:
+        micro = start
+        while micro < stop:
+            epoch, first = divmod(micro, plan.batches_per_epoch)
+            order = plan.epoch_order(epoch)
+            last = min(plan.batches_per_epoch, first + stop - micro)
+            for k in range(first, last):
+                yield plan.batch(order, k)
+            micro += last - first
+
+    loader = DataLoader(
+        source,
+        batch_sampler=(rows for rows, _ in schedule()),  # read once, ahead of the loop when workers run
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=device.type == "cuda",
+        worker_init_fn=_ignore_ctrl_c,
+    )
+    for batch, (_, positions) in zip(loader, schedule(), strict=True):
+        yield batch, positions

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import signal
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -18,11 +16,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 
 from recipe_runner.errors import Interrupted, RunFailed
 from recipe_runner.training import checkpoints, validation
-from recipe_runner.training.data import RowSource, collate
+from recipe_runner.training.data import RowSource, loader_workers, micro_batches
 from recipe_runner.training.keys import resume_fields
 from recipe_runner.training.progress import StopRequest, TrainingProgress
 from recipe_runner.training.session import Session
@@ -147,54 +144,16 @@ def _evaluate(session: Session, state: LoopState, controlnet: torch.nn.Module) -
     session.say(f"[dim]step {state.global_step}: condition fidelity {shown}[/]")
 
 
-def loader_workers(requested: int | None, device: torch.device) -> int:
-    """The recipe's worker count, or for null: none on a CPU, else up to 4 per local GPU."""
-    if requested is not None:
-        return requested
-    if device.type == "cpu":
-        return 0
-    per_gpu = (os.cpu_count() or 1) // max(1, torch.cuda.device_count())
-    return max(0, min(4, per_gpu - 1))  # one core stays with the training process
-
-
-def _ignore_ctrl_c(_worker_id: int) -> None:
-    # A terminal's Ctrl-C reaches every process of the job: a loader worker that died of it would fail
-    # the step that training finishes before it stops and checkpoints.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 def _micro_batches(session: Session, state: LoopState, total_micro: int) -> Iterator[tuple[dict, list[int]]]:
-    """(batch, global positions) for micro-steps state.micro_step .. total_micro-1, epoch by epoch.
-
-    One DataLoader for the whole run: its workers start once and read ahead across epoch ends."""
-    plan, train = session.plan, session.recipe.train
+    recipe = session.recipe
     source = RowSource(
         session.data["train"],
-        session.recipe.dataset.resolution,
-        session.recipe.model.conditioning_channels,
+        recipe.dataset.resolution,
+        recipe.model.conditioning_channels,
         precomputed=session.cache is not None,
     )
-
-    def schedule() -> Iterator[tuple[list[int], list[int]]]:
-        micro = state.micro_step
-        while micro < total_micro:
-            epoch, first = divmod(micro, plan.batches_per_epoch)
-            order = plan.epoch_order(epoch)
-            last = min(plan.batches_per_epoch, first + total_micro - micro)
-            for k in range(first, last):
-                yield plan.batch(order, k)
-            micro += last - first
-
-    loader = DataLoader(
-        source,
-        batch_sampler=(rows for rows, _ in schedule()),  # read once, ahead of the loop when workers run
-        num_workers=loader_workers(train.dataloader_num_workers, session.device),
-        collate_fn=collate,
-        pin_memory=session.device.type == "cuda",
-        worker_init_fn=_ignore_ctrl_c,
-    )
-    for batch, (_, positions) in zip(loader, schedule(), strict=True):
-        yield batch, positions
+    workers = loader_workers(recipe.train.dataloader_num_workers, session.device)
+    return micro_batches(source, session.plan, state.micro_step, total_micro, workers, session.device)
 
 
 def _nonfinite(session: Session, state: LoopState, value: float) -> None:
