@@ -216,10 +216,10 @@ def memory_savers(recipe: Recipe) -> tuple[list[str], Recipe]:
 # latents and no checkpointing: rough figures from public diffusers ControlNet training logs (SD1.5 ≈ 8
 # images/s); SDXL's ~3× bigger UNet ≈ 3 images/s at 512 px (≈ 0.75 at 1024 px).
 IMAGES_PER_S_AT_512 = {"sd1": 8.0, "sd2": 7.5, "sdxl": 3.0}
-# Builtin models on a 2-core CPU (benchmarks/RESULTS.md): tiny-sd at 64 px batch 4 runs 12.8 steps/s,
-# shapes-sd at batch 32 runs 3.45 steps/s; a step costs ≈ 48 ms plus ≈ 7.6 ms per 64 px image.
-CPU_STEP_OVERHEAD_S = 0.048
-CPU_SECONDS_PER_IMAGE_64 = 0.0076
+# Builtin models on a 2-core CPU (benchmarks/RESULTS.md, 2026-12-01): tiny-sd at 64 px batch 4 runs
+# 28.1 steps/s, shapes-sd at batch 32 runs 4.95; a step costs ≈ 11 ms plus ≈ 6.1 ms per 64 px image.
+CPU_STEP_OVERHEAD_S = 0.011
+CPU_SECONDS_PER_IMAGE_64 = 0.0061
 
 
 @dataclass(frozen=True)
@@ -240,7 +240,7 @@ def estimate_time(recipe: Recipe, steps: int | None) -> TimeEstimate:
         images = t.batch_size * (recipe.dataset.resolution / 64) ** 2
         per_micro = CPU_STEP_OVERHEAD_S + CPU_SECONDS_PER_IMAGE_64 * images
         rate = 1 / (per_micro * t.gradient_accumulation_steps)
-        why = "builtin model on a 2-core CPU: ≈ 48 ms a step + 7.6 ms per 64 px image (measured)"
+        why = "builtin model on a 2-core CPU: ≈ 11 ms a step + 6.1 ms per 64 px image (measured)"
     else:
         images = IMAGES_PER_S_AT_512[family] * (512 / recipe.dataset.resolution) ** 2
         if (recipe.launch.mixed_precision or t.mixed_precision) == "no":
