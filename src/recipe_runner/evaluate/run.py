@@ -7,6 +7,7 @@ holds); `evaluate_folder` is the `evaluate` stage over a run folder, writing `ev
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -191,24 +192,18 @@ def evaluate_folder(
     shapes = recipe.dataset.source.builtin == "shapes"
     reference = reference_for(loaded)
 
-    if console is not None:
-        with _progress(console) as bar:
-            task = bar.add_task("evaluate", total=len(rows))
-            advance = functools.partial(bar.advance, task)
-            out = evaluate_pipeline(
-                pipe,
-                base_pipe,
-                rows,
-                condition,
-                spec,
-                recipe.seed,
-                shapes=shapes,
-                reference=reference,
-                on_row=advance,
-            )
-    else:
+    with _progress(console) if console is not None else contextlib.nullcontext() as bar:
+        advance = functools.partial(bar.advance, bar.add_task("evaluate", total=len(rows))) if bar else None
         out = evaluate_pipeline(
-            pipe, base_pipe, rows, condition, spec, recipe.seed, shapes=shapes, reference=reference
+            pipe,
+            base_pipe,
+            rows,
+            condition,
+            spec,
+            recipe.seed,
+            shapes=shapes,
+            reference=reference,
+            on_row=advance,
         )
 
     images = out.pop("images")

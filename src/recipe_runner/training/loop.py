@@ -105,38 +105,34 @@ def validate(session: Session, state: LoopState) -> None:
                     session.device,
                     session.weight_dtype,
                 )
+                if validation.evaluates_at_validation(session.loaded, session.data):
+                    _evaluate(session, state, controlnet)  # with the same models in place
         finally:
             controlnet.train()
         grid = validation.make_grid(conds, images, session.recipe.dataset.resolution)
         path = validation.save_grid(grid, session.folder.samples / f"step-{state.global_step}.png")
         validation.log_grid(accelerator, grid, state.global_step)
         state.last_sample = str(path)
-        if validation.evaluates_at_validation(session.loaded, session.data):
-            _evaluate(session, state, controlnet)
     accelerator.wait_for_everyone()
 
 
 def _evaluate(session: Session, state: LoopState, controlnet: torch.nn.Module) -> None:
-    """Condition fidelity now, as `evaluate/<metric>` at this step: the final evaluate stage's curve."""
+    """Condition fidelity now, as `evaluate/<metric>` at this step: the final evaluate stage's curve.
+    Called by `validate` with the ControlNet in eval mode and the encoders on the device."""
     if session.eval_condition is None:
         from recipe_runner.conditions import build_condition
 
         session.eval_condition = build_condition(session.recipe.condition, base_dir=session.loaded.base_dir)
         session.eval_condition.setup(session.device.type)
-    controlnet.eval()
-    try:
-        with session.encoders_on_device():
-            scores = validation.evaluate_now(
-                session.loaded,
-                session.components,
-                controlnet,
-                session.eval_condition,
-                session.data,
-                session.device,
-                session.weight_dtype,
-            )
-    finally:
-        controlnet.train()
+    scores = validation.evaluate_now(
+        session.loaded,
+        session.components,
+        controlnet,
+        session.eval_condition,
+        session.data,
+        session.device,
+        session.weight_dtype,
+    )
     values = {k: v for k, v in scores.items() if v is not None and math.isfinite(v)}
     session.accelerator.log({f"evaluate/{k}": v for k, v in values.items()}, step=state.global_step)
     state.evaluations.append([state.global_step, values])
