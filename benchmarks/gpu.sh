@@ -47,6 +47,9 @@ case "${1:-sd15}" in
     step sd15-fast 150 --arch "$SD" --batch-size 8 "${FAST[@]}" --modes reference,ours --rounds 1 --steps 15
     step sd15-low-vram 120 --arch "$SD" --preset low-vram --batch-size 1 --modes ours --rounds 1 --steps 2 \
       ${QUICK:+--set train.optimizer=adamw --set train.mixed_precision=no}
+    # The same step traced on fake tensors (benchmarks/memory.py), beside the measured peak above.
+    timeout 120 $PY benchmarks/memory.py --arch "$SD" --preset low-vram --modes reference,ours \
+      --json "$OUT/memory-sd15-low-vram.json" | sed -n '/traced on fake/,$p'
     $PY benchmarks/flops.py --arch "$FLOPS" >"$OUT/flops.json"
     ;;
   sdxl)

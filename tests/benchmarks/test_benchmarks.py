@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 import archs
 import flops
+import memory
 import train_speed
 
 
@@ -70,3 +71,29 @@ def test_with_a_preset_the_reference_keeps_the_flags_train_controlnet_has(tmp_pa
 def test_an_unknown_preset_is_refused():
     with pytest.raises(SystemExit, match=r"no .*nope\.yaml"):
         train_speed.preset_path("nope")
+
+
+@pytest.mark.parametrize(
+    ("preset", "overrides"),
+    [("low-vram", []), (None, ["train.batch_size=4", "train.gradient_checkpointing=false"])],
+    ids=["low-vram-b1", "b4-no-checkpointing"],
+)
+def test_the_traced_sd15_step_and_the_plan_estimate_agree(tmp_path, preset, overrides):
+    """benchmarks/memory.py traces the real SD 1.5 step on fake tensors (seconds, no memory);
+    `recipe plan`'s table-based estimate must stay within 15% of it, overhead aside."""
+    pytest.importorskip("bitsandbytes")
+    loaded = memory.bench_recipe(tmp_path, "sd15", preset, overrides, "ours")
+    traced = memory.trace(loaded, "sd15", tmp_path / "models")
+    params = traced["frozen_weights_gb"] + traced["controlnet_weights_gb"] + traced["optimizer_state_gb"]
+    assert params < traced["peak_gb"] < params + 6
+    assert traced["frozen_weights_gb"] == pytest.approx(860e6 * 2 / 2**30, rel=0.01)  # fp16 UNet
+    plan = memory.plan_estimate(loaded)
+    assert plan["total_gb"] - plan["overhead_gb"] == pytest.approx(traced["peak_gb"], rel=0.15)
+
+
+def test_the_autocast_cache_would_hold_the_controlnet_copies(tmp_path):
+    """With gradient checkpointing, autocast's weight cache is what keeps the half copies alive."""
+    loaded = memory.bench_recipe(tmp_path, "tiny", None, ["train.gradient_checkpointing=true"], "ours")
+    off = memory.trace(loaded, "tiny", tmp_path / "models", autocast_cache=False)
+    on = memory.trace(loaded, "tiny", tmp_path / "models", autocast_cache=True)
+    assert on["phases_gb"]["forward"] > off["phases_gb"]["forward"]

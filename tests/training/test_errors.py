@@ -50,7 +50,11 @@ def test_a_folder_without_a_unet_is_a_user_error(make_run, tmp_path):
     assert "lacks unet/" in info.value.message
 
 
-def test_adamw_8bit_without_bitsandbytes_names_the_extra(make_run):
+def test_adamw_8bit_without_bitsandbytes_names_the_extra(make_run, monkeypatch):
+    from recipe_runner.training import features
+
+    installed = features._installed
+    monkeypatch.setattr(features, "_installed", lambda m: m != "bitsandbytes" and installed(m))
     loaded, folder = make_run("train.optimizer=adamw_8bit")
     with pytest.raises(UserError) as info:
         train_controlnet(loaded, folder)
@@ -104,3 +108,15 @@ def test_nonfinite_loss_skip_skips_that_update(make_run, monkeypatch):
 
     weights = load_file(folder.controlnet / "diffusion_pytorch_model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="bitsandbytes runs on the GPU there")
+def test_adamw_8bit_with_a_cuda_only_bitsandbytes_on_a_cpu_is_a_user_error(make_run, monkeypatch):
+    pytest.importorskip("bitsandbytes")
+    from recipe_runner.training import features
+
+    monkeypatch.setattr(features, "_bnb_runs_on_cpu", lambda: False)
+    loaded, folder = make_run("train.optimizer=adamw_8bit")
+    with pytest.raises(UserError) as info:
+        prepare_training(loaded, folder)
+    assert "no CPU kernel" in info.value.message and "train.optimizer: adamw" in info.value.hint

@@ -173,3 +173,22 @@ def test_without_at_validation_training_does_not_evaluate(make_run):
         "train.max_steps=2", "dataset.holdout=2", "evaluate.enabled=true", name="no-curve"
     )
     assert train_controlnet(loaded, folder)["evaluations"] == []
+
+
+def test_mixed_precision_runs_the_controlnet_under_autocast_without_its_weight_cache(make_run, monkeypatch):
+    """The cache would hold a half copy of every ControlNet weight until the forward pass ends, which
+    gradient checkpointing otherwise frees block by block (benchmarks/memory.py)."""
+    from diffusers import ControlNetModel
+
+    seen = []
+    forward = ControlNetModel.forward
+
+    def spy(self, *args, **kwargs):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        seen.append(torch.is_autocast_cache_enabled())
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(ControlNetModel, "forward", spy)
+    loaded, folder = make_run("train.max_steps=1", "train.mixed_precision=bf16")
+    train_controlnet(loaded, folder)
+    assert seen[:2] == [(True, torch.bfloat16), False]  # the first call is the training step's

@@ -107,3 +107,24 @@ def test_resume_with_a_changed_recipe_is_a_user_error(make_run):
     results = train_controlnet(loaded, folder)
     assert results["resumed_from"] is None
     assert sorted(p.name for p in folder.checkpoints.iterdir()) == ["step-2"]
+
+
+def test_adamw_8bit_trains_and_resumes_bit_identically_on_the_cpu(make_run, monkeypatch):
+    """bitsandbytes' 8-bit AdamW (the low-VRAM preset's) runs on the CPU: its quantised state goes into
+    the checkpoint and comes back, so a resumed run ends where an uninterrupted one does."""
+    pytest.importorskip("bitsandbytes")
+    settings = ("train.max_steps=3", "train.optimizer=adamw_8bit", "train.checkpoint_every=10")
+    loaded, straight = make_run(*settings, name="straight")
+    train_controlnet(loaded, straight)
+    loaded, stopped = make_run(*settings, name="stopped")
+    with monkeypatch.context() as patch:
+        _interrupt_at(patch, 1)
+        with pytest.raises(Interrupted):
+            train_controlnet(loaded, stopped)
+    results = train_controlnet(loaded, stopped, resume=True)
+    assert results["resumed_from"] == 2 and results["steps"] == 3  # the loop checkpoints at step 2
+    assert _same_weights(straight, stopped)
+    # The 8-bit update is not the fp32 one: the same run with torch's AdamW ends elsewhere.
+    loaded, fp32 = make_run("train.max_steps=3", "train.checkpoint_every=10", name="fp32")
+    train_controlnet(loaded, fp32)
+    assert not _same_weights(straight, fp32)

@@ -51,12 +51,20 @@ BUILTIN_SIZES = {
     "tiny-sdxl": ModelSize(1.98e6, 1.38e6, 1.03e6, 0.08e6, "builtin:tiny-sdxl (counted)"),
     "shapes-sd": ModelSize(1.43e6, 1.09e6, 1.03e6, 0.04e6, "builtin:shapes-sd (tiny-sd sized)"),
 }
-# Activations of one 512 px image through ControlNet + UNet forward and backward, fp16 autocast, SDPA
-# attention, no gradient checkpointing. Calibrated from public reports for diffusers'
-# train_controlnet.py (SD1.5 batch 1 at 512 px peaks around 12-14 GB with fp32 AdamW, of which ~4-5 GB
-# are activations); SDXL's larger attention stages make it heavier per pixel. An estimate, not a measure.
-ACTIVATION_GB_AT_512 = {"sd1": 4.5, "sd2": 4.5, "sdxl": 6.0}
-CHECKPOINTING_SAVES = 3.0  # gradient checkpointing keeps roughly a third of the activations
+# Activations of one image at 512 px, GiB, by (half precision, gradient checkpointing): ControlNet under
+# autocast and the frozen UNet in the half dtype, SDPA attention. Traced with benchmarks/memory.py on the
+# SD 1.5 and SDXL architectures (SDXL at 1024 px, divided by 4; sd2 is taken as sd1), 2026-12-01.
+ACTIVATION_GB_PER_IMAGE_AT_512 = {
+    "sd1": {(True, False): 1.00, (True, True): 0.31, (False, False): 1.76, (False, True): 0.54},
+    "sdxl": {(True, False): 1.62, (True, True): 0.17, (False, False): 3.01, (False, True): 0.44},
+}
+ACTIVATION_GB_PER_IMAGE_AT_512["sd2"] = ACTIVATION_GB_PER_IMAGE_AT_512["sd1"]
+# Autocast's half copies of the ControlNet's weights are saved for backward; gradient checkpointing
+# keeps about a fifth of them (those of the block being recomputed, and the unchecked-pointed ends).
+CAST_COPIES_KEPT = {False: 1.0, True: 0.2}
+# In the backward pass, the gradients fill up while the activations are freed: at its peak about 60% of
+# the forward's activations are still there (traced, 0.36-0.61).
+BACKWARD_ACTIVATION_SHARE = 0.6
 OVERHEAD_GB = 1.0  # CUDA context, cuBLAS/cuDNN workspaces and allocator slack
 
 
@@ -124,12 +132,17 @@ def model_size(recipe: Recipe, base_dir: Path | None = None) -> ModelSize:
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Peak accelerator memory of one training process, in GB (2**30 bytes)."""
+    """Peak accelerator memory of one training process, in GB (2**30 bytes).
+
+    The peak is the larger of two moments: the end of the forward pass (activations, plus the
+    gradients when they are held across micro-steps) and the backward pass (all gradients, part of
+    the activations)."""
 
     frozen_unet_gb: float
-    controlnet_training_gb: float
+    controlnet_training_gb: float  # fp32 weights and optimizer state (and DDP's gradient buckets)
     vae_text_encoders_gb: float
-    activations_gb: float
+    gradients_gb: float  # the ControlNet's fp32 gradients, where the peak holds them
+    activations_gb: float  # saved for backward, with autocast's weight copies, at the peak
     overhead_gb: float
     sizes: ModelSize
 
@@ -139,6 +152,7 @@ class MemoryEstimate:
             self.frozen_unet_gb
             + self.controlnet_training_gb
             + self.vae_text_encoders_gb
+            + self.gradients_gb
             + self.activations_gb
             + self.overhead_gb
         )
@@ -154,28 +168,37 @@ class MemoryEstimate:
 
 
 def estimate_memory(recipe: Recipe, base_dir: Path | None = None) -> MemoryEstimate:
-    """Weights, gradients, optimizer state and activations of one process (see the module docstring)."""
+    """Weights, optimizer state, gradients and activations of one process (see the constants above)."""
     t, family = recipe.train, recipe.model.resolved_family
     sizes = model_size(recipe, base_dir)
-    mixed = (recipe.launch.mixed_precision or t.mixed_precision) != "no"
-    frozen_bytes = 2 if mixed else 4  # frozen weights are stored in the autocast dtype
-    # ControlNet keeps fp32 master weights (4) + fp32 grads (4) + AdamW's two fp32 states (8), or two
-    # 1-byte states with 8-bit AdamW (2).
-    per_param = 4 + 4 + (2 if t.optimizer == "adamw_8bit" else 8)
-    controlnet = sizes.controlnet * per_param
+    half = (recipe.launch.mixed_precision or t.mixed_precision) != "no"
+    frozen_bytes = 2 if half else 4  # frozen weights are stored in the autocast dtype
+    # The ControlNet keeps fp32 master weights (4 bytes a parameter) and AdamW's two fp32 states (8), or
+    # two 1-byte states with 8-bit AdamW (2); its gradients are fp32 (4).
+    controlnet = sizes.controlnet * (4 + (2 if t.optimizer == "adamw_8bit" else 8))
     if recipe.launch.num_processes * recipe.launch.num_machines > 1:
         controlnet += sizes.controlnet * 4  # DDP's gradient buckets hold a second copy of the grads
+    gradients = sizes.controlnet * 4 / GIB
     # With precompute, latents and text embeddings are cached before training and the encoders leave the
     # accelerator; without it they stay resident (frozen, in the autocast dtype).
     encoders = 0.0 if t.precompute else (sizes.vae + sizes.text_encoders) * frozen_bytes
-    reference = FAMILY_SIZES[family].unet
-    act = ACTIVATION_GB_AT_512[family] * (recipe.dataset.resolution / 512) ** 2 * t.batch_size
-    act *= min(1.0, sizes.unet / reference)  # smaller (builtin, pruned) UNets keep smaller activations
-    act *= 1 if mixed else 2
-    if t.gradient_checkpointing:
-        act /= CHECKPOINTING_SAVES
+    per_image = ACTIVATION_GB_PER_IMAGE_AT_512[family][(half, t.gradient_checkpointing)]
+    act = per_image * (recipe.dataset.resolution / 512) ** 2 * t.batch_size
+    act *= min(1.0, sizes.unet / FAMILY_SIZES[family].unet)  # smaller (builtin, pruned) UNets, fewer
+    if half:
+        act += sizes.controlnet * 2 / GIB * CAST_COPIES_KEPT[t.gradient_checkpointing]
+    held = t.gradient_accumulation_steps > 1 or not t.set_grads_to_none
+    forward = act + (gradients if held else 0.0)
+    backward = gradients + BACKWARD_ACTIVATION_SHARE * act
+    at_peak = (gradients if held else 0.0, act) if forward >= backward else (gradients, backward - gradients)
     return MemoryEstimate(
-        sizes.unet * frozen_bytes / GIB, controlnet / GIB, encoders / GIB, act, OVERHEAD_GB, sizes
+        sizes.unet * frozen_bytes / GIB,
+        controlnet / GIB,
+        encoders / GIB,
+        at_peak[0],
+        at_peak[1],
+        OVERHEAD_GB,
+        sizes,
     )
 
 
@@ -187,7 +210,7 @@ def memory_savers(recipe: Recipe) -> tuple[list[str], Recipe]:
         options.append("train.gradient_checkpointing: true (≈ 3× fewer activations, ≈ 30% slower)")
         update["gradient_checkpointing"] = True
     if t.optimizer == "adamw":
-        options.append("train.optimizer: adamw_8bit (bitsandbytes, CUDA only)")
+        options.append("train.optimizer: adamw_8bit (bitsandbytes)")
         update["optimizer"] = "adamw_8bit"
     if (recipe.launch.mixed_precision or t.mixed_precision) == "no":
         options.append("train.mixed_precision: fp16 (bf16 on Ampere or newer)")

@@ -7,6 +7,7 @@ model is loaded, so a user waits seconds, not minutes, for the message.
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import importlib.util
 import logging
 from collections.abc import Iterable
@@ -22,6 +23,26 @@ def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+def _version(package: str) -> str:
+    return importlib.metadata.version(package)
+
+
+def _import_bitsandbytes():
+    # Its CPU backend warns at import about a 4-bit matmul kernel package that optimizers never use.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    return importlib.import_module("bitsandbytes")
+
+
+def _bnb_runs_on_cpu() -> bool:
+    """bitsandbytes >= 0.50 registers CPU kernels for its 8-bit optimizers; older ones are CUDA only."""
+    _import_bitsandbytes()
+    op = "bitsandbytes::optimizer_update_8bit_blockwise"
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(op, "CPU")
+    except RuntimeError:  # no such operator: a bitsandbytes from before the torch.library ops
+        return False
+
+
 def check_environment(recipe: Recipe) -> None:
     """Raise UserError for optional packages or hardware the recipe needs but this machine lacks."""
     train = recipe.train
@@ -32,10 +53,11 @@ def check_environment(recipe: Recipe) -> None:
                 "train.optimizer: adamw_8bit needs the bitsandbytes package, which is not installed",
                 hint="pip install 'recipe-runner[bnb]', or set train.optimizer: adamw",
             )
-        if not cuda:
+        if not cuda and not _bnb_runs_on_cpu():
             raise UserError(
-                "train.optimizer: adamw_8bit needs a CUDA GPU (bitsandbytes), and none is available",
-                hint="set train.optimizer: adamw on this machine",
+                f"train.optimizer: adamw_8bit: bitsandbytes {_version('bitsandbytes')} has no CPU kernel "
+                "for 8-bit AdamW, and no CUDA GPU is available",
+                hint="pip install 'bitsandbytes>=0.50' (CPU optimizers), or set train.optimizer: adamw",
             )
     if train.attention == "xformers":
         if not _installed("xformers"):
@@ -67,6 +89,13 @@ def check_environment(recipe: Recipe) -> None:
         )
 
 
+# autocast keeps the half-precision copy of each fp32 weight it casts until the forward pass ends, for
+# reuse. A ControlNet uses each weight once per forward, so the cache saves no cast; with gradient
+# checkpointing it is the only thing holding the copies, 0.37 GiB of SD 1.5's low-VRAM peak
+# (benchmarks/memory.py). Off, they are freed block by block.
+AUTOCAST_CACHE = False
+
+
 def weight_dtype(recipe: Recipe) -> torch.dtype:
     """Dtype of the frozen weights (the ControlNet's master weights stay fp32)."""
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(effective_precision(recipe), torch.float32)
@@ -81,8 +110,7 @@ def make_optimizer(recipe: Recipe, params: Iterable[torch.nn.Parameter], lr: flo
         "eps": train.adam_epsilon,
     }
     if train.optimizer == "adamw_8bit":
-        bnb = importlib.import_module("bitsandbytes")
-        return bnb.optim.AdamW8bit(params, **settings)
+        return _import_bitsandbytes().optim.AdamW8bit(params, **settings)
     params = list(params)
     if train.fused_optimizer:
         # torch's default AdamW applies the update tensor by tensor (~200 of them in a ControlNet, one

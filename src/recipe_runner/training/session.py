@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration
+from accelerate.utils import AutocastKwargs, GradientAccumulationPlugin, ProjectConfiguration
 from datasets import DatasetDict
 from diffusers.optimization import get_scheduler
 from rich.console import Console
@@ -95,6 +95,7 @@ def make_accelerator(loaded: LoadedRecipe, folder: RunFolder) -> Accelerator:
         log_with=features.tracker_name(recipe),
         project_config=ProjectConfiguration(project_dir=str(folder.root), logging_dir=str(folder.logs)),
         dynamo_backend="inductor" if recipe.train.compile else "no",
+        kwargs_handlers=[AutocastKwargs(cache_enabled=features.AUTOCAST_CACHE)],
     )
 
 
