@@ -192,3 +192,15 @@ def test_mixed_precision_runs_the_controlnet_under_autocast_without_its_weight_c
     loaded, folder = make_run("train.max_steps=1", "train.mixed_precision=bf16")
     train_controlnet(loaded, folder)
     assert seen[:2] == [(True, torch.bfloat16), False]  # the first call is the training step's
+
+
+def test_importing_the_training_stage_prints_no_bitsandbytes_warning():
+    """accelerate/diffusers import bitsandbytes when installed; its CPU backend's import-time warning
+    (a 4-bit kernel package 8-bit AdamW never uses) landed in every run's output and log."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("bitsandbytes")
+    code = "import recipe_runner.training.stage, bitsandbytes"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "kernels" not in out.stderr + out.stdout

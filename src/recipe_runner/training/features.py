@@ -28,9 +28,7 @@ def _version(package: str) -> str:
 
 
 def _import_bitsandbytes():
-    # Its CPU backend warns at import about a 4-bit matmul kernel package that optimizers never use.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-    return importlib.import_module("bitsandbytes")
+    return importlib.import_module("bitsandbytes")  # quietened in training/__init__.py
 
 
 def _bnb_runs_on_cpu() -> bool:
