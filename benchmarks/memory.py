@@ -388,12 +388,9 @@ def main(argv: list[str] | None = None) -> dict:
             optimizer=t.optimizer,
             torch=torch.__version__,
         )
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2))
-    print()
-    print(markdown(report))
-    return report
+    from train_speed import emit
+
+    return emit(report, markdown(report), args.json)
 
 
 if __name__ == "__main__":

@@ -365,11 +365,16 @@ def _main(argv: list[str] | None) -> dict:
         "modes": summarise(rounds),
     }
     _ratios(report, rounds)
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return emit(report, markdown(report), args.json)
+
+
+def emit(report: dict, table: str, path: Path | None) -> dict:
+    """A benchmark's report: JSON on stdout (and in `path`), then its markdown table."""
+    if path:
+        path.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
     print()
-    print(markdown(report))
+    print(table)
     return report
 
 
