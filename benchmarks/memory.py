@@ -194,7 +194,8 @@ def trace(loaded, arch: str, workdir: Path, autocast_cache: bool | None = None) 
     from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
     from recipe_runner.training import features
-    from recipe_runner.training.encoding import move, place_encoders
+    from recipe_runner.training.encoding import place_encoders
+    from recipe_runner.training.session import place_models
     from recipe_runner.training.step import StepInputs, controlnet_loss, draw, inputs_by_encoding
 
     recipe = loaded.recipe
@@ -202,16 +203,11 @@ def trace(loaded, arch: str, workdir: Path, autocast_cache: bool | None = None) 
     dtype = features.weight_dtype(recipe)
     autocast_cache = features.AUTOCAST_CACHE if autocast_cache is None else autocast_cache
     c = _meta_components(loaded, arch, workdir)
-    move(c.unet.requires_grad_(False), "meta", dtype)
-    controlnet = c.controlnet.train()
-    if train.gradient_checkpointing:
-        controlnet.enable_gradient_checkpointing()
-        c.unet.enable_gradient_checkpointing()
-    if train.attention == "eager":  # xformers needs CUDA; its memory is that of SDPA's kernels
-        features.set_attention(recipe, c.unet, controlnet)
-    if train.channels_last:
-        c.unet.to(memory_format=torch.channels_last)
-        controlnet.to(memory_format=torch.channels_last)
+    if train.attention == "xformers":  # needs CUDA; its memory is that of SDPA's kernels
+        setup = recipe.model_copy(update={"train": train.model_copy(update={"attention": "sdpa"})})
+    else:
+        setup = recipe
+    controlnet = place_models(setup, c, "meta", dtype)
     if dtype != torch.float32:  # what accelerator.prepare does to the ControlNet (the UNet runs in half)
         controlnet.forward = _autocast_forward(controlnet.forward, dtype, autocast_cache)
     on_device = [c.unet, controlnet]
@@ -236,11 +232,14 @@ def trace(loaded, arch: str, workdir: Path, autocast_cache: bool | None = None) 
     text_width = sum(e.config.hidden_size for e in c.text_encoders)
     tokens = c.tokenizers[0].model_max_length
     micro_steps = min(train.gradient_accumulation_steps, 2)
+    timesteps = c.noise_scheduler.config.num_train_timesteps
     with fake_mode, live, cuda_autocast_policy():
         for step in range(2):
             for micro in range(micro_steps):
                 with unset_fake_temporarily():
-                    draws = draw(recipe.seed, step * micro_steps + micro, list(range(b)), shape, 1000, 0.0)
+                    draws = draw(
+                        recipe.seed, step * micro_steps + micro, list(range(b)), shape, timesteps, 0.0
+                    )
                 cond = torch.zeros(b, recipe.model.conditioning_channels, res, res)
                 with live.phase("inputs"):
                     if train.precompute:

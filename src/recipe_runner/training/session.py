@@ -128,6 +128,27 @@ def ensure_cache(
             torch.cuda.empty_cache()
 
 
+def place_models(
+    recipe: Recipe, c: Components, device: torch.device | str, dtype: torch.dtype
+) -> torch.nn.Module:
+    """The frozen UNet in `dtype` and the ControlNet in fp32 on `device`, with the recipe's gradient
+    checkpointing, attention and memory format; returns the ControlNet (benchmarks/memory.py traces
+    this same setup)."""
+    train = recipe.train
+    assert c.unet is not None and c.controlnet is not None
+    move(c.unet.requires_grad_(False), device, dtype)
+    controlnet = c.controlnet.to(device)  # fp32 master weights; autocast gives the speed
+    controlnet.train()
+    if train.gradient_checkpointing:
+        controlnet.enable_gradient_checkpointing()
+        c.unet.enable_gradient_checkpointing()
+    features.set_attention(recipe, c.unet, controlnet)
+    if train.channels_last:
+        c.unet.to(memory_format=torch.channels_last)
+        controlnet.to(memory_format=torch.channels_last)
+    return controlnet
+
+
 def open_session(
     loaded: LoadedRecipe, folder: RunFolder, console: Console | None, *, base: str | None = None
 ) -> Session:
@@ -157,17 +178,7 @@ def open_session(
             if accelerator.is_main_process:
                 warn_overlong(c, list(dict.fromkeys(data["train"]["prompt"])), console)
 
-    assert c.unet is not None and c.controlnet is not None
-    move(c.unet.requires_grad_(False), device, dtype)
-    controlnet = c.controlnet.to(device)  # fp32 master weights; autocast gives the speed
-    controlnet.train()
-    if train.gradient_checkpointing:
-        controlnet.enable_gradient_checkpointing()
-        c.unet.enable_gradient_checkpointing()
-    features.set_attention(recipe, c.unet, controlnet)
-    if train.channels_last:
-        c.unet.to(memory_format=torch.channels_last)
-        controlnet.to(memory_format=torch.channels_last)
+    controlnet = place_models(recipe, c, device, dtype)
     if train.compile:
         c.unet = torch.compile(c.unet)
 
