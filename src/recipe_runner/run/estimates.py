@@ -190,13 +190,16 @@ def estimate_memory(recipe: Recipe, base_dir: Path | None = None) -> MemoryEstim
     held = t.gradient_accumulation_steps > 1 or not t.set_grads_to_none
     forward = act + (gradients if held else 0.0)
     backward = gradients + BACKWARD_ACTIVATION_SHARE * act
-    at_peak = (gradients if held else 0.0, act) if forward >= backward else (gradients, backward - gradients)
+    if forward >= backward:
+        grads_at_peak, act_at_peak = (gradients if held else 0.0), act
+    else:
+        grads_at_peak, act_at_peak = gradients, BACKWARD_ACTIVATION_SHARE * act
     return MemoryEstimate(
         sizes.unet * frozen_bytes / GIB,
         controlnet / GIB,
         encoders / GIB,
-        at_peak[0],
-        at_peak[1],
+        grads_at_peak,
+        act_at_peak,
         OVERHEAD_GB,
         sizes,
     )

@@ -23,17 +23,9 @@ def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def _version(package: str) -> str:
-    return importlib.metadata.version(package)
-
-
-def _import_bitsandbytes():
-    return importlib.import_module("bitsandbytes")  # quietened in training/__init__.py
-
-
 def _bnb_runs_on_cpu() -> bool:
     """bitsandbytes >= 0.50 registers CPU kernels for its 8-bit optimizers; older ones are CUDA only."""
-    _import_bitsandbytes()
+    importlib.import_module("bitsandbytes")  # registers its operators (quietened in training/__init__)
     op = "bitsandbytes::optimizer_update_8bit_blockwise"
     try:
         return torch._C._dispatch_has_kernel_for_dispatch_key(op, "CPU")
@@ -52,8 +44,9 @@ def check_environment(recipe: Recipe) -> None:
                 hint="pip install 'recipe-runner[bnb]', or set train.optimizer: adamw",
             )
         if not cuda and not _bnb_runs_on_cpu():
+            version = importlib.metadata.version("bitsandbytes")
             raise UserError(
-                f"train.optimizer: adamw_8bit: bitsandbytes {_version('bitsandbytes')} has no CPU kernel "
+                f"train.optimizer: adamw_8bit: bitsandbytes {version} has no CPU kernel "
                 "for 8-bit AdamW, and no CUDA GPU is available",
                 hint="pip install 'bitsandbytes>=0.50' (CPU optimizers), or set train.optimizer: adamw",
             )
@@ -108,7 +101,8 @@ def make_optimizer(recipe: Recipe, params: Iterable[torch.nn.Parameter], lr: flo
         "eps": train.adam_epsilon,
     }
     if train.optimizer == "adamw_8bit":
-        return _import_bitsandbytes().optim.AdamW8bit(params, **settings)
+        bnb = importlib.import_module("bitsandbytes")
+        return bnb.optim.AdamW8bit(params, **settings)
     params = list(params)
     if train.fused_optimizer:
         # torch's default AdamW applies the update tensor by tensor (~200 of them in a ControlNet, one
