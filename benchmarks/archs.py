@@ -15,11 +15,23 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-SD15_UNET = {
+_UNET = {  # the keys both UNet configs share, with the same values
     "act_fn": "silu",
+    "center_input_sample": False,
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+}
+SD15_UNET = {
+    **_UNET,
     "attention_head_dim": 8,
     "block_out_channels": [320, 640, 1280, 1280],
-    "center_input_sample": False,
     "cross_attention_dim": 768,
     "down_block_types": [
         "CrossAttnDownBlock2D",
@@ -27,37 +39,18 @@ SD15_UNET = {
         "CrossAttnDownBlock2D",
         "DownBlock2D",
     ],
-    "downsample_padding": 1,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 4,
-    "layers_per_block": 2,
-    "mid_block_scale_factor": 1,
-    "norm_eps": 1e-05,
-    "norm_num_groups": 32,
-    "out_channels": 4,
     "sample_size": 64,
     "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
 }
 SDXL_UNET = {
-    "act_fn": "silu",
+    **_UNET,
     "addition_embed_type": "text_time",
     "addition_embed_type_num_heads": 64,
     "addition_time_embed_dim": 256,
     "attention_head_dim": [5, 10, 20],
     "block_out_channels": [320, 640, 1280],
-    "center_input_sample": False,
     "cross_attention_dim": 2048,
     "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "downsample_padding": 1,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 4,
-    "layers_per_block": 2,
-    "mid_block_scale_factor": 1,
-    "norm_eps": 1e-05,
-    "norm_num_groups": 32,
-    "out_channels": 4,
     "projection_class_embeddings_input_dim": 2816,  # pooled bigG (1280) + 6 micro-conditioning x 256
     "sample_size": 128,
     "transformer_layers_per_block": [1, 2, 10],
