@@ -24,11 +24,11 @@ from recipe_runner.data import references
 from recipe_runner.data.cache_key import (
     DATASET_CODE_VERSION,
     computes_condition,
+    current_report,
     dataset_cache_key,
     dataset_status,
     digest,
     key_inputs,
-    old_report,
 )
 from recipe_runner.data.sources import BASE_DIR, ROW, SourceData, fingerprinted_files, load_source
 from recipe_runner.errors import UserError
@@ -59,7 +59,7 @@ def build_dataset(
 ) -> dict:
     """Build the recipe's dataset into `folder.dataset` unless an identical build is there; the report."""
     inputs = key_inputs(loaded)
-    old = None if force or not dataset_status(loaded, folder, inputs)[0] else old_report(folder)
+    old = None if force else current_report(loaded, folder, inputs)[0]
     if old is not None:
         if console is not None:
             console.print(f"dataset: unchanged, using {folder.dataset} ({_rows(old)} rows)", soft_wrap=True)

@@ -70,35 +70,41 @@ def dataset_cache_key(loaded: LoadedRecipe) -> str:
     return digest(key_inputs(loaded))
 
 
-def old_report(folder: RunFolder) -> dict | None:
-    """The built dataset's report.json, or None when there is none (or it is unreadable)."""
+def _old_report(folder: RunFolder) -> dict | None:
     try:
         return json.loads((folder.dataset / "report.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
 
 
-def dataset_status(loaded: LoadedRecipe, folder: RunFolder, inputs: dict | None = None) -> tuple[bool, str]:
-    """(cached?, why): whether `build_dataset` would reuse the built dataset, without reading its data.
-
-    `inputs` are `key_inputs(loaded)` when the caller has them already."""
+def current_report(
+    loaded: LoadedRecipe, folder: RunFolder, inputs: dict | None = None
+) -> tuple[dict | None, str]:
+    """(report, why): the built dataset's report.json when `build_dataset` would reuse it (else None),
+    and why, without reading its data. `inputs` are `key_inputs(loaded)` when the caller has them."""
     if not folder.dataset.exists():
-        return False, "no dataset yet"
-    report = old_report(folder)
+        return None, "no dataset yet"
+    report = _old_report(folder)
     if report is None or not is_complete(folder.dataset):
-        return False, "the dataset folder is incomplete (an earlier build did not finish)"
+        return None, "the dataset folder is incomplete (an earlier build did not finish)"
     inputs = key_inputs(loaded) if inputs is None else inputs
     if report.get("cache_key") != digest(inputs):
-        return False, _what_changed(report.get("key_inputs") or {}, inputs)
+        return None, _what_changed(report.get("key_inputs") or {}, inputs)
     src = loaded.recipe.dataset.source
     recorded = report.get("referenced_files")
     if recorded is None and src.path is not None:
-        return False, "built by a version that did not record the files the data refers to"
+        return None, "built by a version that did not record the files the data refers to"
     stale = references.changed(folder.dataset, recorded or {}, loaded.base_dir)
     if stale is not None:
-        return False, stale
+        return None, stale
     unpinned = " (hub source without a revision: not re-checked)" if src.hub and not src.revision else ""
-    return True, f"unchanged since {report.get('created_at', 'the last build')}{unpinned}"
+    return report, f"unchanged since {report.get('created_at', 'the last build')}{unpinned}"
+
+
+def dataset_status(loaded: LoadedRecipe, folder: RunFolder) -> tuple[bool, str]:
+    """(cached?, why): whether `build_dataset` would reuse the built dataset, without reading its data."""
+    report, why = current_report(loaded, folder)
+    return report is not None, why
 
 
 def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
