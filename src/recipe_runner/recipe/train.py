@@ -80,7 +80,8 @@ class TrainSpec(Section):
     lr_power: float = Field(1.0, gt=0)
     """Power of the `polynomial` schedule."""
     optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
-    """AdamW from torch, or 8-bit AdamW from bitsandbytes (extra `bnb`; needs a CUDA GPU)."""
+    """AdamW from torch, or 8-bit AdamW from bitsandbytes (extra `bnb`; a CUDA GPU, or bitsandbytes >= 0.50
+    on the CPU)."""
     fused_optimizer: bool = True
     """`adamw` only: torch's fused AdamW kernel, one pass over all parameters (the same update, 3-4x
     faster to apply); false: torch's default implementation, as diffusers' train_controlnet.py uses."""
