@@ -135,6 +135,9 @@ def test_memory_savers_lower_the_estimate(cli, write_recipe, tmp_path):
     assert small["total_gb"] < big["total_gb"]
     assert small["params"]["unet"] == 860e6 and small["params"]["controlnet"] == 361e6
     assert big["savers"] and any("low-vram" in s for s in big["savers"])
+    assert any("fp8_base" in s for s in big["savers"])
+    fp8 = plan_json(cli, light, "-o", tmp_path / "a", "--set", "train.fp8_base=true")["memory"]
+    assert fp8["frozen_unet_gb"] == pytest.approx(small["frozen_unet_gb"] / 2)
     assert big["with_savers_gb"] < big["total_gb"]
     r = cli("plan", heavy, "-o", tmp_path / "b")
     assert "estimate" in r.stdout and "A100" in r.stdout

@@ -102,6 +102,12 @@ CASES = [
         ["lr_warmup_steps (20)", "max_steps (10)"],
     ),
     (
+        "fp8-without-checkpointing",
+        BASE + "train: {fp8_base: true}\n",
+        [],
+        ["train.fp8_base", "gradient_checkpointing: true"],
+    ),
+    (
         "validation-counts",
         BASE + "train:\n  validation: {prompts: [a, b], conditioning_images: [x, y, z]}\n",
         [],

@@ -91,6 +91,18 @@ def test_resume_fields_allow_training_longer(tmp_path):
     assert a != resume_fields(load_recipe(path, ["train.batch_size=8"]).recipe)
 
 
+def test_fields_added_later_leave_older_checkpoints_resumable(tmp_path):
+    """A checkpoint written before `train.fp8_base` existed records no such field: at its default the
+    field is left out, so that checkpoint still resumes (and a finished run keeps its cache key)."""
+    path = tmp_path / "r.yaml"
+    path.write_text(RECIPE)
+    assert "train.fp8_base" not in resume_fields(load_recipe(path).recipe)
+    fp8 = resume_fields(
+        load_recipe(path, ["train.fp8_base=true", "train.gradient_checkpointing=true"]).recipe
+    )
+    assert fp8["train.fp8_base"] is True
+
+
 def test_overlong_prompts_are_found(tmp_path):
     from transformers import CLIPTokenizer
 

@@ -23,7 +23,8 @@ MEMORY_HINT = (
     "to use less accelerator memory: extends: base/low-vram.yaml (fp16 frozen weights, 8-bit AdamW, "
     "gradient checkpointing, batch 1 with accumulation), or set train.gradient_checkpointing: true, "
     "train.optimizer: adamw_8bit, train.mixed_precision: fp16, a smaller train.batch_size with more "
-    "train.gradient_accumulation_steps, or a smaller dataset.resolution; `recipe plan` estimates the effect"
+    "train.gradient_accumulation_steps, train.fp8_base: true (the frozen UNet in fp8, with checkpointing), "
+    "or a smaller dataset.resolution; `recipe plan` estimates the effect"
 )
 
 

@@ -60,6 +60,11 @@ def check_environment(recipe: Recipe) -> None:
             raise UserError(
                 "train.attention: xformers needs a CUDA GPU", hint="set train.attention: sdpa on this machine"
             )
+    if train.fp8_base and not cuda and torch.backends.mps.is_available():
+        raise UserError(
+            "train.fp8_base: Apple's MPS backend has no float8 tensors",
+            hint="set train.fp8_base: false on this machine",
+        )
     precision = effective_precision(recipe)
     if precision == "fp16" and not cuda:
         raise UserError(

@@ -33,6 +33,10 @@ _NOT_RESUME_RELEVANT = {
     "attention",
 }
 
+# Fields added after runs were already recorded, left out at their default: checkpoints and finished runs
+# from before them keep resuming and keep their cache keys.
+_OMITTED_AT_DEFAULT = {"fp8_base": False}
+
 
 def sha256_json(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
@@ -61,7 +65,11 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 
 def resume_fields(recipe: Recipe) -> dict[str, Any]:
     """The flattened recipe fields a checkpoint depends on; a resume with other values is refused."""
-    train = {k: v for k, v in recipe.train.model_dump(mode="json").items() if k not in _NOT_RESUME_RELEVANT}
+    train = {
+        k: v
+        for k, v in recipe.train.model_dump(mode="json").items()
+        if k not in _NOT_RESUME_RELEVANT and _OMITTED_AT_DEFAULT.get(k, ...) != v
+    }
     fields = {
         "seed": recipe.seed,
         "model": recipe.model.model_dump(mode="json"),

@@ -1,0 +1,87 @@
+"""`train.fp8_base`: the frozen UNet stored in fp8, cast up layer by layer while it runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+from recipe_runner.training import train_controlnet
+from recipe_runner.training.fp8 import STORAGE_DTYPE, store_in_fp8
+
+
+def _tiny_unet() -> UNet2DConditionModel:
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=8,
+        cross_attention_dim=32,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    ).requires_grad_(False)
+
+
+def _step(unet: UNet2DConditionModel) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output and input gradient of a UNet pass, as a ControlNet's residuals would get them."""
+    torch.manual_seed(1)
+    sample = torch.randn(2, 4, 8, 8)
+    text = torch.randn(2, 7, 32)
+    # What a ControlNet adds: one residual per skip connection, and one at the mid block.
+    shapes = [(32, 8), (32, 8), (32, 4), (64, 4), (64, 4)]
+    residuals = [torch.zeros(2, c, s, s, requires_grad=True) for c, s in shapes]
+    out = unet(
+        sample,
+        10,
+        text,
+        down_block_additional_residuals=residuals[:-1],
+        mid_block_additional_residual=residuals[-1],
+    ).sample
+    out.square().mean().backward()
+    return out.detach(), torch.cat([r.grad.flatten() for r in residuals])
+
+
+@pytest.mark.parametrize("checkpointing", [True, False], ids=["checkpointing", "no-checkpointing"])
+def test_fp8_storage_computes_what_an_fp8_rounded_unet_computes(checkpointing):
+    """Bit for bit, forward and backward, with gradient checkpointing too: diffusers' own layerwise casting
+    changes the weights in place and fails checkpointing's recomputation check there."""
+    stored, rounded = _tiny_unet(), _tiny_unet()
+    n = store_in_fp8(stored, torch.float32)
+    with torch.no_grad():  # the same layers, rounded through fp8 but kept in fp32
+        for p, q in zip(stored.parameters(), rounded.parameters(), strict=True):
+            if p.dtype == STORAGE_DTYPE:
+                q.copy_(q.to(STORAGE_DTYPE).float())
+    assert n > 0.9 * sum(p.numel() for p in rounded.parameters())  # all but norms and a few biases
+    assert stored.conv_in.weight.dtype == STORAGE_DTYPE
+    assert stored.mid_block.resnets[0].norm1.weight.dtype == torch.float32  # norms keep their precision
+    assert stored.dtype == torch.float32  # what pipelines cast their inputs to
+    if checkpointing:
+        stored.enable_gradient_checkpointing()
+        rounded.enable_gradient_checkpointing()
+    stored.train(checkpointing)  # diffusers checkpoints only when training
+    rounded.train(checkpointing)
+    out, grad = _step(stored)
+    expected_out, expected_grad = _step(rounded)
+    assert torch.equal(out, expected_out)
+    assert torch.equal(grad, expected_grad)
+    # Back to fp8 storage after the pass (a checkpointed layer may stay cast up until it next runs).
+    stored_bytes = sum(p.numel() * p.element_size() for p in stored.parameters())
+    assert stored_bytes < 0.35 * sum(p.numel() * 4 for p in rounded.parameters())
+
+
+def test_training_with_fp8_base_trains_and_changes_the_result(make_run):
+    loaded, plain = make_run(
+        "train.max_steps=2", "train.gradient_checkpointing=true", "train.mixed_precision=bf16", name="plain"
+    )
+    reference = train_controlnet(loaded, plain)
+    loaded, folder = make_run(
+        "train.max_steps=2",
+        "train.gradient_checkpointing=true",
+        "train.mixed_precision=bf16",
+        "train.fp8_base=true",
+        name="fp8",
+    )
+    result = train_controlnet(loaded, folder)
+    assert (folder.controlnet / "diffusion_pytorch_model.safetensors").is_file()
+    assert result["final_loss"] != reference["final_loss"]  # the option took effect
+    assert result["final_loss"] == pytest.approx(reference["final_loss"], rel=0.2)
