@@ -65,3 +65,29 @@ def test_accelerate_launch_of_the_cli_trains_with_every_rank(tmp_path):
     log = (tmp_path / "out" / "log.txt").read_text()
     assert "2 process(es)" in log
     assert "train: skipped" in log
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_launched_workers_write_what_they_print_to_the_log(tmp_path):
+    """With launch.num_processes > 1, rank 0's training output reaches log.txt as a one-process run's does,
+    and `--quiet` keeps it off the terminal."""
+    import os
+    import subprocess
+    import sys
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "name: mp\ndataset: {source: {builtin: shapes, num_samples: 24}, resolution: 64}\n"
+        "model: {base: 'builtin:tiny-sd'}\nlaunch: {num_processes: 2}\n"
+        "train: {max_steps: 2, batch_size: 2, validation: {every: 2, num_images: 1, num_rows: 1, "
+        "num_inference_steps: 1}}\nlogging: {tracker: none}\n"
+    )
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "recipe_runner", "train", str(recipe), "-o", str(out), "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = (out / "log.txt").read_text()
+    assert "training 2 steps (from scratch), batch 2 x 1 accumulated x 2 process(es)" in log
+    assert "training 2 steps" not in done.stdout + done.stderr

@@ -65,6 +65,13 @@ def run_console(log_path: Path, *, quiet: bool = False) -> Iterator[Console]:
             tee.flush()
 
 
+def shows_on_terminal(console: Console | None) -> bool:
+    """Whether `console` writes to a terminal (False for no console, or one of `run_console(quiet=True)`)."""
+    if console is None:
+        return False
+    return not (isinstance(console.file, _Tee) and console.file.terminal is None)
+
+
 def quiet_libraries() -> None:
     """Silence the libraries' own progress bars and chatter; our progress and summaries say what matters.
 

@@ -102,7 +102,7 @@ class TrainStage:
             if launched_rank() == 0:  # the user ran `accelerate launch`: the other ranks join here
                 from recipe_runner.training.launch import write_launch_spec
 
-                write_launch_spec(ctx.loaded, ctx.folder, prepared.base, progress=False)
+                write_launch_spec(ctx.loaded, ctx.folder, prepared.base, log=False, terminal=False)
                 announce(ctx.folder, train=True)
                 ctx.announced = True
                 result = train_controlnet(ctx.loaded, ctx.folder, resume=ctx.resume, console=ctx.console)

@@ -26,6 +26,7 @@ from recipe_runner.recipe.loader import LoadedRecipe
 from recipe_runner.recipe.recipe import Recipe
 from recipe_runner.run.atomic import write_text
 from recipe_runner.run.folder import RunFolder
+from recipe_runner.run.runlog import run_console, shows_on_terminal
 from recipe_runner.training.keys import effective_precision
 
 LAUNCH_FILE = "train-launch.json"
@@ -99,13 +100,17 @@ def _wait(launcher: subprocess.Popen, stop_file: Path, console: Console | None) 
         stop_file.unlink(missing_ok=True)  # a later run in this folder must not find it
 
 
-def write_launch_spec(loaded: LoadedRecipe, folder: RunFolder, base: str, *, progress: bool) -> None:
-    """What every worker needs to rebuild the recipe and find the prepared base (read by worker_main)."""
+def write_launch_spec(
+    loaded: LoadedRecipe, folder: RunFolder, base: str, *, log: bool, terminal: bool
+) -> None:
+    """What every worker needs to rebuild the recipe and find the prepared base (read by worker_main);
+    `log`: rank 0 appends what it prints to log.txt, as a one-process run does; `terminal`: and shows it."""
     spec = {
         "recipe_path": str(loaded.path.resolve()),
         "recipe": loaded.recipe.resolved_dict(),
         "base": base,
-        "progress": progress,
+        "log": log,
+        "terminal": terminal,
     }
     write_text(folder.root / LAUNCH_FILE, json.dumps(spec, indent=2))
 
@@ -119,7 +124,9 @@ def launch_workers(
     from recipe_runner.training.stage import prepare_training
 
     prepared = prepare_training(loaded, folder, console)
-    write_launch_spec(loaded, folder, prepared.base, progress=console is not None)
+    write_launch_spec(
+        loaded, folder, prepared.base, log=console is not None, terminal=shows_on_terminal(console)
+    )
     result_file = folder.root / RESULT_FILE
     result_file.unlink(missing_ok=True)
     cmd = launch_command(loaded, folder, resume=resume)
@@ -161,16 +168,20 @@ def worker_main(run_dir: Path, resume: bool = False) -> dict | None:
     loaded = LoadedRecipe(recipe, Path(spec["recipe_path"]), spec["recipe"], {})
     # Not PartialState(): created before the Accelerator, it would ignore ACCELERATE_USE_CPU.
     main = int(os.environ.get("RANK", "0")) == 0
-    console = Console() if spec.get("progress") and main else None
+    folder = RunFolder(run_dir)
     try:
-        results = run_training(
-            loaded,
-            RunFolder(run_dir),
-            resume=resume,
-            console=console,
-            base=spec["base"],
-            stop_file=run_dir / STOP_FILE,
-        )
+        with contextlib.ExitStack() as stack:
+            console = None
+            if main and spec.get("log"):
+                console = stack.enter_context(run_console(folder.log, quiet=not spec.get("terminal")))
+            results = run_training(
+                loaded,
+                folder,
+                resume=resume,
+                console=console,
+                base=spec["base"],
+                stop_file=run_dir / STOP_FILE,
+            )
     except (UserError, RunFailed, Interrupted) as e:
         kind = next(name for name, cls in _ERRORS.items() if isinstance(e, cls))
         outcome = {"type": kind, "message": e.message if hasattr(e, "message") else str(e)}
