@@ -5,15 +5,15 @@ BIN := $(VENV)/bin
 # This machine's pip takes these two from its local disk; elsewhere pick the build for your CUDA.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test lint install schema clean
+.PHONY: demo test lint install schema constraints clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
+$(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/python
 	$(BIN)/pip install -q $(TORCH_SPEC)
-	$(BIN)/pip install -q -e '.[dev,annotators]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev,annotators]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -32,6 +32,12 @@ lint: install
 
 schema: install
 	$(BIN)/recipe schema > schemas/recipe.schema.json
+
+# After a passing `make test` on newer packages: record their versions (torch is TORCH_SPEC's).
+constraints: install
+	{ sed -n '1,2p' constraints.txt; $(BIN)/pip freeze --exclude-editable | \
+	  grep -viE '^(torch|torchvision|triton|nvidia-.*|cuda-.*)=='; } > constraints.txt.tmp
+	mv constraints.txt.tmp constraints.txt
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -29,7 +29,6 @@ from recipe_runner.training import features
 from recipe_runner.training.components import Components, load_components, resolve_base
 from recipe_runner.training.data import BatchPlan, load_rows
 from recipe_runner.training.encoding import move, place_encoders, warn_overlong
-from recipe_runner.training.fp8 import store_in_fp8
 from recipe_runner.training.keys import built_dataset_fingerprint, effective_precision, resume_fields
 from recipe_runner.training.precompute import EncodedCache, build_cache, precompute_key
 
@@ -139,6 +138,8 @@ def place_models(
     assert c.unet is not None and c.controlnet is not None
     move(c.unet.requires_grad_(False), device, dtype)
     if train.fp8_base:  # weights stored in fp8, each layer cast up to `dtype` while it runs
+        from recipe_runner.training.fp8 import store_in_fp8
+
         store_in_fp8(c.unet, dtype)
     controlnet = c.controlnet.to(device)  # fp32 master weights; autocast gives the speed
     controlnet.train()
