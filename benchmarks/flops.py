@@ -24,7 +24,7 @@ ARCH_NAMES = ["tiny-sd", "shapes-sd", "sd15", "sdxl"]
 
 
 def _configs(arch: str) -> tuple[dict, dict]:
-    from archs import ARCHS
+    from recipe_runner.models.archs import ARCHS
 
     if arch in ARCHS:
         return ARCHS[arch].unet, ARCHS[arch].vae

@@ -4,20 +4,10 @@
     python benchmarks/memory.py --arch sd15 --set train.batch_size=4 --modes reference,ours
     python benchmarks/memory.py --arch sdxl --preset low-vram            # 1024 px
 
-The models are diffusers' and transformers' own, built from the architectures' configs (archs.py) or a
-builtin base; the setup is the training session's (frozen weights in the half dtype, fp32 ControlNet,
-gradient checkpointing, attention, channels-last, `features.make_optimizer`, bitsandbytes included);
-the step is ours (`training.step`: inputs from the cache or, in reference mode, by encoding, then
-`controlnet_loss`, backward, clipping, optimizer step). It runs under torch's FakeTensorMode, where
-tensors have shapes, dtypes and strides but no storage, and a dispatch mode adds up the bytes of every
-live storage: parameters, gradients, optimizer state, activations saved for backward, temporaries.
-
-What the figure is: what `torch.cuda.max_memory_allocated()` reports for the same step, less what only a
-GPU allocates (cuDNN/cuBLAS workspaces, the allocator's rounding; typically a few hundred MB). The
-CUDA context (~0.5 GB) is outside both. Emulated: CUDA autocast's policy of running group/layer norm and
-softmax in fp32 (CPU autocast keeps them in half); attention runs as the CPU flash kernel, whose memory
-is that of CUDA's flash and memory-efficient kernels (O(tokens), not O(tokens²)). Not traced: the fp16
-GradScaler (in place, a few bytes) and DDP's gradient buckets (one more copy of the gradients).
+The tracer is `recipe_runner.training.memory_trace` (also behind `recipe plan --trace`; its docstring says
+what the figure is and what it leaves out). This script runs it on the benchmark recipes of train_speed.py,
+on a full-size architecture (models/archs.py) or a builtin base, for one mode or the reference beside
+ours, and puts `recipe plan`'s table-based estimate beside each.
 """
 
 from __future__ import annotations
@@ -27,9 +17,6 @@ import json
 import os
 import sys
 import tempfile
-import weakref
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -38,255 +25,28 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "src"))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-from torch.utils._pytree import tree_map_only  # noqa: E402
 
-GIB = 2**30
 MODES = ("reference", "ours")
 ARCH_BASES = {"tiny": "builtin:tiny-sd", "shapes": "builtin:shapes-sd"}
 HUB_IDS = {"sd1": "runwayml/stable-diffusion-v1-5", "sdxl": "stabilityai/stable-diffusion-xl-base-1.0"}
 
 
-class LiveBytes(TorchDispatchMode):
-    """Bytes of the live tensor storages, their peak, and the peak of each named phase.
-
-    A storage is counted once when an op first returns a tensor on it, and uncounted when it is freed
-    (a weakref callback), which is what a caching allocator's "allocated" figure follows."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.current = self.peak = self._phase_peak = 0
-        self.phases: dict[str, int] = {}
-        self._refs: dict[int, weakref.ref] = {}
-
-    def add(self, tensor: torch.Tensor) -> None:
-        storage = tensor.untyped_storage()
-        key = storage._cdata
-        if key in self._refs:
-            return
-        size = storage.nbytes()
-
-        def freed(_: object, key: int = key, size: int = size) -> None:
-            self.current -= size
-            self._refs.pop(key, None)
-
-        self._refs[key] = weakref.ref(storage, freed)
-        self.current += size
-        self.peak = max(self.peak, self.current)
-        self._phase_peak = max(self._phase_peak, self.current)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        tree_map_only(torch.Tensor, self.add, out)
-        return out
-
-    @contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        self._phase_peak = self.current
-        yield
-        self.phases[name] = max(self.phases.get(name, 0), self._phase_peak)
-
-
-@contextmanager
-def cuda_autocast_policy() -> Iterator[None]:
-    """CUDA autocast runs group/layer norm and softmax in fp32, CPU autocast in half: wrap them to cast
-    their inputs up as CUDA's does, so the traced activations have the dtypes they have on a GPU.
-    (Patched functions rather than a TorchFunctionMode: gradient checkpointing recomputes inside the
-    backward pass, where function modes do not reach.)"""
-    originals = {name: getattr(F, name) for name in ("group_norm", "layer_norm", "softmax")}
-
-    def fp32(fn):
-        def wrapper(*args, **kwargs):
-            if not torch.is_autocast_enabled("cpu"):
-                return fn(*args, **kwargs)
-            up = lambda t: t.float() if t.is_floating_point() else t  # noqa: E731
-            args, kwargs = tree_map_only(torch.Tensor, up, (args, kwargs))
-            with torch.autocast("cpu", enabled=False):
-                return fn(*args, **kwargs)
-
-        return wrapper
-
-    for name, fn in originals.items():
-        setattr(F, name, fp32(fn))
-    try:
-        yield
-    finally:
-        for name, fn in originals.items():
-            setattr(F, name, fn)
-
-
-def _meta_components(loaded, arch: str, folder: Path):
-    """The base model's parts on the meta device (no memory), with the session's ControlNet."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-    from recipe_runner.models.tokenizer import write_tiny_clip_tokenizer
-    from recipe_runner.training.components import Components, load_components, load_controlnet
-
-    if arch in ARCH_BASES:  # a few MB: load it for real, then drop the storage
-        from recipe_runner.models.tiny import resolve_builtin
-
-        base = resolve_builtin(ARCH_BASES[arch].removeprefix("builtin:"), folder)
-        c = load_components(loaded, str(base))
-        for model in (c.unet, c.controlnet, c.vae, *c.text_encoders):
-            model.to("meta")
-        return c
-    from archs import ARCHS
-
-    spec = ARCHS[arch]
-    tokenizers, encoders = [], []
-    with torch.device("meta"):
-        for i, text in enumerate(spec.text):
-            write_tiny_clip_tokenizer(folder / f"tokenizer-{i}")
-            tokenizer = CLIPTokenizer.from_pretrained(folder / f"tokenizer-{i}")
-            config = CLIPTextConfig(vocab_size=len(tokenizer), max_position_embeddings=77, **text)
-            encoders.append((CLIPTextModelWithProjection if i == 1 else CLIPTextModel)(config))
-            tokenizers.append(tokenizer)
-        unet = UNet2DConditionModel.from_config(spec.unet)
-        vae = AutoencoderKL.from_config(spec.vae)
-        scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-        c = Components(spec.family, tokenizers, encoders, vae, scheduler, unet)
-        c.controlnet = load_controlnet(loaded, unet, vae_scale_factor=c.vae_scale_factor)
-    return c
-
-
-def _autocast_forward(forward, dtype: torch.dtype, cache: bool):
-    """accelerate's mixed-precision wrapper: forward under autocast, outputs converted to fp32."""
-    from accelerate.utils import convert_outputs_to_fp32
-
-    def autocast_forward(*args, **kwargs):
-        with torch.autocast("cpu", dtype=dtype, cache_enabled=cache):
-            return forward(*args, **kwargs)
-
-    return convert_outputs_to_fp32(autocast_forward)
-
-
-def _to_fake(module: torch.nn.Module, fake_mode) -> None:
-    """Replace a meta module's parameters and buffers by fake CPU tensors of the same shape and dtype
-    (`module.to()` cannot: it swaps tensors, which fake ones refuse)."""
-    done: dict[int, torch.Tensor] = {}
-
-    def fake(t: torch.Tensor) -> torch.Tensor:
-        if id(t) not in done:
-            with fake_mode:
-                done[id(t)] = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="cpu")
-        return done[id(t)]
-
-    for sub in module.modules():
-        for name, p in list(sub._parameters.items()):
-            if p is not None:
-                sub._parameters[name] = torch.nn.Parameter(fake(p), requires_grad=p.requires_grad)
-        for name, b in list(sub._buffers.items()):
-            if b is not None:
-                sub._buffers[name] = fake(b)
-
-
-def _nbytes(tensors) -> int:
-    """Bytes of the distinct storages under `tensors` (bitsandbytes shares its quantisation maps)."""
-    storages = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in tensors}
-    return sum(storages.values())
-
-
 def trace(loaded, arch: str, workdir: Path, autocast_cache: bool | None = None) -> dict:
-    """Trace two optimizer steps (two micro-steps each when accumulating) of `loaded`'s recipe, with
-    autocast's weight cache as the session sets it (or as `autocast_cache` says)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
+    """The recipe's step traced on `arch`: a builtin base's own configs, or a full-size architecture."""
+    from recipe_runner.training import memory_trace
 
-    from recipe_runner.training import features
-    from recipe_runner.training.encoding import place_encoders
-    from recipe_runner.training.session import place_models
-    from recipe_runner.training.step import StepInputs, controlnet_loss, draw, inputs_by_encoding
-
-    recipe = loaded.recipe
-    train = recipe.train
-    dtype = features.weight_dtype(recipe)
-    autocast_cache = features.AUTOCAST_CACHE if autocast_cache is None else autocast_cache
-    c = _meta_components(loaded, arch, workdir)
-    if train.attention == "xformers":  # needs CUDA; its memory is that of SDPA's kernels
-        setup = recipe.model_copy(update={"train": train.model_copy(update={"attention": "sdpa"})})
+    if arch in ARCH_BASES:
+        components, _ = memory_trace.recipe_components(loaded, workdir)
     else:
-        setup = recipe
-    controlnet = place_models(setup, c, "meta", dtype)
-    if dtype != torch.float32:  # what accelerator.prepare does to the ControlNet (the UNet runs in half)
-        controlnet.forward = _autocast_forward(controlnet.forward, dtype, autocast_cache)
-    on_device = [c.unet, controlnet]
-    if not train.precompute:  # reference mode: the encoders stay on the accelerator
-        place_encoders(c, recipe, "meta", dtype)
-        on_device += [c.vae, *c.text_encoders]
-
-    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-    for model in on_device:
-        _to_fake(model, fake_mode)
-    live = LiveBytes()
-    frozen = _nbytes(t for m in on_device if m is not controlnet for t in [*m.parameters(), *m.buffers()])
-    trainable = _nbytes([*controlnet.parameters(), *controlnet.buffers()])
-    for model in on_device:
-        for t in [*model.parameters(), *model.buffers()]:
-            live.add(t)
-    with unset_fake_temporarily():  # bitsandbytes builds its quantisation maps with real tensors
-        optimizer = features.make_optimizer(recipe, controlnet.parameters(), train.learning_rate)
-
-    b, res = train.batch_size, recipe.dataset.resolution
-    shape = c.latent_shape(res)
-    text_width = sum(e.config.hidden_size for e in c.text_encoders)
-    tokens = c.tokenizers[0].model_max_length
-    micro_steps = min(train.gradient_accumulation_steps, 2)
-    timesteps = c.noise_scheduler.config.num_train_timesteps
-    with fake_mode, live, cuda_autocast_policy():
-        for step in range(2):
-            for micro in range(micro_steps):
-                with unset_fake_temporarily():
-                    draws = draw(
-                        recipe.seed, step * micro_steps + micro, list(range(b)), shape, timesteps, 0.0
-                    )
-                cond = torch.zeros(b, recipe.model.conditioning_channels, res, res)
-                with live.phase("inputs"):
-                    if train.precompute:
-                        pooled = c.text_encoders[-1].config.hidden_size if c.family == "sdxl" else None
-                        inputs = StepInputs(
-                            torch.zeros(b, *shape, dtype=dtype),
-                            torch.zeros(b, *shape, dtype=dtype),
-                            torch.zeros(b, tokens, text_width, dtype=dtype),
-                            torch.zeros(b, pooled, dtype=dtype) if pooled else None,
-                            cond,
-                        )
-                    else:
-                        batch = {
-                            "pixels": torch.zeros(b, 3, res, res),
-                            "prompt": ["a"] * b,
-                            "conditioning": cond,
-                        }
-                        inputs = inputs_by_encoding(c, batch, draws, torch.device("cpu"), dtype)
-                with live.phase("forward"):
-                    loss = controlnet_loss(c, controlnet, inputs, draws, recipe, dtype)
-                with live.phase("backward"):
-                    loss.backward()
-                    del loss, inputs
-            with live.phase("optimizer"):
-                if train.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(controlnet.parameters(), train.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=train.set_grads_to_none)
-    state = _nbytes(v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor))
-    return {
-        "peak_gb": live.peak / GIB,
-        "peak_phase": max(live.phases, key=live.phases.__getitem__),
-        "phases_gb": {k: v / GIB for k, v in live.phases.items()},
-        "frozen_weights_gb": frozen / GIB,
-        "controlnet_weights_gb": trainable / GIB,
-        "optimizer_state_gb": state / GIB,
-        # The rest of the peak: gradients (fp32, the ControlNet's size, when held), activations saved
-        # for backward, and the temporaries of the op running at that moment.
-        "gradients_activations_temporaries_gb": (live.peak - frozen - trainable - state) / GIB,
-    }
+        components = memory_trace.arch_components(loaded, arch, workdir)
+    return memory_trace.trace(loaded, components, autocast_cache)
 
 
 def bench_recipe(root: Path, arch: str, preset: str | None, overrides: list[str], mode: str):
     """The recipe a training benchmark of `arch` would run (train_speed's base, preset and mode)."""
-    from archs import ARCHS
     from train_speed import BASE_RECIPE, MODE_OVERRIDES, preset_path
 
+    from recipe_runner.models.archs import ARCHS
     from recipe_runner.recipe.loader import load_recipe
 
     spec = ARCHS.get(arch)

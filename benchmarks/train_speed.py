@@ -14,7 +14,7 @@ Every mode runs the real training stage on the same model, data, resolution, bat
 Modes alternate over --rounds rounds, their order rotating, so a machine that slows down midway (a
 shared CPU) weighs on all of them alike. Each figure is the median over rounds after 2 warm-up steps;
 the speed-up is the median of the rounds' ours / reference ratios, with their range.
-`--arch sd15`/`sdxl` build random-initialised full-size models (benchmarks/archs.py; no download).
+`--arch sd15`/`sdxl` build random-initialised full-size models (recipe_runner/models/archs.py; no download).
 """
 
 from __future__ import annotations
@@ -319,7 +319,8 @@ def _main(argv: list[str] | None) -> dict:
         parser.error(f"--modes: choose from {', '.join(MODES)}")
 
     import torch
-    from archs import ARCHS, build_random_pipeline
+
+    from recipe_runner.models.archs import ARCHS, build_random_pipeline
 
     if args.threads:
         torch.set_num_threads(args.threads)

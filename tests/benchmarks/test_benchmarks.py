@@ -12,10 +12,11 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
-import archs
 import flops
 import memory
 import train_speed
+
+from recipe_runner.models import archs
 
 
 @pytest.fixture(scope="module")

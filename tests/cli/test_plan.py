@@ -183,3 +183,41 @@ def test_does_not_import_torch(write_recipe, tmp_path, command):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "HEAVY []" in done.stdout
+
+
+def test_trace_gives_the_step_peak_from_the_models_configs_alone(cli, write_recipe, tmp_path):
+    """--trace reads a local base's configs, never its weights (removed here), traces the recipe's own
+    step, adds the overhead (and DDP's gradient copy with several processes), and writes nothing."""
+    from recipe_runner.models.tiny import resolve_builtin
+
+    base = resolve_builtin("tiny-sd", tmp_path / "models")
+    for weights in base.rglob("*.safetensors"):
+        weights.unlink()
+    recipe = write_recipe(RECIPE.replace('"builtin:tiny-sd"', str(base)))
+    run = tmp_path / "run"
+    one = plan_json(cli, recipe, "-o", run, "--trace")["memory"]["traced"]
+    assert one["models"] == f"the configs of {base}"
+    frozen = one["frozen_weights_gb"] + one["controlnet_weights_gb"] + one["optimizer_state_gb"]
+    assert frozen < one["peak_gb"] < frozen + 0.1
+    assert one["total_gb"] == pytest.approx(one["peak_gb"] + one["overhead_gb"], abs=0.01)
+    assert not run.exists()
+
+    two = plan_json(cli, recipe, "-o", run, "--trace", "--set", "launch.num_processes=2")["memory"]["traced"]
+    assert two["ddp_buckets_gb"] == one["controlnet_weights_gb"] > 0
+    # The trace follows the configs: a UNet with three layers per block weighs more than one with two.
+    config = base / "unet" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "layers_per_block": 3}))
+    bigger = plan_json(cli, recipe, "-o", run, "--trace")["memory"]["traced"]
+    assert bigger["frozen_weights_gb"] > one["frozen_weights_gb"]
+    text = cli("plan", recipe, "-o", run, "--trace").stdout
+    assert "memory (traced)" in text and "traced on fake tensors" in text
+
+
+def test_trace_of_an_unreachable_hub_model_uses_its_familys_architecture(cli, write_recipe, tmp_path):
+    """Offline, with nothing downloaded: the standard SD 1.5 architecture, and the plan says so."""
+    recipe = write_recipe(SD15 + "extends: " + str(Path(__file__).parents[2] / "recipes/base/low-vram.yaml"))
+    traced = plan_json(cli, recipe, "-o", tmp_path / "run", "--trace")["memory"]["traced"]
+    assert traced["models"].startswith("the sd15 architecture")
+    assert "runwayml/stable-diffusion-v1-5" in traced["models"]
+    assert traced["frozen_weights_gb"] == pytest.approx(860e6 * 2 / 2**30, rel=0.01)
+    assert 5 < traced["peak_gb"] < 6  # benchmarks/RESULTS.md: 5.43 GiB

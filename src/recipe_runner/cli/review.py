@@ -44,9 +44,11 @@ PLAN_EPILOG = """[bold]Examples[/]
   recipe plan recipes/demo.yaml
   recipe plan recipes/demo.yaml --set dataset.resolution=768 --output-dir runs/demo-768
   recipe plan recipes/fill50k-canny.yaml --json | jq .memory.total_gb
+  recipe plan recipes/fill50k-canny.yaml --trace
 
 Nothing is loaded or run: row counts come from file metadata, memory and time from parameter counts
-and a throughput table (estimates, typically within ±30%).
+and a throughput table (estimates, typically within ±30%). --trace runs the training step on fake
+tensors (torch, the models' configs only, seconds; no GPU needed) for the exact peak memory.
 """
 
 OutputDirOpt = Annotated[
@@ -257,13 +259,21 @@ def plan(
     overrides: SetOpt = None,
     output_dir: OutputDirOpt = None,
     json_: JsonOpt = False,
+    trace: Annotated[
+        bool,
+        typer.Option(
+            "--trace",
+            help="Also trace the training step's peak accelerator memory on fake tensors: exact where the "
+            "estimate is a table; imports torch, reads only the models' configs, takes seconds, no GPU.",
+        ),
+    ] = False,
 ) -> None:
     """What `recipe run` would do: stages that would run or are cached (and why), dataset size, steps,
     and memory and time estimates. Nothing is loaded or run."""
     from recipe_runner.cli.app import load_checked
     from recipe_runner.run.plan import make_plan
 
-    result = make_plan(load_checked(file, overrides), output_dir)
+    result = make_plan(load_checked(file, overrides), output_dir, trace=trace)
     if json_:
         emit_json(result.to_dict())
         return
@@ -299,6 +309,17 @@ def _print_plan(p: Any) -> None:
         f"{m.vae_text_encoders_gb:.1f} + activations {m.activations_gb:.1f} + overhead {m.overhead_gb:.1f}"
         f"\n[dim]{escape(m.sizes.source)}[/]",
     )
+    if p.traced:
+        tr = p.traced
+        ddp = f" + DDP buckets {tr['ddp_buckets_gb']:.1f}" if tr["ddp_buckets_gb"] else ""
+        facts.add_row(
+            "memory (traced)",
+            f"{tr['total_gb']:.1f} GB per process: step peak {tr['peak_gb']:.2f} (in {tr['peak_phase']}: "
+            f"frozen weights {tr['frozen_weights_gb']:.2f} + ControlNet {tr['controlnet_weights_gb']:.2f} + "
+            f"optimizer state {tr['optimizer_state_gb']:.2f} + gradients/activations "
+            f"{tr['gradients_activations_temporaries_gb']:.2f}){ddp} + overhead {tr['overhead_gb']:.1f}"
+            f"\n[dim]traced on fake tensors: {escape(tr['models'])}[/]",
+        )
     t = p.time
     when = f"≈ {format_duration(t.seconds)}" if t.seconds is not None else "unknown"
     facts.add_row(

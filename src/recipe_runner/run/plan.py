@@ -2,9 +2,11 @@
 
 Answers from the recipe and a few file stats, in well under a second: no weights are loaded, no data
 is read (row counts come from parquet metadata, line counts or directory listings), nothing imports
-torch. Stages, their order and whether their outputs are current come from the registry in
-`run/stages.py` (each stage's `status` is cheap by contract); comparing the recipe with the one the run
-folder recorded names the fields that changed.
+torch — except with `trace=True` (`recipe plan --trace`), which traces the training step's peak memory
+on fake tensors (training/memory_trace.py: torch, the models' configs, seconds). Stages, their order
+and whether their outputs are current come from the registry in `run/stages.py` (each stage's `status`
+is cheap by contract); comparing the recipe with the one the run folder recorded names the fields that
+changed.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ class Plan:
     memory_with_savers_gb: float | None
     time: TimeEstimate
     warnings: list[str]
+    traced: dict | None = None  # `--trace`: memory_trace.trace_recipe's figures, with total_gb and fits
 
     @property
     def epochs(self) -> float | None:
@@ -90,6 +93,7 @@ class Plan:
                 "estimate": True,
                 "savers": self.memory_savers,
                 "with_savers_gb": self.memory_with_savers_gb,
+                "traced": self.traced,
             },
             "time": {**self.time.to_dict(), "estimate": True},
             "warnings": self.warnings,
@@ -226,7 +230,7 @@ def training_steps(recipe: Recipe, train_rows: int | None) -> int | None:
     return t.num_epochs * math.ceil(train_rows / effective_batch(recipe))
 
 
-def make_plan(loaded: LoadedRecipe, output_dir: Path | None = None) -> Plan:
+def make_plan(loaded: LoadedRecipe, output_dir: Path | None = None, *, trace: bool = False) -> Plan:
     recipe = loaded.recipe
     folder = RunFolder(run_root(loaded, output_dir))
     stages = stage_plans(loaded, folder)
@@ -239,15 +243,17 @@ def make_plan(loaded: LoadedRecipe, output_dir: Path | None = None) -> Plan:
     memory = estimate_memory(recipe, loaded.base_dir)
     savers, lighter = memory_savers(recipe)
     lighter_gb = round(estimate_memory(lighter, loaded.base_dir).total_gb, 2) if savers else None
+    traced = _traced(loaded, memory) if trace else None
+    need_gb = traced["total_gb"] if traced else memory.total_gb
     warnings = []
-    if memory.total_gb > CARD_SIZES_GB[0]:
-        too_small = [c for c in CARD_SIZES_GB if c < memory.total_gb]
-        fits = memory.fits()
+    if need_gb > CARD_SIZES_GB[0]:
+        too_small = [c for c in CARD_SIZES_GB if c < need_gb]
+        fits = next((c for c in CARD_SIZES_GB if need_gb <= c), None)
         where = (
             f"needs a card with {fits} GB or more" if fits else f"exceeds even {CARD_SIZES_GB[-1]} GB cards"
         )
         warnings.append(
-            f"estimated {memory.total_gb:.1f} GB per process {where} "
+            f"{'traced' if traced else 'estimated'} {need_gb:.1f} GB per process {where} "
             f"(too big for {'/'.join(map(str, too_small))} GB)"
         )
     if steps is None:
@@ -265,8 +271,29 @@ def make_plan(loaded: LoadedRecipe, output_dir: Path | None = None) -> Plan:
         effective_batch=effective_batch(recipe),
         steps=steps,
         memory=memory,
-        memory_savers=savers if memory.total_gb > CARD_SIZES_GB[0] else [],
+        memory_savers=savers if need_gb > CARD_SIZES_GB[0] else [],
         memory_with_savers_gb=lighter_gb,
         time=estimate_time(recipe, steps),
         warnings=warnings,
+        traced=traced,
     )
+
+
+def _traced(loaded: LoadedRecipe, memory: MemoryEstimate) -> dict:
+    """The training step traced on fake tensors (imports torch; seconds), plus what the trace leaves out:
+    the estimate's CUDA overhead and, with several processes, DDP's copy of the gradients."""
+    from recipe_runner.training.memory_trace import trace_recipe
+
+    traced = trace_recipe(loaded)
+    launch = loaded.recipe.launch
+    ddp = traced["controlnet_weights_gb"] if launch.num_processes * launch.num_machines > 1 else 0.0
+    total = traced["peak_gb"] + ddp + memory.overhead_gb
+    rounded = {k: round(v, 3) if isinstance(v, float) else v for k, v in traced.items()}
+    rounded["phases_gb"] = {k: round(v, 3) for k, v in traced["phases_gb"].items()}
+    return {
+        **rounded,
+        "ddp_buckets_gb": round(ddp, 3),
+        "overhead_gb": memory.overhead_gb,
+        "total_gb": round(total, 2),
+        "fits_card_gb": next((c for c in CARD_SIZES_GB if total <= c), None),
+    }

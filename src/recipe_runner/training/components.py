@@ -126,10 +126,32 @@ def _text_encoder_class(base: str, subfolder: str, revision: str | None) -> type
     return cls
 
 
+def _diffusers_model(cls: Any, ref: str, weights: bool, **kwargs: Any) -> Any:
+    """`cls.from_pretrained`, or with `weights=False` the model built from its config alone on the meta
+    device: shapes and dtypes, no storage, nothing read but config.json."""
+    if weights:
+        return cls.from_pretrained(ref, **kwargs)
+    kwargs.pop("variant", None)
+    config = cls.load_config(ref, **kwargs)
+    with torch.device("meta"):
+        return cls.from_config(config)
+
+
+def _text_encoder(base: str, sub: str, spec: Any, weights: bool) -> torch.nn.Module:
+    cls = _text_encoder_class(base, sub, spec.revision)
+    if weights:
+        return cls.from_pretrained(base, subfolder=sub, variant=spec.variant, revision=spec.revision)
+    config = cls.config_class.from_pretrained(base, subfolder=sub, revision=spec.revision)
+    with torch.device("meta"):
+        return cls(config)
+
+
 def load_components(
-    loaded: LoadedRecipe, base: str, *, unet: bool = True, controlnet: bool = True
+    loaded: LoadedRecipe, base: str, *, unet: bool = True, controlnet: bool = True, weights: bool = True
 ) -> Components:
-    """Load the base model's parts on the CPU in fp32 (callers move and cast them)."""
+    """Load the base model's parts on the CPU in fp32 (callers move and cast them); with `weights=False`,
+    only their configs, tokenizers and scheduler are read and the models are built on the meta device
+    (the memory tracer's input)."""
     recipe = loaded.recipe
     spec = recipe.model
     family = spec.resolved_family
@@ -140,15 +162,12 @@ def load_components(
         tokenizers = [AutoTokenizer.from_pretrained(base, subfolder="tokenizer", **common)]
         if family == "sdxl":
             tokenizers.append(AutoTokenizer.from_pretrained(base, subfolder="tokenizer_2", **common))
-        encoders = [
-            _text_encoder_class(base, sub, spec.revision).from_pretrained(
-                base, subfolder=sub, variant=spec.variant, **common
-            )
-            for sub in _TEXT_PARTS[family]
-        ]
+        encoders = [_text_encoder(base, sub, spec, weights) for sub in _TEXT_PARTS[family]]
         noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler", **common)
         unet_model = (
-            UNet2DConditionModel.from_pretrained(base, subfolder="unet", variant=spec.variant, **common)
+            _diffusers_model(
+                UNet2DConditionModel, base, weights, subfolder="unet", variant=spec.variant, **common
+            )
             if unet
             else None
         )
@@ -156,30 +175,30 @@ def load_components(
         raise UserError(
             f"model.base {spec.base!r}: the second text encoder of an SDXL model must have a projection"
         )
-    vae = _load_vae(loaded, base)
+    vae = _load_vae(loaded, base, weights)
     components = Components(family, tokenizers, list(encoders), vae, noise_scheduler, unet_model)
     if unet_model is not None:
         _check_unet(recipe, components)
         if controlnet:
             components.controlnet = load_controlnet(
-                loaded, unet_model, vae_scale_factor=components.vae_scale_factor
+                loaded, unet_model, vae_scale_factor=components.vae_scale_factor, weights=weights
             )
     return components
 
 
-def _load_vae(loaded: LoadedRecipe, base: str) -> AutoencoderKL:
+def _load_vae(loaded: LoadedRecipe, base: str, weights: bool = True) -> AutoencoderKL:
     spec = loaded.recipe.model
     if spec.vae is None:
         with _loading("the VAE of model.base", base):
-            return AutoencoderKL.from_pretrained(
-                base, subfolder="vae", revision=spec.revision, variant=spec.variant
+            return _diffusers_model(
+                AutoencoderKL, base, weights, subfolder="vae", revision=spec.revision, variant=spec.variant
             )
     local = resolve_path(loaded, spec.vae)
     ref = str(local) if local.is_dir() else spec.vae
     # A VAE repository has its config at the top; a whole pipeline folder has it in vae/.
     sub = "vae" if local.is_dir() and not (local / "config.json").is_file() else None
     with _loading("model.vae", spec.vae):
-        return AutoencoderKL.from_pretrained(ref, subfolder=sub)
+        return _diffusers_model(AutoencoderKL, ref, weights, subfolder=sub)
 
 
 def _check_unet(recipe: Recipe, c: Components) -> None:
@@ -201,9 +220,10 @@ def _check_unet(recipe: Recipe, c: Components) -> None:
 
 
 def load_controlnet(
-    loaded: LoadedRecipe, unet: UNet2DConditionModel, *, vae_scale_factor: int = 8
+    loaded: LoadedRecipe, unet: UNet2DConditionModel, *, vae_scale_factor: int = 8, weights: bool = True
 ) -> ControlNetModel:
-    """A ControlNet to fine-tune (model.controlnet) or a new one initialised from the UNet's encoder."""
+    """A ControlNet to fine-tune (model.controlnet) or a new one initialised from the UNet's encoder
+    (with `weights=False`, on the meta device from the configs)."""
     spec = loaded.recipe.model
     if spec.controlnet is None:
         # The conditioning embedding is randomly initialised: seed it, so every process (and a rerun)
@@ -213,15 +233,16 @@ def load_controlnet(
         # builtin shapes base has a 4x VAE): one block fewer per halving.
         blocks = max(1, int(vae_scale_factor).bit_length() - 1)
         channels = (16, 32, 96, 256, 256)[: blocks + 1]
-        return ControlNetModel.from_unet(
-            unet,
-            conditioning_channels=spec.conditioning_channels,
-            conditioning_embedding_out_channels=channels,
-        )
+        with contextlib.nullcontext() if weights else torch.device("meta"):
+            return ControlNetModel.from_unet(
+                unet,
+                conditioning_channels=spec.conditioning_channels,
+                conditioning_embedding_out_channels=channels,
+            )
     local = resolve_path(loaded, spec.controlnet)
     ref = str(local) if local.is_dir() else spec.controlnet
     with _loading("model.controlnet", spec.controlnet):
-        controlnet = ControlNetModel.from_pretrained(ref)
+        controlnet = _diffusers_model(ControlNetModel, ref, weights)
     have = controlnet.config.conditioning_channels
     if have != spec.conditioning_channels:
         raise UserError(

@@ -1,4 +1,4 @@
-"""Full-size Stable Diffusion architectures with random weights, for benchmarks (no download).
+"""Full-size Stable Diffusion architectures with random weights (no download): benchmarks, memory traces.
 
 The configs are those of runwayml/stable-diffusion-v1-5 and stabilityai/stable-diffusion-xl-base-1.0
 (unet/ and vae/ config.json, and the text towers of CLIP ViT-L/14 and OpenCLIP ViT-bigG/14). Random
