@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 from collections import namedtuple
+from pathlib import Path
 
 from PIL import Image
 
@@ -30,6 +31,40 @@ def test_not_enough_disk_is_refused_before_anything_is_written(cli, write_recipe
     assert result.exit_code == 2
     assert "not enough disk space" in result.stderr and "GB free" in result.stderr
     assert not (out / "dataset").exists()
+
+
+def test_a_gpu_with_too_little_free_memory_is_warned_about_before_training(
+    write_recipe, tmp_path, monkeypatch
+):
+    """On a CUDA GPU whose free memory is below `recipe plan`'s estimate, the run says so before the dataset
+    build and precompute spend their time (a warning: the estimate may be off, the run goes on)."""
+    import torch
+    from rich.console import Console
+
+    from recipe_runner.recipe.loader import load_recipe
+    from recipe_runner.run.estimates import estimate_memory
+    from recipe_runner.run.resources import warn_accelerator_memory
+
+    gib = 2**30
+    sd15 = RECIPE.replace("builtin:tiny-sd", "runwayml/stable-diffusion-v1-5").replace("64\n", "512\n")
+    loaded = load_recipe(
+        write_recipe(sd15 + "extends: " + str(Path(__file__).parents[2] / "recipes/base/low-vram.yaml"))
+    )
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+    def printed(free_gib: float, stages: list[str]) -> str:
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *_: (int(free_gib * gib), 8 * gib))
+        console = Console(record=True, width=400)
+        warn_accelerator_memory(loaded, stages, console)
+        return console.export_text()
+
+    need = estimate_memory(loaded.recipe).total_gb
+    assert 3 < need < 7.5
+    warning = printed(3.0, ["dataset", "train"])
+    assert f"estimates {need:.1f} GB" in warning and "3.0 of 8.0 GB free" in warning
+    assert "base/low-vram.yaml" in warning and "--trace" in warning
+    assert printed(7.5, ["dataset", "train"]) == ""
+    assert printed(3.0, ["dataset"]) == ""  # nothing trains
 
 
 def test_out_of_memory_names_the_presets_and_keeps_checkpoints(cli, write_recipe, tmp_path, monkeypatch):

@@ -19,7 +19,7 @@ from recipe_runner.run.atomic import remove_stale_temporaries, write_text
 from recipe_runner.run.distributed import announce, announced, follow, launched_rank
 from recipe_runner.run.folder import RunFolder
 from recipe_runner.run.lockfile import load_run_recipe, new_lock, read_lock, write_lock
-from recipe_runner.run.resources import check_disk
+from recipe_runner.run.resources import check_disk, warn_accelerator_memory
 from recipe_runner.run.runlog import run_console
 from recipe_runner.run.stages import STAGES, RunContext
 
@@ -99,7 +99,9 @@ def _run_stages(
         console.rule(f"[bold]{recipe.name}[/] → {folder.root}")
         ctx = RunContext(loaded, folder, console, previous, lock, resume=resume, force=force)
         names = stages or [n for n, s in STAGES.items() if s.enabled(ctx)]
-        check_disk(loaded, folder.root, [n for n in names if not STAGES[n].status(ctx)[0]])
+        to_run = [n for n in names if not STAGES[n].status(ctx)[0] or (resume and n == "train")]
+        check_disk(loaded, folder.root, to_run)
+        warn_accelerator_memory(loaded, to_run, console)
         for name in names:
             stage = STAGES[name]
             current, why = stage.status(ctx)

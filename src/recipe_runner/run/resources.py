@@ -1,4 +1,5 @@
-"""Resource checks before work starts: enough disk for what the stages will write, and what to do on OOM.
+"""Resource checks before work starts: enough disk for what the stages will write, enough free GPU memory
+for training (a warning: it is an estimate), and what to do on OOM.
 
 Estimates are deliberately generous (PNG-compressed images, fp32 caches, AdamW state in every
 checkpoint): the point is to refuse a run that cannot fit, not to predict the exact size.
@@ -9,9 +10,11 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from rich.console import Console
+
 from recipe_runner.errors import UserError
 from recipe_runner.recipe.loader import LoadedRecipe
-from recipe_runner.run.estimates import model_size
+from recipe_runner.run.estimates import estimate_memory, model_size
 from recipe_runner.run.rows import count_rows
 
 GB = 2**30
@@ -75,4 +78,24 @@ def check_disk(loaded: LoadedRecipe, run_dir: Path, stages: list[str]) -> None:
         f"but {where} has {free / GB:.1f} GB free",
         hint="free some space, pass --output-dir on a larger disk, lower train.checkpoints_total_limit, "
         "or set dataset.max_samples",
+    )
+
+
+def warn_accelerator_memory(loaded: LoadedRecipe, stages: list[str], console: Console) -> None:
+    """Before a run that trains on a CUDA GPU: warn when `recipe plan`'s estimate is more than the GPU's
+    free memory, before the dataset build and the precompute have spent their time."""
+    if "train" not in stages:
+        return
+    import torch  # the training stage is about to import it anyway
+
+    if not torch.cuda.is_available():
+        return
+    free, total = torch.cuda.mem_get_info()
+    need = estimate_memory(loaded.recipe, loaded.base_dir).total_gb
+    if need * GB <= free:
+        return
+    console.print(
+        f"[yellow]warning:[/] `recipe plan` estimates {need:.1f} GB per training process, and this GPU has "
+        f"{free / GB:.1f} of {total / GB:.1f} GB free: training will likely run out of memory. "
+        f"{MEMORY_HINT[0].upper()}{MEMORY_HINT[1:]}; `recipe plan --trace` gives the exact peak."
     )
