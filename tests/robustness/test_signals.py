@@ -146,3 +146,21 @@ def test_ctrl_c_while_the_processes_start_says_nothing_was_saved(write_recipe, t
         assert proc.returncode == 130, err
         assert "Traceback" not in err, err
         assert "stopped before training began" in err or "plus --resume" in err
+
+
+def test_under_accelerate_launch_only_rank_0_says_it_stopped(monkeypatch, capsys):
+    """Every rank of a hand-launched run stops with the same message; printing it once is enough."""
+    from recipe_runner.cli.output import handles_errors
+    from recipe_runner.errors import Interrupted
+
+    @handles_errors
+    def stopped() -> None:
+        raise Interrupted("training stopped at step 3")
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, expected in (("1", ""), ("0", "training stopped at step 3")):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit) as exit_:
+            stopped()
+        assert exit_.value.code == 130
+        assert capsys.readouterr().err.strip() == expected

@@ -64,8 +64,11 @@ def handles_errors(fn: F) -> F:
                 err.print(f"    the log is at {escape(e.log)}")
             raise SystemExit(1) from None
         except (Interrupted, KeyboardInterrupt) as e:
-            msg = str(e) or "interrupted"
-            err.print(f"[yellow]{escape(msg)}[/]")
+            from recipe_runner.run.distributed import launched_rank
+
+            # Under `accelerate launch` every rank stops with the same message: rank 0 says it.
+            if launched_rank() in (None, 0):
+                err.print(f"[yellow]{escape(str(e) or 'interrupted')}[/]")
             raise SystemExit(130) from None
 
     return wrapper  # type: ignore[return-value]
