@@ -221,3 +221,49 @@ def test_trace_of_an_unreachable_hub_model_uses_its_familys_architecture(cli, wr
     assert "runwayml/stable-diffusion-v1-5" in traced["models"]
     assert traced["frozen_weights_gb"] == pytest.approx(860e6 * 2 / 2**30, rel=0.01)
     assert 5 < traced["peak_gb"] < 6  # benchmarks/RESULTS.md: 5.43 GiB
+
+
+@pytest.mark.parametrize(
+    ("base", "resolution", "warned"),
+    [
+        ("runwayml/stable-diffusion-v1-5", 512, False),
+        ("runwayml/stable-diffusion-v1-5", 640, False),
+        ("runwayml/stable-diffusion-v1-5", 1024, True),
+        ("stabilityai/stable-diffusion-xl-base-1.0", 512, True),
+        ("stabilityai/stable-diffusion-xl-base-1.0", 1024, False),
+        ("builtin:tiny-sd", 1024, False),  # builtins are for trying things out
+    ],
+)
+def test_a_resolution_far_from_the_bases_is_warned_about(
+    cli, write_recipe, tmp_path, base, resolution, warned
+):
+    recipe = write_recipe(
+        SD15.replace("runwayml/stable-diffusion-v1-5", base).replace("512", str(resolution))
+    )
+    found = [w for w in plan_json(cli, recipe, "-o", tmp_path / "run")["warnings"] if "trained at" in w]
+    assert bool(found) == warned
+    if warned:
+        assert f"dataset.resolution {resolution}" in found[0]
+
+
+def test_a_local_base_is_judged_by_its_own_image_size(cli, write_recipe, tmp_path):
+    """A local folder says its size itself (UNet sample_size x VAE factor): tiny-sd's is 64 px; and
+    `recipe run` warns as plan does, before it trains."""
+    from recipe_runner.models.tiny import resolve_builtin
+
+    base = resolve_builtin("tiny-sd", tmp_path / "models")
+    recipe = write_recipe(RECIPE.replace('"builtin:tiny-sd"', str(base)))
+    assert not [w for w in plan_json(cli, recipe, "-o", tmp_path / "a")["warnings"] if "trained at" in w]
+    big = write_recipe(
+        RECIPE.replace('"builtin:tiny-sd"', str(base)).replace("resolution: 64", "resolution: 256")
+    )
+    warned = [w for w in plan_json(cli, big, "-o", tmp_path / "b")["warnings"] if "trained at" in w]
+    assert warned == [
+        "dataset.resolution 256 for a base trained at 64 px: far from it, the base model's own images "
+        "degrade (set dataset.resolution: 64 unless that is the point)"
+    ]
+    run = tmp_path / "run"
+    small = ["--set", "dataset.source={builtin: shapes, num_samples: 6}", "--set", "train.max_steps=1"]
+    small += ["--set", "train.validation={num_images: 1, num_rows: 1, num_inference_steps: 1}"]
+    assert cli("train", big, "-o", run, "--quiet", *small).exit_code == 0
+    assert warned[0] in (run / "log.txt").read_text().replace("\n", " ")

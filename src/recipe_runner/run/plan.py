@@ -258,6 +258,8 @@ def make_plan(loaded: LoadedRecipe, output_dir: Path | None = None, *, trace: bo
         )
     if steps is None:
         warnings.append("steps unknown until the dataset size is known (num_epochs with an uncounted source)")
+    if (note := resolution_note(loaded)) is not None:
+        warnings.append(note)
     if train_rows is not None and train_rows < effective_batch(recipe):
         warnings.append(
             f"only {train_rows} training rows for an effective batch of {effective_batch(recipe)}"
@@ -276,6 +278,41 @@ def make_plan(loaded: LoadedRecipe, output_dir: Path | None = None, *, trace: bo
         time=estimate_time(recipe, steps),
         warnings=warnings,
         traced=traced,
+    )
+
+
+# The resolution each family's base models were trained at (SD 2.x: 768 px for the v-prediction models,
+# 512 for -base; either is fine there).
+NATIVE_RESOLUTION = {"sd1": (512,), "sd2": (512, 768), "sdxl": (1024,)}
+
+
+def _folder_resolution(folder: Path) -> int | None:
+    """A local base's own image size: its UNet's sample_size times the VAE's downscaling."""
+    try:
+        unet = json.loads((folder / "unet" / "config.json").read_text())
+        vae = json.loads((folder / "vae" / "config.json").read_text())
+        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def resolution_note(loaded: LoadedRecipe) -> str | None:
+    """A warning when dataset.resolution is far from what the base model was trained at (at half or
+    double it, a UNet's own images degrade, and the ControlNet learns on top of that)."""
+    from recipe_runner.recipe.checks import resolve_path
+
+    model, res = loaded.recipe.model, loaded.recipe.dataset.resolution
+    if model.base.startswith("builtin:"):
+        return None
+    local = resolve_path(loaded, model.base)
+    own = _folder_resolution(local) if local.is_dir() else None
+    native = (own,) if own else NATIVE_RESOLUTION[model.resolved_family]
+    if any(0.75 * n <= res <= 1.5 * n for n in native):
+        return None
+    sizes = " or ".join(f"{n}" for n in native)
+    return (
+        f"dataset.resolution {res} for a base trained at {sizes} px: far from it, the base model's own "
+        f"images degrade (set dataset.resolution: {native[-1]} unless that is the point)"
     )
 
 
