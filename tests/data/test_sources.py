@@ -46,6 +46,25 @@ def test_image_folder_without_metadata_uses_a_constant_prompt_and_folder_labels(
     assert built()["train"]["prompt"][:] == ["a photo of a cat"] * 2 + ["a photo of a dog"] * 3
 
 
+def test_image_folder_with_sidecar_captions_trains_on_them(recipe, build, built, tmp_path, images, folder):
+    """NAME.txt or NAME.caption beside NAME.png (kohya sd-scripts' layout) is the prompt, with no
+    column to set; an image without one gets an empty prompt, and the report says how many; an edited
+    caption rebuilds the dataset."""
+    from recipe_runner.data.cache_key import dataset_status
+
+    images("tagged", 3)
+    (tmp_path / "tagged" / "000.txt").write_text("  a red circle, flat\n", encoding="utf-8")
+    (tmp_path / "tagged" / "001.caption").write_bytes(b"a blue \xff square")
+    loaded = recipe({"source": {"path": "tagged"}, "shuffle": False})
+    report = build(loaded)
+    prompts = built()["train"]["prompt"][:]
+    assert prompts == ["a red circle, flat", "a blue \ufffd square", ""]
+    assert "captions from 2 of 3 .txt/.caption files; 1 image without one: empty prompt)" in report["source"]
+    assert "prompt had invalid UTF-8 (replaced)" in report["warnings"]
+    (tmp_path / "tagged" / "000.txt").write_text("a red circle, outlined", encoding="utf-8")
+    assert not dataset_status(loaded, folder)[0]
+
+
 def test_image_folder_with_conditioning_dir(recipe, build, built, tmp_path, images, make_photo):
     names = images("photos", 3)
     (tmp_path / "edges").mkdir()

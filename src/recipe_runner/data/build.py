@@ -330,7 +330,7 @@ def _summary(console: Console, report: dict, folder: RunFolder) -> None:
     dropped = report["rows_dropped"]
     why = "; ".join(f"{k}: {v['count']}" for k, v in report["dropped"].items())
     console.print(
-        f"dataset: {out} rows"
+        f"dataset: {out} rows from {report['source']}"
         + (f", {dropped} dropped ({why})" if dropped else "")
         + f" in {report['seconds']:.1f} s ({report['rows_per_second']} rows/s) -> {folder.dataset}",
         soft_wrap=True,  # keep the path in one piece

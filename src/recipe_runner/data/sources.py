@@ -234,9 +234,10 @@ def _image_folder(root: Path, cond_dir: Path | None, cond_col: str, work_dir: Pa
         what = f"image folder {root} ({meta.name})"
     else:
         skip = cond_dir.resolve() if cond_dir else None
+        files = list(walk(root))
         images = [
             p
-            for p in walk(root)
+            for p in files
             if p.suffix.lower() in IMAGE_EXTENSIONS and not (skip and p.resolve().is_relative_to(skip))
         ]
         if not images:
@@ -245,8 +246,15 @@ def _image_folder(root: Path, cond_dir: Path | None, cond_col: str, work_dir: Pa
         data: dict[str, list] = {"image": rel}
         if any("/" in r for r in rel):  # images in sub-folders: the folder name is a label, as in imagefolder
             data["label"] = [r.rsplit("/", 2)[-2] if "/" in r else "" for r in rel]
-        ds = datasets.Dataset.from_dict(data)
         what = f"image folder {root}"
+        captions = _sidecar_captions(images, set(files))
+        found = sum(c is not None for c in captions)
+        if found:
+            data["prompt"] = captions
+            n = len(images) - found
+            missing = f"; {n} image{'s' * (n > 1)} without one: empty prompt{'s' * (n > 1)}" if n else ""
+            what += f" (captions from {found} of {len(images)} .txt/.caption files{missing})"
+        ds = datasets.Dataset.from_dict(data)
     if cond_dir is not None:
         if cond_col in ds.column_names:
             raise UserError(
@@ -256,6 +264,21 @@ def _image_folder(root: Path, cond_dir: Path | None, cond_col: str, work_dir: Pa
         ds = ds.add_column(cond_col, [str(cond_dir / str(n)) if n is not None else None for n in names])
     ds = ds.add_column(BASE_DIR, [str(root)] * len(ds))
     return SourceData(ds, what, [c for c in ds.column_names if c != BASE_DIR])
+
+
+# Captions beside the images, NAME.txt (or NAME.caption) for NAME.png: the layout kohya's sd-scripts,
+# SimpleTuner and ai-toolkit read, so a folder prepared for them trains here unchanged.
+CAPTION_EXTENSIONS = (".txt", ".caption")
+
+
+def _sidecar_captions(images: list[Path], files: set[Path]) -> list[str | None]:
+    """Each image's sidecar caption, stripped (invalid UTF-8 replaced, and counted later); None where the
+    image has none."""
+    out: list[str | None] = []
+    for image in images:
+        sidecar = next((f for ext in CAPTION_EXTENSIONS if (f := image.with_suffix(ext)) in files), None)
+        out.append(sidecar.read_bytes().decode("utf-8", errors="replace").strip() if sidecar else None)
+    return out
 
 
 def walk(root: Path) -> Iterator[Path]:

@@ -26,7 +26,8 @@ class Source(Section):
     revision: str | None = None
     """Git revision (branch, tag or commit) of a hub dataset; pin it for reproducible runs."""
     path: str | None = None
-    """A local image folder (with metadata.jsonl or metadata.csv) or a parquet/jsonl/csv/arrow file or folder;
+    """A local image folder (with metadata.jsonl or metadata.csv, or captions in NAME.txt / NAME.caption
+    beside each NAME.png, which become the `prompt` column) or a parquet/jsonl/csv/arrow file or folder;
     relative to the recipe file."""
     format: Literal["auto", "imagefolder", "parquet", "jsonl", "csv", "arrow"] = "auto"
     """Format of `path`; `auto` guesses from the file extension or folder content."""
