@@ -60,10 +60,11 @@ def test_fp8_storage_computes_what_an_fp8_rounded_unet_computes(checkpointing):
         rounded.enable_gradient_checkpointing()
     stored.train(checkpointing)  # diffusers checkpoints only when training
     rounded.train(checkpointing)
-    out, grad = _step(stored)
     expected_out, expected_grad = _step(rounded)
-    assert torch.equal(out, expected_out)
-    assert torch.equal(grad, expected_grad)
+    for _ in range(2):  # the second pass starts where a checkpointed recomputation stopped early
+        out, grad = _step(stored)
+        assert torch.equal(out, expected_out)
+        assert torch.equal(grad, expected_grad)
     # Back to fp8 storage after the pass (a checkpointed layer may stay cast up until it next runs).
     stored_bytes = sum(p.numel() * p.element_size() for p in stored.parameters())
     assert stored_bytes < 0.35 * sum(p.numel() * 4 for p in rounded.parameters())
