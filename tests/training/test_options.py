@@ -47,6 +47,23 @@ def test_an_existing_controlnet_is_fine_tuned(make_run):
     assert "model.conditioning_channels: 3" in info.value.hint
 
 
+def test_a_controlnet_made_for_another_base_is_refused_before_training(make_run, tmp_path):
+    """A ControlNet whose conditioning embedding shrinks images 4x (the shapes-sd base's VAE) cannot
+    steer tiny-sd (8x): a message naming what differs, not a shape error at the first step."""
+    from diffusers import ControlNetModel
+
+    loaded, folder = make_run()
+    unet = load_components(loaded, resolve_base(loaded, folder.models_cache), controlnet=False).unet
+    other = tmp_path / "other-controlnet"
+    ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32, 96)).save_pretrained(other)
+    loaded, folder = make_run(f"model.controlnet={other}", name="other")
+    with pytest.raises(UserError) as info:
+        train_controlnet(loaded, folder)
+    assert "was made for another base" in info.value.message
+    assert "it shrinks conditioning images 4x, the base's VAE 8x" in info.value.message
+    assert "model.controlnet: null" in info.value.hint
+
+
 def test_xformers_without_the_package_names_the_extra(make_run):
     loaded, folder = make_run("train.attention=xformers")
     with pytest.raises(UserError) as info:

@@ -243,6 +243,7 @@ def load_controlnet(
     ref = str(local) if local.is_dir() else spec.controlnet
     with _loading("model.controlnet", spec.controlnet):
         controlnet = _diffusers_model(ControlNetModel, ref, weights)
+    _check_fits(spec.controlnet, spec.base, controlnet, unet, vae_scale_factor)
     have = controlnet.config.conditioning_channels
     if have != spec.conditioning_channels:
         raise UserError(
@@ -251,3 +252,29 @@ def load_controlnet(
             hint=f"set model.conditioning_channels: {have}",
         )
     return controlnet
+
+
+def _check_fits(
+    name: str, base: str, controlnet: ControlNetModel, unet: UNet2DConditionModel, vae_scale_factor: int
+) -> None:
+    """A ControlNet to fine-tune must be one for this base: its encoder the UNet's, its conditioning
+    embedding shrinking images by the VAE's factor (else the first step fails on mismatched shapes)."""
+    c, u = controlnet.config, unet.config
+    wrong = []
+    if list(c.block_out_channels) != list(u.block_out_channels):
+        wrong.append(
+            f"its blocks have {list(c.block_out_channels)} channels, the UNet's {list(u.block_out_channels)}"
+        )
+    if c.cross_attention_dim != u.cross_attention_dim:
+        wrong.append(
+            f"it takes text embeddings of width {c.cross_attention_dim}, the UNet {u.cross_attention_dim}"
+        )
+    shrink = 2 ** (len(c.conditioning_embedding_out_channels) - 1)
+    if shrink != vae_scale_factor:
+        wrong.append(f"it shrinks conditioning images {shrink}x, the base's VAE {vae_scale_factor}x")
+    if wrong:
+        raise UserError(
+            f"model.controlnet {name!r} was made for another base than {base!r}: {'; '.join(wrong)}",
+            hint="fine-tune a ControlNet trained on this base (or its family), or set model.controlnet: "
+            "null to start one from the base's UNet",
+        )
