@@ -28,7 +28,11 @@ import torch  # noqa: E402
 
 MODES = ("reference", "ours")
 ARCH_BASES = {"tiny": "builtin:tiny-sd", "shapes": "builtin:shapes-sd"}
-HUB_IDS = {"sd1": "runwayml/stable-diffusion-v1-5", "sdxl": "stabilityai/stable-diffusion-xl-base-1.0"}
+HUB_IDS = {
+    "sd1": "runwayml/stable-diffusion-v1-5",
+    "sd2": "stabilityai/stable-diffusion-2-1",
+    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
+}
 
 
 def trace(loaded, arch: str, workdir: Path, autocast_cache: bool | None = None) -> dict:
@@ -104,7 +108,7 @@ def markdown(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", choices=[*ARCH_BASES, "sd15", "sdxl"], default="sd15")
+    parser.add_argument("--arch", choices=[*ARCH_BASES, "sd15", "sd21", "sdxl"], default="sd15")
     parser.add_argument("--preset", help="a recipes/base/ preset (fast, low-vram) or a recipe file to extend")
     parser.add_argument(
         "--set", action="append", default=[], help="a recipe override, e.g. train.batch_size=4"

@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _main(argv: list[str] | None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", choices=[*BUILTINS, "sd15", "sdxl"], default="tiny")
+    parser.add_argument("--arch", choices=[*BUILTINS, "sd15", "sd21", "sdxl"], default="tiny")
     parser.add_argument("--resolution", type=int, help="default: 64 (tiny), 512 (sd15), 1024 (sdxl)")
     parser.add_argument("--batch-size", type=int, help="default: the preset's, else 4")
     parser.add_argument("--steps", type=int, default=20, help="measured optimizer steps per run")

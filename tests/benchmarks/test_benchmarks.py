@@ -20,17 +20,17 @@ from recipe_runner.models import archs
 
 
 @pytest.fixture(scope="module")
-def traced_sd15(tmp_path_factory):
-    """`trace(preset, *overrides)`: a traced SD 1.5 step and its recipe, each configuration traced once."""
+def traced_sd(tmp_path_factory):
+    """`trace(preset, *overrides, arch="sd15")`: a traced step and its recipe, each configuration once."""
     root, done = tmp_path_factory.mktemp("sd15"), {}
 
-    def trace(preset: str | None, *overrides: str):
-        if (preset, overrides) not in done:
+    def trace(preset: str | None, *overrides: str, arch: str = "sd15"):
+        if (arch, preset, overrides) not in done:
             work = root / str(len(done))
             work.mkdir()
-            loaded = memory.bench_recipe(work, "sd15", preset, list(overrides), "ours")
-            done[preset, overrides] = loaded, memory.trace(loaded, "sd15", root / "models")
-        return done[preset, overrides]
+            loaded = memory.bench_recipe(work, arch, preset, list(overrides), "ours")
+            done[arch, preset, overrides] = loaded, memory.trace(loaded, arch, root / "models")
+        return done[arch, preset, overrides]
 
     return trace
 
@@ -91,28 +91,33 @@ def test_an_unknown_preset_is_refused():
 
 
 @pytest.mark.parametrize(
-    ("preset", "overrides"),
-    [("low-vram", []), (None, ["train.batch_size=4", "train.gradient_checkpointing=false"])],
-    ids=["low-vram-b1", "b4-no-checkpointing"],
+    ("arch", "preset", "overrides"),
+    [
+        ("sd15", "low-vram", []),
+        ("sd15", None, ["train.batch_size=4", "train.gradient_checkpointing=false"]),
+        ("sd21", "low-vram", []),  # 768 px; the plan's table takes sd2 as sd1
+    ],
+    ids=["sd15-low-vram-b1", "sd15-b4-no-checkpointing", "sd21-low-vram-b1"],
 )
-def test_the_traced_sd15_step_and_the_plan_estimate_agree(traced_sd15, preset, overrides):
-    """benchmarks/memory.py traces the real SD 1.5 step on fake tensors (seconds, no memory);
+def test_the_traced_step_and_the_plan_estimate_agree(traced_sd, arch, preset, overrides):
+    """benchmarks/memory.py traces the real SD 1.5 / 2.1 step on fake tensors (seconds, no memory);
     `recipe plan`'s table-based estimate must stay within 15% of it, overhead aside."""
     pytest.importorskip("bitsandbytes")
-    loaded, traced = traced_sd15(preset, *overrides)
+    loaded, traced = traced_sd(preset, *overrides, arch=arch)
     params = traced["frozen_weights_gb"] + traced["controlnet_weights_gb"] + traced["optimizer_state_gb"]
     assert params < traced["peak_gb"] < params + 6
-    assert traced["frozen_weights_gb"] == pytest.approx(860e6 * 2 / 2**30, rel=0.01)  # fp16 UNet
+    unet = {"sd15": 860e6, "sd21": 866e6}[arch]
+    assert traced["frozen_weights_gb"] == pytest.approx(unet * 2 / 2**30, rel=0.01)  # fp16 UNet
     plan = memory.plan_estimate(loaded)
     assert plan["total_gb"] - plan["overhead_gb"] == pytest.approx(traced["peak_gb"], rel=0.15)
 
 
-def test_fp8_base_lowers_the_traced_sd15_peak_by_most_of_the_frozen_weights(traced_sd15):
+def test_fp8_base_lowers_the_traced_sd_peak_by_most_of_the_frozen_weights(traced_sd):
     """fp8 storage halves the frozen UNet (0.80 of its 1.60 GiB); the cast-up copy of the layer running
     and the checkpointed layers' copies take back a little of it, never most."""
     pytest.importorskip("bitsandbytes")
-    runs = {False: traced_sd15("low-vram")[1]}
-    loaded, runs[True] = traced_sd15("low-vram", "train.fp8_base=true")
+    runs = {False: traced_sd("low-vram")[1]}
+    loaded, runs[True] = traced_sd("low-vram", "train.fp8_base=true")
     assert runs[True]["frozen_weights_gb"] == pytest.approx(860e6 / 2**30, rel=0.01)
     saved = runs[False]["peak_gb"] - runs[True]["peak_gb"]
     assert 0.5 < saved <= runs[False]["frozen_weights_gb"] - runs[True]["frozen_weights_gb"]

@@ -1,9 +1,9 @@
 """Full-size Stable Diffusion architectures with random weights (no download): benchmarks, memory traces.
 
-The configs are those of runwayml/stable-diffusion-v1-5 and stabilityai/stable-diffusion-xl-base-1.0
-(unet/ and vae/ config.json, and the text towers of CLIP ViT-L/14 and OpenCLIP ViT-bigG/14). Random
-weights cost the same compute as trained ones; the tokenizer is the package's offline tiny one, which
-pads to the same 77 tokens.
+The configs are those of runwayml/stable-diffusion-v1-5, stabilityai/stable-diffusion-2-1 and
+stabilityai/stable-diffusion-xl-base-1.0 (unet/ and vae/ config.json, and the text towers of CLIP ViT-L/14,
+OpenCLIP ViT-H/14 and OpenCLIP ViT-bigG/14). Random weights cost the same compute as trained ones; the
+tokenizer is the package's offline tiny one, which pads to the same 77 tokens.
 
     ARCHS["sd15"].unet                 # a config dict, e.g. for the meta-device FLOP count
     build_random_pipeline(folder, "sdxl")   # a from_pretrained-able folder (weights saved in fp16)
@@ -57,6 +57,17 @@ SDXL_UNET = {
     "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
     "use_linear_projection": True,
 }
+SD21_UNET = {  # stabilityai/stable-diffusion-2-1 (768 px, v-prediction); -base differs in sample_size 64
+    **_UNET,
+    "attention_head_dim": [5, 10, 20, 20],
+    "block_out_channels": [320, 640, 1280, 1280],
+    "cross_attention_dim": 1024,
+    "down_block_types": SD15_UNET["down_block_types"],
+    "sample_size": 96,
+    "up_block_types": SD15_UNET["up_block_types"],
+    "upcast_attention": True,
+    "use_linear_projection": True,
+}
 _VAE = {
     "act_fn": "silu",
     "block_out_channels": [128, 256, 512, 512],
@@ -77,6 +88,14 @@ CLIP_L_TEXT = {
     "num_hidden_layers": 12,
     "projection_dim": 768,
     "hidden_act": "quick_gelu",
+}
+OPENCLIP_H_TEXT = {  # SD 2.x keeps 23 of its 24 layers (the penultimate layer's output is the embedding)
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_attention_heads": 16,
+    "num_hidden_layers": 23,
+    "projection_dim": 512,
+    "hidden_act": "gelu",
 }
 CLIP_BIGG_TEXT = {
     "hidden_size": 1280,
@@ -99,6 +118,7 @@ class Arch:
 
 ARCHS = {
     "sd15": Arch(SD15_UNET, SD15_VAE, (CLIP_L_TEXT,), 512, "sd1"),
+    "sd21": Arch(SD21_UNET, {**SD15_VAE, "sample_size": 768}, (OPENCLIP_H_TEXT,), 768, "sd2"),
     "sdxl": Arch(SDXL_UNET, SDXL_VAE, (CLIP_L_TEXT, CLIP_BIGG_TEXT), 1024, "sdxl"),
 }
 

@@ -35,7 +35,7 @@ from recipe_runner.training.components import Components
 
 GIB = 2**30
 # The architecture a hub id's family falls back to when its configs cannot be read (offline, not cached).
-FAMILY_ARCHS = {"sd1": "sd15", "sdxl": "sdxl"}
+FAMILY_ARCHS = {"sd1": "sd15", "sd2": "sd21", "sdxl": "sdxl"}
 
 
 class LiveBytes(TorchDispatchMode):
