@@ -23,8 +23,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "src"))
-
 import torch  # noqa: E402
+
+import recipe_runner  # noqa: E402, F401  (before diffusers: it quiets bitsandbytes' import warning)
 
 MODES = ("reference", "ours")
 ARCH_BASES = {"tiny": "builtin:tiny-sd", "shapes": "builtin:shapes-sd"}

@@ -27,6 +27,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO / "src"))
+import recipe_runner  # noqa: E402, F401  (before diffusers: it quiets bitsandbytes' import warning)
 
 
 def validate_startup(runs: int = 5) -> dict:

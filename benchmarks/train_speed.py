@@ -36,6 +36,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "src"))  # a source checkout works too
+import recipe_runner  # noqa: E402, F401  (before diffusers: it quiets bitsandbytes' import warning)
 
 MODES = ("reference", "precompute", "ours")
 # CPU-sized bases: random tiny SD (the tests'), and the demo's small pretrained one.

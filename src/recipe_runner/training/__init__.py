@@ -5,14 +5,9 @@
 
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING, Any
 
 from recipe_runner.training.keys import training_cache_key
-
-# accelerate/diffusers import bitsandbytes when it is installed, and its CPU backend then warns about a
-# 4-bit matmul kernel package that 8-bit AdamW never uses. Set before anything imports it.
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 if TYPE_CHECKING:
     from recipe_runner.training.launch import launch_workers, worker_main
