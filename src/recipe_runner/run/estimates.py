@@ -209,43 +209,54 @@ def estimate_memory(recipe: Recipe, base_dir: Path | None = None) -> MemoryEstim
     )
 
 
-def memory_savers(recipe: Recipe) -> tuple[list[str], Recipe]:
-    """Options that would lower the estimate and are not in use yet, and the recipe with all of them."""
+def _with_train(recipe: Recipe, update: dict) -> Recipe:
+    """`recipe` with `train` fields replaced (a mixed_precision change also clears launch's override)."""
+    launch = recipe.launch
+    if "mixed_precision" in update:
+        launch = launch.model_copy(update={"mixed_precision": None})
+    return recipe.model_copy(update={"train": recipe.train.model_copy(update=update), "launch": launch})
+
+
+def memory_savers(recipe: Recipe, base_dir: Path | None = None) -> tuple[list[str], Recipe]:
+    """Options that would lower the estimate and are not in use yet, each with what it alone saves, and
+    the recipe with all of them."""
     t = recipe.train
-    options, update = ["extends: base/low-vram.yaml (all of the below but train.fp8_base)"], {}
+    found: list[tuple[str, dict]] = []
     if not t.gradient_checkpointing:
-        options.append("train.gradient_checkpointing: true (≈ 3× fewer activations, ≈ 30% slower)")
-        update["gradient_checkpointing"] = True
+        found.append(("train.gradient_checkpointing: true (≈ 30% slower)", {"gradient_checkpointing": True}))
     if t.optimizer == "adamw":
-        options.append("train.optimizer: adamw_8bit (bitsandbytes)")
-        update["optimizer"] = "adamw_8bit"
+        found.append(("train.optimizer: adamw_8bit (bitsandbytes)", {"optimizer": "adamw_8bit"}))
     if (recipe.launch.mixed_precision or t.mixed_precision) == "no":
-        options.append("train.mixed_precision: fp16 (bf16 on Ampere or newer)")
-        update["mixed_precision"] = "fp16"
+        found.append(("train.mixed_precision: fp16 (bf16 on Ampere or newer)", {"mixed_precision": "fp16"}))
     if t.batch_size > 1:
         acc = t.batch_size * t.gradient_accumulation_steps
-        options.append(
-            f"train.batch_size: 1 with train.gradient_accumulation_steps: {acc} (same effective batch)"
+        found.append(
+            (
+                f"train.batch_size: 1 with train.gradient_accumulation_steps: {acc} (same effective batch)",
+                {"batch_size": 1, "gradient_accumulation_steps": acc},
+            )
         )
-        update.update(batch_size=1, gradient_accumulation_steps=acc)
     if not t.precompute:
-        options.append("train.precompute: true (VAE and text encoders off the accelerator)")
-        update["precompute"] = True
-    if not t.fp8_base:
-        options.append(
-            "train.fp8_base: true (the frozen UNet stored in fp8, half its memory; a little speed and "
-            "fidelity; needs gradient_checkpointing)"
+        found.append(
+            ("train.precompute: true (VAE and text encoders off the accelerator)", {"precompute": True})
         )
-        update["fp8_base"] = True
-    if not update:
+    if not t.fp8_base:
+        found.append(
+            (
+                "train.fp8_base: true (the frozen UNet in fp8; a little speed and fidelity; needs "
+                "gradient_checkpointing)",
+                {"fp8_base": True},
+            )
+        )
+    if not found:
         return [], recipe
-    launch = (
-        recipe.launch.model_copy(update={"mixed_precision": None}) if "mixed_precision" in update else None
-    )
-    changed = recipe.model_copy(
-        update={"train": t.model_copy(update=update), "launch": launch or recipe.launch}
-    )
-    return options, changed
+    now = estimate_memory(recipe, base_dir).total_gb
+    options = ["extends: base/low-vram.yaml (all of the below but train.fp8_base)"]
+    for text, update in found:
+        saved = now - estimate_memory(_with_train(recipe, update), base_dir).total_gb
+        options.append(f"{text}: −{saved:.1f} GB" if saved >= 0.05 else text)
+    everything = {k: v for _, update in found for k, v in update.items()}
+    return options, _with_train(recipe, everything)
 
 
 # Training images/s on one A100-class GPU at 512 px with fp16/bf16 autocast, SDPA attention, precomputed
