@@ -108,6 +108,12 @@ CASES = [
         ["train.fp8_base", "gradient_checkpointing: true"],
     ),
     (
+        "fp8-with-compile",
+        BASE + "train: {fp8_base: true, gradient_checkpointing: true, compile: true}\n",
+        [],
+        ["train.fp8_base", "fp8_base and compile do not combine"],
+    ),
+    (
         "validation-counts",
         BASE + "train:\n  validation: {prompts: [a, b], conditioning_images: [x, y, z]}\n",
         [],

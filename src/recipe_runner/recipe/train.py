@@ -104,8 +104,8 @@ class TrainSpec(Section):
     while it runs (diffusers' layerwise casting; kohya's `--fp8_base`): 1 byte a parameter instead of 2,
     about 0.8 GB less at SD 1.5 and 2.4 GB at SDXL. Norm layers keep the compute precision. Costs some
     speed (every layer is cast at every pass) and a little fidelity (the ControlNet learns beside an
-    fp8-rounded UNet; validation samples use it too). Needs gradient_checkpointing: without it the
-    backward pass keeps the cast-up copies, and the peak is higher than without fp8."""
+    fp8-rounded UNet; validation samples use it too). Needs gradient_checkpointing (without it the
+    backward pass keeps the cast-up copies, and the peak is higher than without fp8); not with `compile`."""
     attention: Literal["sdpa", "xformers", "eager"] = "sdpa"
     """Attention implementation: PyTorch SDPA (flash/memory-efficient kernels), xformers, or eager."""
     allow_tf32: bool = False
@@ -150,6 +150,13 @@ class TrainSpec(Section):
                 "fp8_base lowers peak memory only with gradient_checkpointing: true; without it the backward "
                 "pass keeps each layer's cast-up copy beside the fp8 one (SD 1.5, low-VRAM preset: 6.75 GB "
                 "against 6.64 without fp8). Set train.gradient_checkpointing: true, or drop fp8_base",
+            )
+        if self.fp8_base and self.compile:
+            raise FieldError(
+                "fp8_base",
+                "fp8_base and compile do not combine: the per-layer casting hooks split torch.compile's "
+                "graph at every layer, which is then recompiled layer by layer (tiny model, 12 steps: 276 "
+                "recompilation messages against 18). Set train.compile: false, or drop fp8_base",
             )
         return self
 

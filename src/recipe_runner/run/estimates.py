@@ -240,7 +240,7 @@ def memory_savers(recipe: Recipe, base_dir: Path | None = None) -> tuple[list[st
         found.append(
             ("train.precompute: true (VAE and text encoders off the accelerator)", {"precompute": True})
         )
-    if not t.fp8_base:
+    if not t.fp8_base and not t.compile:  # (fp8_base and compile do not combine)
         found.append(
             (
                 "train.fp8_base: true (the frozen UNet in fp8; a little speed and fidelity; needs "
