@@ -18,6 +18,11 @@ GIB = 2**30  # cards are sold in GiB ("24 GB"), so every "GB" here is 2**30 byte
 CARD_SIZES_GB = (8, 12, 16, 24, 40, 80)
 
 
+def fits_card(gb: float) -> int | None:
+    """The smallest common card size (GB) that `gb` fits on; None if bigger than all of them."""
+    return next((c for c in CARD_SIZES_GB if gb <= c), None)
+
+
 @dataclass(frozen=True)
 class ModelSize:
     """Parameter counts of the parts that matter for memory; `source` says where they come from."""
@@ -160,7 +165,7 @@ class MemoryEstimate:
 
     def fits(self) -> int | None:
         """The smallest common card size (GB) this fits on; None if bigger than all of them."""
-        return next((c for c in CARD_SIZES_GB if self.total_gb <= c), None)
+        return fits_card(self.total_gb)
 
     def to_dict(self) -> dict:
         parts = {k: round(v, 2) for k, v in asdict(self).items() if k.endswith("_gb")}

@@ -30,6 +30,7 @@ from recipe_runner.run.estimates import (
     TimeEstimate,
     estimate_memory,
     estimate_time,
+    fits_card,
     memory_savers,
 )
 from recipe_runner.run.folder import RunFolder
@@ -248,7 +249,7 @@ def make_plan(loaded: LoadedRecipe, output_dir: Path | None = None, *, trace: bo
     warnings = []
     if need_gb > CARD_SIZES_GB[0]:
         too_small = [c for c in CARD_SIZES_GB if c < need_gb]
-        fits = next((c for c in CARD_SIZES_GB if need_gb <= c), None)
+        fits = fits_card(need_gb)
         where = (
             f"needs a card with {fits} GB or more" if fits else f"exceeds even {CARD_SIZES_GB[-1]} GB cards"
         )
@@ -332,5 +333,5 @@ def _traced(loaded: LoadedRecipe, memory: MemoryEstimate) -> dict:
         "ddp_buckets_gb": round(ddp, 3),
         "overhead_gb": memory.overhead_gb,
         "total_gb": round(total, 2),
-        "fits_card_gb": next((c for c in CARD_SIZES_GB if total <= c), None),
+        "fits_card_gb": fits_card(total),
     }
