@@ -14,6 +14,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 _UNET = {  # the keys both UNet configs share, with the same values
     "act_fn": "silu",
@@ -116,6 +117,7 @@ class Arch:
     family: str  # the recipe's model.family
 
 
+TOKENIZER_FOLDERS = ("tokenizer", "tokenizer_2")  # a pipeline folder's names, one per text encoder
 ARCHS = {
     "sd15": Arch(SD15_UNET, SD15_VAE, (CLIP_L_TEXT,), 512, "sd1"),
     "sd21": Arch(SD21_UNET, {**SD15_VAE, "sample_size": 768}, (OPENCLIP_H_TEXT,), 768, "sd2"),
@@ -123,44 +125,48 @@ ARCHS = {
 }
 
 
+def random_models(arch: str, folder: Path) -> tuple[list, list, Any, Any]:
+    """`arch`'s tokenizers (the package's tiny offline one, written into `folder`/tokenizer[_2]), text
+    encoders, UNet and VAE with random weights, built on the current default device (`with
+    torch.device("meta")` for shapes only)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from recipe_runner.models.tokenizer import write_tiny_clip_tokenizer
+
+    spec = ARCHS[arch]
+    tokenizers, encoders = [], []
+    for i, text in enumerate(spec.text):
+        name = TOKENIZER_FOLDERS[i]
+        write_tiny_clip_tokenizer(folder / name)
+        tokenizer = CLIPTokenizer.from_pretrained(folder / name)
+        config = CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **text,
+        )
+        encoders.append((CLIPTextModelWithProjection if i == 1 else CLIPTextModel)(config))
+        tokenizers.append(tokenizer)
+    return tokenizers, encoders, UNet2DConditionModel(**spec.unet), AutoencoderKL(**spec.vae)
+
+
 def build_random_pipeline(folder: Path, arch: str) -> Path:
     """A random-initialised pipeline folder of `arch` (kept: a second call reuses it)."""
     import torch
-    from diffusers import (
-        AutoencoderKL,
-        DDPMScheduler,
-        StableDiffusionPipeline,
-        StableDiffusionXLPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from recipe_runner.models.tokenizer import write_tiny_clip_tokenizer
 
     if (folder / "model_index.json").is_file():
         return folder
-    spec = ARCHS[arch]
-    names = ["tokenizer", "tokenizer_2"][: len(spec.text)]
-    tokenizers = []
-    for name in names:
-        write_tiny_clip_tokenizer(folder / name)
-        tokenizers.append(CLIPTokenizer.from_pretrained(folder / name))
     torch.manual_seed(0)
     # Random init of ~3.5B parameters (SDXL) takes minutes on a CPU and seconds on a GPU.
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device(device):
-        encoders = []
-        for i, (tokenizer, text) in enumerate(zip(tokenizers, spec.text, strict=True)):
-            config = CLIPTextConfig(
-                vocab_size=len(tokenizer),
-                max_position_embeddings=77,
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-                **text,
-            )
-            encoders.append((CLIPTextModelWithProjection if i == 1 else CLIPTextModel)(config))
-        unet, vae = UNet2DConditionModel(**spec.unet), AutoencoderKL(**spec.vae)
+        tokenizers, encoders, unet, vae = random_models(arch, folder)
     scheduler = DDPMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, clip_sample=False
     )
@@ -188,7 +194,8 @@ def build_random_pipeline(folder: Path, arch: str) -> Path:
         )
     # fp16 on disk halves the write (SDXL: 7 GB); from_pretrained loads it back as fp32.
     pipe.to(torch.float16).save_pretrained(folder, safe_serialization=True)
-    for name in names:  # transformers may save load-time kwargs there; the tiny tokenizer's 4 files suffice
+    for name in TOKENIZER_FOLDERS[: len(tokenizers)]:
+        # transformers may save load-time kwargs there; the tiny tokenizer's 4 files suffice
         shutil.rmtree(folder / name)
         write_tiny_clip_tokenizer(folder / name)
     return folder

@@ -146,26 +146,15 @@ def _nbytes(tensors) -> int:
 def arch_components(loaded: LoadedRecipe, arch: str, folder: Path) -> Components:
     """A full-size architecture of `models/archs.py` on the meta device, with the recipe's ControlNet
     (the tokenizers are the package's tiny offline one: the same 77-token window)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from diffusers import DDPMScheduler
 
-    from recipe_runner.models.archs import ARCHS
-    from recipe_runner.models.tokenizer import write_tiny_clip_tokenizer
+    from recipe_runner.models.archs import ARCHS, random_models
     from recipe_runner.training.components import load_controlnet
 
-    spec = ARCHS[arch]
-    tokenizers, encoders = [], []
     with torch.device("meta"):
-        for i, text in enumerate(spec.text):
-            write_tiny_clip_tokenizer(folder / f"tokenizer-{i}")
-            tokenizer = CLIPTokenizer.from_pretrained(folder / f"tokenizer-{i}")
-            config = CLIPTextConfig(vocab_size=len(tokenizer), max_position_embeddings=77, **text)
-            encoders.append((CLIPTextModelWithProjection if i == 1 else CLIPTextModel)(config))
-            tokenizers.append(tokenizer)
-        unet = UNet2DConditionModel.from_config(spec.unet)
-        vae = AutoencoderKL.from_config(spec.vae)
-        scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-    c = Components(spec.family, tokenizers, encoders, vae, scheduler, unet)
+        tokenizers, encoders, unet, vae = random_models(arch, folder)
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    c = Components(ARCHS[arch].family, tokenizers, encoders, vae, scheduler, unet)
     c.controlnet = load_controlnet(loaded, unet, vae_scale_factor=c.vae_scale_factor, weights=False)
     return c
 
