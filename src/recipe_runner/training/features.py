@@ -25,7 +25,7 @@ def _installed(module: str) -> bool:
 
 def _bnb_runs_on_cpu() -> bool:
     """bitsandbytes >= 0.50 registers CPU kernels for its 8-bit optimizers; older ones are CUDA only."""
-    importlib.import_module("bitsandbytes")  # registers its operators (quietened in training/__init__)
+    importlib.import_module("bitsandbytes")  # registers its operators (warning: see recipe_runner/__init__)
     op = "bitsandbytes::optimizer_update_8bit_blockwise"
     try:
         return torch._C._dispatch_has_kernel_for_dispatch_key(op, "CPU")

@@ -132,8 +132,8 @@ def place_models(
     recipe: Recipe, c: Components, device: torch.device | str, dtype: torch.dtype
 ) -> torch.nn.Module:
     """The frozen UNet in `dtype` and the ControlNet in fp32 on `device`, with the recipe's gradient
-    checkpointing, attention and memory format; returns the ControlNet (benchmarks/memory.py traces
-    this same setup)."""
+    checkpointing, attention, fp8 storage and memory format; returns the ControlNet (the memory tracer,
+    training/memory_trace.py, traces this same setup)."""
     train = recipe.train
     assert c.unet is not None and c.controlnet is not None
     move(c.unet.requires_grad_(False), device, dtype)
