@@ -18,15 +18,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import recipe_runner  # noqa: F401  (before diffusers: it quiets bitsandbytes' import warning)
+from recipe_runner.models.archs import ARCHS
 
 # Dense bf16/fp16 tensor-core peaks (no sparsity), from the vendors' data sheets.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}
-ARCH_NAMES = ["tiny-sd", "shapes-sd", "sd15", "sd21", "sdxl"]
+ARCH_NAMES = ["tiny-sd", "shapes-sd", *ARCHS]
 
 
 def _configs(arch: str) -> tuple[dict, dict]:
-    from recipe_runner.models.archs import ARCHS
-
     if arch in ARCHS:
         return ARCHS[arch].unet, ARCHS[arch].vae
     import tempfile
@@ -60,7 +59,7 @@ def count(arch: str, resolution: int) -> dict[str, float]:
         side = resolution // factor
         latents = torch.randn(1, 4, side, side)
         cond = torch.randn(1, 3, resolution, resolution)
-        tokens = 77 if arch in ("sd15", "sd21", "sdxl") else 16
+        tokens = 77 if arch in ARCHS else 16
         text = torch.randn(1, tokens, unet.config.cross_attention_dim)
         t = torch.tensor([500])
         image = torch.randn(1, 3, resolution, resolution)
@@ -101,7 +100,7 @@ def mfu(images_per_second: float, tflop_per_image: float, device_name: str) -> f
 
 
 def default_resolution(arch: str) -> int:
-    return {"sd15": 512, "sdxl": 1024}.get(arch, 64)
+    return ARCHS[arch].resolution if arch in ARCHS else 64
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -24,11 +24,12 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "src"))
 import torch  # noqa: E402
+from train_speed import BUILTINS as ARCH_BASES  # noqa: E402  (the same CPU-sized bases)
 
 import recipe_runner  # noqa: E402, F401  (before diffusers: it quiets bitsandbytes' import warning)
+from recipe_runner.models.archs import ARCHS  # noqa: E402
 
 MODES = ("reference", "ours")
-ARCH_BASES = {"tiny": "builtin:tiny-sd", "shapes": "builtin:shapes-sd"}
 HUB_IDS = {
     "sd1": "runwayml/stable-diffusion-v1-5",
     "sd2": "stabilityai/stable-diffusion-2-1",
@@ -51,7 +52,6 @@ def bench_recipe(root: Path, arch: str, preset: str | None, overrides: list[str]
     """The recipe a training benchmark of `arch` would run (train_speed's base, preset and mode)."""
     from train_speed import BASE_RECIPE, MODE_OVERRIDES, preset_path
 
-    from recipe_runner.models.archs import ARCHS
     from recipe_runner.recipe.loader import load_recipe
 
     spec = ARCHS.get(arch)
@@ -109,7 +109,7 @@ def markdown(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", choices=[*ARCH_BASES, "sd15", "sd21", "sdxl"], default="sd15")
+    parser.add_argument("--arch", choices=[*ARCH_BASES, *ARCHS], default="sd15")
     parser.add_argument("--preset", help="a recipes/base/ preset (fast, low-vram) or a recipe file to extend")
     parser.add_argument(
         "--set", action="append", default=[], help="a recipe override, e.g. train.batch_size=4"

@@ -27,7 +27,10 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO / "src"))
+from train_speed import BUILTINS  # noqa: E402
+
 import recipe_runner  # noqa: E402, F401  (before diffusers: it quiets bitsandbytes' import warning)
+from recipe_runner.models.archs import ARCHS  # noqa: E402
 
 
 def validate_startup(runs: int = 5) -> dict:
@@ -47,7 +50,7 @@ def validate_startup(runs: int = 5) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", choices=["tiny", "shapes", "sd15", "sdxl"], default="tiny")
+    parser.add_argument("--arch", choices=[*BUILTINS, *ARCHS], default="tiny")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the preset's, else 4")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=5)

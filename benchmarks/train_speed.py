@@ -37,6 +37,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "src"))  # a source checkout works too
 import recipe_runner  # noqa: E402, F401  (before diffusers: it quiets bitsandbytes' import warning)
+from recipe_runner.models.archs import ARCHS  # noqa: E402
 
 MODES = ("reference", "precompute", "ours")
 # CPU-sized bases: random tiny SD (the tests'), and the demo's small pretrained one.
@@ -300,7 +301,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _main(argv: list[str] | None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", choices=[*BUILTINS, "sd15", "sd21", "sdxl"], default="tiny")
+    parser.add_argument("--arch", choices=[*BUILTINS, *ARCHS], default="tiny")
     parser.add_argument("--resolution", type=int, help="default: 64 (tiny), 512 (sd15), 1024 (sdxl)")
     parser.add_argument("--batch-size", type=int, help="default: the preset's, else 4")
     parser.add_argument("--steps", type=int, default=20, help="measured optimizer steps per run")
@@ -321,7 +322,7 @@ def _main(argv: list[str] | None) -> dict:
 
     import torch
 
-    from recipe_runner.models.archs import ARCHS, build_random_pipeline
+    from recipe_runner.models.archs import build_random_pipeline
 
     if args.threads:
         torch.set_num_threads(args.threads)
