@@ -25,6 +25,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "src"))
 import torch  # noqa: E402
 from train_speed import BUILTINS as ARCH_BASES  # noqa: E402  (the same CPU-sized bases)
+from train_speed import table_head  # noqa: E402
 
 import recipe_runner  # noqa: E402, F401  (before diffusers: it quiets bitsandbytes' import warning)
 from recipe_runner.models.archs import ARCHS  # noqa: E402
@@ -83,14 +84,14 @@ def markdown(report: dict) -> str:
     def row(label: str, key: str) -> str:
         return f"| {label} | " + " | ".join(f"{modes[n][key]:.2f}" for n in names) + " |"
 
-    lines = [
+    title = (
         f"{report['arch']} @ {report['resolution']} px, batch {report['batch_size']} x "
         f"{report['gradient_accumulation_steps']}, {report['precision']}, preset {report['preset'] or 'none'}"
         f"{''.join(' --set ' + s for s in report['overrides'])}, autocast cache "
-        f"{'on' if report['autocast_cache'] else 'off'}: traced on fake tensors (GiB)",
-        "",
-        "| | " + " | ".join(names) + " |",
-        "|---|" + "---|" * len(names),
+        f"{'on' if report['autocast_cache'] else 'off'}: traced on fake tensors (GiB)"
+    )
+    lines = [
+        *table_head(title, names),
         row("**peak (traced)**", "peak_gb"),
         row("frozen weights", "frozen_weights_gb"),
         row("ControlNet weights (fp32)", "controlnet_weights_gb"),

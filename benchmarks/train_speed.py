@@ -234,14 +234,14 @@ def markdown(report: dict) -> str:
     def mib(value: float | None) -> str:
         return "-" if value is None else f"{value:,.0f}"
 
-    lines = [
+    title = (
         f"{report['arch']} @ {report['resolution']} px, batch {report['batch_size']} x "
         f"{report['gradient_accumulation_steps']} accumulated, {report['precision']}, preset "
         f"{report['preset'] or 'none'}, {report['device']}, {report['threads']} thread(s), "
-        f"{report['rounds']} round(s)",
-        "",
-        "| | " + " | ".join(names) + " |",
-        "|---|" + "---|" * len(names),
+        f"{report['rounds']} round(s)"
+    )
+    lines = [
+        *table_head(title, names),
         row("steps/s (median)", lambda m: f"{m['steps_per_second']:.3f}"),
         row("images/s", lambda m: f"{m['images_per_second']:.1f}"),
         row("per round, steps/s", lambda m: ", ".join(f"{v:.2f}" for v in m["per_round_steps_per_second"])),
@@ -369,6 +369,11 @@ def _main(argv: list[str] | None) -> dict:
     }
     _ratios(report, rounds)
     return emit(report, markdown(report), args.json)
+
+
+def table_head(title: str, columns: list[str]) -> list[str]:
+    """A benchmark table's first lines: its title, then a header with one column per mode."""
+    return [title, "", "| | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
 
 
 def emit(report: dict, table: str, path: Path | None) -> dict:
