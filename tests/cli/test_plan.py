@@ -216,6 +216,25 @@ def test_trace_gives_the_step_peak_from_the_models_configs_alone(cli, write_reci
     assert "memory (traced)" in text and "traced on fake tensors" in text
 
 
+def test_trace_with_buckets_traces_the_square_and_the_most_elongated_bucket(
+    cli, write_recipe, tmp_path, monkeypatch
+):
+    from recipe_runner.training import memory_trace
+
+    sizes, trace = [], memory_trace.trace
+
+    def recording(loaded, c, autocast_cache=None, size=None):
+        sizes.append(size)
+        return trace(loaded, c, autocast_cache, size)
+
+    monkeypatch.setattr(memory_trace, "trace", recording)
+    recipe = write_recipe(RECIPE)
+    args = ("-o", tmp_path / "run", "--trace", "--set", "dataset.buckets={enabled: true, step: 16}")
+    traced = plan_json(cli, recipe, *args)["memory"]["traced"]
+    assert sizes == [None, (80, 48)] and traced["size"] in ("64x64", "80x48")
+    assert "most elongated bucket" in cli("plan", recipe, *args).stdout
+
+
 def test_trace_of_an_unreachable_hub_model_uses_its_familys_architecture(cli, write_recipe, tmp_path):
     """Offline, with nothing downloaded: the standard SD 1.5 architecture, and the plan says so."""
     recipe = write_recipe(SD15 + "extends: " + str(Path(__file__).parents[2] / "recipes/base/low-vram.yaml"))

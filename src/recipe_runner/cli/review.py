@@ -303,6 +303,12 @@ def _print_plan(p: Any) -> None:
     rows = f"{'≈ ' if r.approximate else ''}{r.rows} ({r.how})" if r.rows is not None else r.how
     train = f"{p.train_rows} for training" if p.train_rows is not None else "training rows unknown"
     facts.add_row("dataset rows", f"{escape(rows)}; {train}")
+    if p.buckets:
+        built = any(n is not None for n in p.buckets.values())
+        shown = " ".join(f"{size}: {n}" if built else size for size, n in p.buckets.items())
+        facts.add_row(
+            "aspect buckets", f"{len(p.buckets)}: {shown}" + ("" if built else " (rows known once built)")
+        )
     facts.add_row("effective batch", str(p.effective_batch))
     epochs = f" (≈ {p.epochs:.1f} epochs)" if p.epochs is not None else ""
     facts.add_row("steps", f"{p.steps if p.steps is not None else 'unknown'}{epochs}")
@@ -323,7 +329,9 @@ def _print_plan(p: Any) -> None:
             f"frozen weights {tr['frozen_weights_gb']:.2f} + ControlNet {tr['controlnet_weights_gb']:.2f} + "
             f"optimizer state {tr['optimizer_state_gb']:.2f} + gradients/activations "
             f"{tr['gradients_activations_temporaries_gb']:.2f}){ddp} + overhead {tr['overhead_gb']:.1f}"
-            f"\n[dim]traced on fake tensors: {escape(tr['models'])}[/]",
+            f"\n[dim]traced on fake tensors: {escape(tr['models'])}"
+            + (f"; the square and the most elongated bucket, peak at {tr['size']}" if p.buckets else "")
+            + "[/]",
         )
     t = p.time
     when = f"≈ {format_duration(t.seconds)}" if t.seconds is not None else "unknown"

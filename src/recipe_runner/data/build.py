@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from recipe_runner.data import references
+from recipe_runner.data.buckets import bucket_counts, dataset_buckets, image_sizes
 from recipe_runner.data.cache_key import (
     DATASET_CODE_VERSION,
     computes_condition,
@@ -115,6 +116,7 @@ def _build(loaded: LoadedRecipe, tmp: Path, inputs: dict, console: Console | Non
         if spec.holdout:
             splits["holdout"] = final.select(range(n_train, len(final)))
         datasets.DatasetDict(splits).save_to_disk(str(tmp / "data"))
+        buckets = bucket_counts(image_sizes(splits["train"])) if spec.buckets.enabled else None
         preview.write_preview(splits["train"], tmp / "preview.png")
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -135,6 +137,7 @@ def _build(loaded: LoadedRecipe, tmp: Path, inputs: dict, console: Console | Non
             else f"template: {plan.prompt_template}",
         },
         "resolution": spec.resolution,
+        **({"buckets": buckets} if buckets is not None else {}),
         "rows_in": len(source.dataset),
         "rows_processed": len(drops),
         "rows_out": {name: len(split) for name, split in splits.items()},
@@ -182,6 +185,7 @@ def _row_plan(loaded: LoadedRecipe, source: SourceData) -> RowPlan:
         prompt_column=None if spec.prompt is not None else spec.columns.prompt,
         prompt_template=spec.prompt,
         builtin=source.builtin,
+        buckets=tuple(dataset_buckets(spec)),
     )
 
 
@@ -336,3 +340,6 @@ def _summary(console: Console, report: dict, folder: RunFolder) -> None:
         soft_wrap=True,  # keep the path in one piece
         highlight=False,
     )
+    if report.get("buckets"):
+        shares = ", ".join(f"{size} {n}" for size, n in report["buckets"].items())
+        console.print(f"  aspect-ratio buckets (train rows): {shares}", highlight=False)

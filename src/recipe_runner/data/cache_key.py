@@ -16,6 +16,7 @@ from typing import Any
 from recipe_runner.data import references
 from recipe_runner.data.condition_code import code_digest
 from recipe_runner.data.sources import source_fingerprint
+from recipe_runner.recipe.dataset import DatasetSpec
 from recipe_runner.recipe.loader import LoadedRecipe
 from recipe_runner.run.atomic import is_complete
 from recipe_runner.run.folder import RunFolder
@@ -48,13 +49,18 @@ def _condition(loaded: LoadedRecipe) -> dict | None:
     return key
 
 
+def _not_keyed(spec: DatasetSpec) -> set[str]:
+    # Bucketing off is keyed as its absence, so datasets built before `buckets` existed stay current.
+    return _NOT_KEYED | (set() if spec.buckets.enabled else {"buckets"})
+
+
 def key_inputs(loaded: LoadedRecipe) -> dict:
     """Everything the built rows depend on, by part; stored in report.json to say what changed."""
     r = loaded.recipe
     return {
         "source": source_fingerprint(loaded),
         "condition": _condition(loaded),
-        "processing": r.dataset.model_dump(mode="json", exclude=_NOT_KEYED),
+        "processing": r.dataset.model_dump(mode="json", exclude=_not_keyed(r.dataset)),
         "seed": r.seed,
         "code_version": DATASET_CODE_VERSION,
     }

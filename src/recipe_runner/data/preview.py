@@ -10,7 +10,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 MAX_ROWS = 8
 TILE = 192  # pixels per image in the grid, whatever the dataset resolution
@@ -36,7 +36,10 @@ def render_preview(rows: list[dict[str, Any]]) -> Image.Image:
     for i, row in enumerate(rows):
         y = _PAD + i * (TILE + _PAD)
         for j, key in enumerate(("image", "conditioning_image")):
-            tile = row[key].convert("RGB").resize((TILE, TILE), Image.Resampling.LANCZOS)
+            # Letterboxed, so a bucketed (non-square) image shows its real aspect ratio and crop.
+            tile = ImageOps.pad(
+                row[key].convert("RGB"), (TILE, TILE), Image.Resampling.LANCZOS, color=_BACKGROUND
+            )
             grid.paste(tile, (_PAD + j * (TILE + _PAD), y))
         prompt = row["prompt"] or "(empty prompt)"
         lines = textwrap.wrap(prompt, width=40, max_lines=TILE // 18, placeholder=" ...")

@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from recipe_runner.conditions.base import to_rgb
+from recipe_runner.data.buckets import nearest_bucket
 from recipe_runner.data.references import local_path
 from recipe_runner.data.sources import BASE_DIR, ROW
 
@@ -79,6 +80,7 @@ class RowPlan:
     prompt_column: str | None
     prompt_template: str | None  # overrides prompt_column; a constant when it has no placeholders
     builtin: str | None = None
+    buckets: tuple[tuple[int, int], ...] = ()  # aspect-ratio buckets (width, height); empty: square crops
 
 
 def template_fields(template: str) -> list[str]:
@@ -158,23 +160,26 @@ def _download(url: str) -> io.BytesIO:
         raise BadImage("unreachable URL", url, f"{type(e).__name__}: {e}") from None
 
 
-def square(
-    image: Image.Image, fraction_box: tuple[float, ...], resolution: int, resample: int
+def fit(
+    image: Image.Image, fraction_box: tuple[float, ...], size: tuple[int, int], resample: int
 ) -> Image.Image:
-    """`image` as RGB, cropped to `fraction_box` (fractions of its size) and resized in one step."""
+    """`image` as RGB, cropped to `fraction_box` (fractions of its size) and resized to `size`."""
     w, h = image.size
     x0, y0, x1, y1 = fraction_box
     rgb = to_rgb(image)
-    return rgb.resize((resolution, resolution), resample, box=(x0 * w, y0 * h, x1 * w, y1 * h))
+    return rgb.resize(size, resample, box=(x0 * w, y0 * h, x1 * w, y1 * h))
 
 
-def crop_box(size: tuple[int, int], crop: str, rng: np.random.Generator | None) -> tuple[float, ...]:
-    """The largest centred (or randomly placed) square, as fractions of the image's width and height."""
+def crop_box(
+    size: tuple[int, int], crop: str, rng: np.random.Generator | None, aspect: float = 1.0
+) -> tuple[float, ...]:
+    """The largest centred (or randomly placed) box of width/height `aspect`, as fractions of the image's
+    width and height."""
     w, h = size
-    side = min(w, h)
+    box_w, box_h = (h * aspect, h) if w / h > aspect else (w, w / aspect)
     u = 0.5 if crop == "center" or rng is None else float(rng.random())
-    x0, y0 = u * (w - side), u * (h - side)  # one of the two slacks is zero
-    return (x0 / w, y0 / h, (x0 + side) / w, (y0 + side) / h)
+    x0, y0 = u * (w - box_w), u * (h - box_h)  # one of the two slacks is zero
+    return (x0 / w, y0 / h, (x0 + box_w) / w, (y0 + box_h) / h)
 
 
 def png(image: Image.Image) -> dict:
@@ -231,8 +236,9 @@ class RowProcessor:
                 f"{full[0]}x{full[1]}",
             )
         rng = np.random.default_rng([p.seed, row, _CROP_STREAM]) if p.crop == "random" else None
-        box = crop_box(image.size, p.crop, rng)
-        rgb = square(image, box, p.resolution, Image.Resampling.LANCZOS)
+        size = nearest_bucket(full, p.buckets) if p.buckets else (p.resolution, p.resolution)
+        box = crop_box(image.size, p.crop, rng, size[0] / size[1])
+        rgb = fit(image, box, size, Image.Resampling.LANCZOS)
         if p.conditioning_column is None:
             cond = self.condition(rgb)
         else:
@@ -242,7 +248,7 @@ class RowProcessor:
                 return self._bad(row, p.conditioning_column, e)
             if cfull != full:
                 notes.append("conditioning image resized to match its image")
-            cond = square(cimage, box, p.resolution, Image.Resampling.BILINEAR)
+            cond = fit(cimage, box, size, Image.Resampling.BILINEAR)
         prompt = self._prompt(values, row)
         if "\ufffd" in prompt:
             notes.append("prompt had invalid UTF-8 (replaced)")

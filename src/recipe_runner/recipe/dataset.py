@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Literal
 
@@ -93,6 +94,28 @@ class Filters(Section):
     """Unreadable or corrupt images: `drop` the row and count it in the report, or stop with an `error`."""
 
 
+class Buckets(Section):
+    """Aspect-ratio buckets, as kohya's sd-scripts, SimpleTuner and ai-toolkit have them: each image is
+    cropped to the bucket nearest its aspect ratio instead of to a square, and every batch comes from one
+    bucket. Buckets hold about `resolution`² pixels (never more), so memory and step time stay those of the
+    square resolution."""
+
+    enabled: bool = False
+    """Train on aspect-ratio buckets instead of square crops."""
+    step: int = Field(64, ge=8, le=512)
+    """Bucket sides are multiples of this many pixels (kohya's `bucket_reso_steps`); a multiple of 8, and
+    of 64 for the UNet's downsampling to line up without padding."""
+    max_aspect: float = Field(2.0, ge=1.0, le=4.0)
+    """The most elongated bucket allowed: long side / short side."""
+
+    @field_validator("step")
+    @classmethod
+    def _step_multiple_of_8(cls, v: int) -> int:
+        if v % 8:
+            raise ValueError(f"must be a multiple of 8 (the VAE downsamples by 8); try {v - v % 8 or 8}")
+        return v
+
+
 class DatasetSpec(Section):
     """Where the training data comes from and how it is turned into image/conditioning_image/prompt rows."""
 
@@ -104,9 +127,13 @@ class DatasetSpec(Section):
     """A constant prompt, or a template over other columns such as `a photo of {name}`; overrides the
     prompt column."""
     resolution: int = Field(512, ge=8, le=4096)
-    """Side of the square training images in pixels; a multiple of 8."""
+    """Side of the square training images in pixels; a multiple of 8. With `buckets`, the side of the
+    square bucket, whose area every bucket keeps."""
     crop: Literal["center", "random"] = "center"
-    """How images are cropped to a square after resizing the shorter side (random uses the recipe seed)."""
+    """How images are cropped to a square (or to their bucket) after resizing to cover it (random uses the
+    recipe seed)."""
+    buckets: Buckets = Field(default_factory=Buckets)
+    """Aspect-ratio bucketing for data that is not square (off: every image is cropped to a square)."""
     max_samples: int | None = Field(None, ge=1)
     """Use at most this many rows (after shuffling); null: all."""
     shuffle: bool = True
@@ -137,6 +164,13 @@ class DatasetSpec(Section):
         if self.max_samples is not None and self.holdout >= self.max_samples:
             raise FieldError(
                 "holdout", f"holdout ({self.holdout}) must be smaller than max_samples ({self.max_samples})"
+            )
+        if self.buckets.enabled and self.resolution % self.buckets.step:
+            step = self.buckets.step
+            raise FieldError(
+                ("buckets", "step"),
+                f"resolution {self.resolution} is not a multiple of buckets.step {step}, so there would be "
+                f"no square bucket; use a step that divides it, e.g. {math.gcd(self.resolution, step)}",
             )
         if self.source.builtin is not None and self.holdout >= self.source.num_samples:
             raise FieldError(

@@ -11,6 +11,7 @@ changed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from recipe_runner.data.buckets import dataset_buckets
 from recipe_runner.recipe.loader import LoadedRecipe
 from recipe_runner.recipe.recipe import Recipe
 from recipe_runner.run.atomic import is_complete
@@ -73,6 +75,7 @@ class Plan:
     time: TimeEstimate
     warnings: list[str]
     traced: dict | None = None  # `--trace`: memory_trace.trace_recipe's figures, with total_gb and fits
+    buckets: dict[str, int | None] | None = None  # `WxH`: train rows (None until the dataset is built)
 
     @property
     def epochs(self) -> float | None:
@@ -85,7 +88,7 @@ class Plan:
             "name": self.name,
             "run_dir": self.run_dir,
             "stages": [s.to_dict() for s in self.stages],
-            "dataset": {**self.rows.to_dict(), "train_rows": self.train_rows},
+            "dataset": {**self.rows.to_dict(), "train_rows": self.train_rows, "buckets": self.buckets},
             "effective_batch": self.effective_batch,
             "steps": self.steps,
             "epochs": round(self.epochs, 2) if self.epochs is not None else None,
@@ -279,7 +282,21 @@ def make_plan(loaded: LoadedRecipe, output_dir: Path | None = None, *, trace: bo
         time=estimate_time(recipe, steps),
         warnings=warnings,
         traced=traced,
+        buckets=_buckets(loaded, folder) if cached else _buckets(loaded, None),
     )
+
+
+def _buckets(loaded: LoadedRecipe, folder: RunFolder | None) -> dict[str, int | None] | None:
+    """The recipe's buckets, with the built dataset's rows in each when `folder` has a current one."""
+    sizes = dataset_buckets(loaded.recipe.dataset)
+    if not sizes:
+        return None
+    counts: dict = {}
+    if folder is not None:
+        with contextlib.suppress(OSError, ValueError):
+            report = json.loads((folder.dataset / "report.json").read_text(encoding="utf-8"))
+            counts = report.get("buckets") or {}
+    return {f"{w}x{h}": counts.get(f"{w}x{h}", 0 if counts else None) for w, h in sizes}
 
 
 # The resolution each family's base models were trained at (SD 2.x: 768 px for the v-prediction models,

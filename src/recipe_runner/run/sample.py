@@ -7,7 +7,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from recipe_runner.data.buckets import training_size
 from recipe_runner.errors import UserError
+from recipe_runner.recipe.dataset import DatasetSpec
 from recipe_runner.recipe.loader import LoadedRecipe
 from recipe_runner.run.atomic import is_complete, write_text
 from recipe_runner.run.folder import RunFolder
@@ -26,8 +28,8 @@ def load_run(run_dir: Path) -> tuple[LoadedRecipe, RunFolder]:
     return loaded, folder
 
 
-def _open_condition(path: Path, resolution: int):
-    from PIL import Image, UnidentifiedImageError
+def _open_condition(path: Path, spec: DatasetSpec):
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
@@ -36,9 +38,13 @@ def _open_condition(path: Path, resolution: int):
         raise UserError(f"--condition {path}: file not found") from None
     except (UnidentifiedImageError, OSError) as e:
         raise UserError(f"--condition {path}: not a readable image ({e})") from None
-    if image.size != (resolution, resolution):
+    size = training_size(spec, image.size)
+    if spec.buckets.enabled and image.size != size:
+        # Trained on aspect-ratio buckets: centre-crop to the nearest one, as the dataset build does.
+        image = ImageOps.fit(image, size, Image.Resampling.BICUBIC)
+    elif image.size != size:
         # The ControlNet was trained on square images at the dataset resolution.
-        image = image.resize((resolution, resolution), Image.Resampling.BICUBIC)
+        image = image.resize(size, Image.Resampling.BICUBIC)
     return image
 
 
@@ -60,8 +66,7 @@ def sample_run(
     from recipe_runner.evaluate.models import load_base_pipelines
 
     loaded, folder = load_run(run_dir)
-    resolution = loaded.recipe.dataset.resolution
-    image = _open_condition(Path(condition), resolution)
+    image = _open_condition(Path(condition), loaded.recipe.dataset)
     if extract:
         fn = build_condition(loaded.recipe.condition, base_dir=loaded.base_dir)
         image = fn(image)
@@ -74,8 +79,8 @@ def sample_run(
         guidance_scale=guidance_scale,
         num_images_per_prompt=num_images,
         generator=generator,
-        height=resolution,
-        width=resolution,
+        height=image.height,
+        width=image.width,
     ).images
     stamp = time.strftime("%Y%m%d-%H%M%S")
     folder.samples.mkdir(parents=True, exist_ok=True)

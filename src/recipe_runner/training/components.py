@@ -47,9 +47,10 @@ class Components:
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
-    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
-        side = resolution // self.vae_scale_factor
-        return (self.vae.config.latent_channels, side, side)
+    def latent_shape(self, height: int, width: int | None = None) -> tuple[int, int, int]:
+        """(channels, h, w) of the latents of a height x width image (width: square by default)."""
+        f = self.vae_scale_factor
+        return (self.vae.config.latent_channels, height // f, (width or height) // f)
 
 
 def resolve_base(loaded: LoadedRecipe, models_cache: Path) -> str:

@@ -6,6 +6,7 @@ run can jump to any micro-step and see exactly the batches an uninterrupted run 
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import signal
@@ -19,6 +20,7 @@ from datasets import Dataset, DatasetDict, load_from_disk
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from recipe_runner.data.buckets import Size, dataset_buckets, describe, image_sizes
 from recipe_runner.errors import UserError
 from recipe_runner.recipe.recipe import Recipe
 from recipe_runner.training.keys import derive_seed
@@ -46,7 +48,15 @@ def load_rows(data_dir: Path, recipe: Recipe) -> DatasetDict:
         raise UserError(f"the dataset at {data_dir} {what}", hint="rebuild it: recipe build-dataset")
     size = train[0]["image"].size
     res = recipe.dataset.resolution
-    if size != (res, res):
+    buckets = dataset_buckets(recipe.dataset)
+    if buckets:
+        if size not in buckets:
+            raise UserError(
+                f"the dataset at {data_dir} has a {size[0]}x{size[1]} px image, which is none of "
+                f"dataset.buckets' sizes ({describe(buckets)})",
+                hint="rebuild the dataset (recipe build-dataset): it was built with other bucket settings",
+            )
+    elif size != (res, res):
         raise UserError(
             f"the dataset at {data_dir} was built at {size[0]}x{size[1]} px, but dataset.resolution is {res}",
             hint="rebuild the dataset (recipe build-dataset) or set dataset.resolution to match",
@@ -60,9 +70,10 @@ def load_rows(data_dir: Path, recipe: Recipe) -> DatasetDict:
     return data
 
 
-def _fit(image: Image.Image, resolution: int) -> Image.Image:
-    """Resize the shorter side and centre-crop (the reference's transforms; a no-op for built data)."""
-    if image.size == (resolution, resolution):
+def _fit(image: Image.Image, resolution: int | None) -> Image.Image:
+    """Resize the shorter side and centre-crop (the reference's transforms; a no-op for built data, and
+    for None: bucketed rows keep the size the build gave them)."""
+    if resolution is None or image.size == (resolution, resolution):
         return image
     w, h = image.size
     scale = resolution / min(w, h)
@@ -73,13 +84,13 @@ def _fit(image: Image.Image, resolution: int) -> Image.Image:
     return image.crop((left, top, left + resolution, top + resolution))
 
 
-def to_pixels(image: Image.Image, resolution: int) -> torch.Tensor:
+def to_pixels(image: Image.Image, resolution: int | None) -> torch.Tensor:
     """A training image as (3, H, W) float32 in [-1, 1]."""
     array = np.asarray(_fit(image.convert("RGB"), resolution), dtype=np.float32)
     return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0
 
 
-def to_conditioning(image: Image.Image, resolution: int, channels: int = 3) -> torch.Tensor:
+def to_conditioning(image: Image.Image, resolution: int | None, channels: int = 3) -> torch.Tensor:
     """A conditioning image as (channels, H, W) float32 in [0, 1]."""
     array = np.asarray(_fit(image.convert(_MODES[channels]), resolution), dtype=np.float32)
     if array.ndim == 2:
@@ -91,7 +102,7 @@ class RowSource(torch.utils.data.Dataset):
     """Decoded rows; with a precompute cache only the conditioning image is read (latents and text come
     from the cache)."""
 
-    def __init__(self, rows: Dataset, resolution: int, channels: int, *, precomputed: bool):
+    def __init__(self, rows: Dataset, resolution: int | None, channels: int, *, precomputed: bool):
         columns = ["conditioning_image"] if precomputed else list(COLUMNS)
         self.rows = rows.select_columns(columns)
         self.resolution = resolution
@@ -163,6 +174,52 @@ class BatchPlan:
         start = self.rank * per_process
         positions = list(range(start, start + per_process))
         return chunk[start : start + per_process].tolist(), positions
+
+
+@dataclass(frozen=True)
+class BucketPlan(BatchPlan):
+    """A BatchPlan whose every global batch comes from one aspect-ratio bucket (rows of one size).
+
+    Each epoch shuffles the rows within each bucket, pads each bucket by repeating its start to a whole
+    number of global batches, then shuffles the order of the batches: all from (seed, epoch), so resume
+    and the process count work as they do for square data. The padding repeats at most
+    global_batch - 1 rows per bucket and epoch, as a DistributedSampler's does per epoch.
+    """
+
+    sizes: tuple[Size, ...] = ()  # each row's (width, height)
+
+    @property
+    def padded_rows(self) -> int:
+        return sum(self._whole(len(rows)) for rows in self._buckets.values())
+
+    def _whole(self, n: int) -> int:
+        return math.ceil(n / self.global_batch) * self.global_batch
+
+    @functools.cached_property
+    def _buckets(self) -> dict[Size, list[int]]:
+        groups: dict[Size, list[int]] = {}
+        for row, size in enumerate(self.sizes):
+            groups.setdefault(size, []).append(row)
+        return dict(sorted(groups.items()))
+
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, "order", epoch))
+        batches = []
+        for rows in self._buckets.values():
+            shuffled = torch.tensor(rows)[torch.randperm(len(rows), generator=generator)]
+            whole = self._whole(len(rows))
+            padded = shuffled.repeat(math.ceil(whole / len(rows)))[:whole]
+            batches.extend(padded.split(self.global_batch))
+        order = torch.randperm(len(batches), generator=generator)
+        return torch.cat([batches[i] for i in order.tolist()])
+
+
+def batch_plan(recipe: Recipe, rows: Dataset, num_processes: int, rank: int) -> BatchPlan:
+    """The recipe's plan over the built train rows: by bucket when `dataset.buckets` is on."""
+    batch = recipe.train.batch_size
+    if not recipe.dataset.buckets.enabled:
+        return BatchPlan(len(rows), batch, num_processes, rank, recipe.seed)
+    return BucketPlan(len(rows), batch, num_processes, rank, recipe.seed, sizes=tuple(image_sizes(rows)))
 
 
 def loader_workers(requested: int | None, device: torch.device) -> int:

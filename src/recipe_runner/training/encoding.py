@@ -88,9 +88,16 @@ def sample_latents(c: Components, mean: torch.Tensor, std: torch.Tensor, noise: 
     return latents * c.vae.config.scaling_factor
 
 
-def add_time_ids(recipe: Recipe, batch: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """SDXL micro-conditioning: original size, crop top-left, target size (all at the training size)."""
-    size = (recipe.dataset.resolution, recipe.dataset.resolution)
+def add_time_ids(
+    recipe: Recipe,
+    batch: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    size: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """SDXL micro-conditioning: original size, crop top-left, target size (all at the training size:
+    `size`, (height, width), for a bucketed batch; else the square resolution)."""
+    size = size or (recipe.dataset.resolution, recipe.dataset.resolution)
     micro = recipe.train.micro_conditioning
     crop = tuple(micro.crops_coords_top_left) if micro is not None else (0, 0)
     ids = torch.tensor([list(size + crop + size)], dtype=dtype, device=device)

@@ -74,6 +74,12 @@ def resume_fields(recipe: Recipe) -> dict[str, Any]:
         "seed": recipe.seed,
         "model": recipe.model.model_dump(mode="json"),
         "dataset.resolution": recipe.dataset.resolution,
+        # Buckets change every batch's rows; off, they are left out so older checkpoints still resume.
+        **(
+            {"dataset.buckets": recipe.dataset.buckets.model_dump(mode="json")}
+            if recipe.dataset.buckets.enabled
+            else {}
+        ),
         "train": train,
         "launch.num_processes": recipe.launch.num_processes * recipe.launch.num_machines,
         "mixed_precision": effective_precision(recipe),

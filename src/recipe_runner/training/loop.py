@@ -144,7 +144,7 @@ def _micro_batches(session: Session, state: LoopState, total_micro: int) -> Iter
     recipe = session.recipe
     source = RowSource(
         session.data["train"],
-        recipe.dataset.resolution,
+        None if recipe.dataset.buckets.enabled else recipe.dataset.resolution,
         recipe.model.conditioning_channels,
         precomputed=session.cache is not None,
     )
@@ -212,7 +212,6 @@ def train_loop(
     recipe, train, accelerator = session.recipe, session.recipe.train, session.accelerator
     c, device, dtype = session.components, session.device, session.weight_dtype
     accelerator.step = state.micro_step  # accelerate's accumulation counter (not reset at epoch ends)
-    latent_shape = c.latent_shape(recipe.dataset.resolution)
     timesteps = c.noise_scheduler.config.num_train_timesteps
     total_micro = session.max_steps * train.gradient_accumulation_steps
     timer = PhaseTimer(profile)
@@ -233,7 +232,7 @@ def train_loop(
                     recipe.seed,
                     state.micro_step,
                     positions,
-                    latent_shape,
+                    c.latent_shape(*batch["conditioning"].shape[-2:]),  # this batch's bucket
                     timesteps,
                     train.empty_prompt_ratio,
                 )

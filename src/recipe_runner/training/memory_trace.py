@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map_only
 
+from recipe_runner.data.buckets import dataset_buckets
 from recipe_runner.errors import UserError
 from recipe_runner.recipe.loader import LoadedRecipe
 from recipe_runner.training.components import Components
@@ -179,7 +180,12 @@ def recipe_components(loaded: LoadedRecipe, folder: Path) -> tuple[Components, s
         )
 
 
-def trace(loaded: LoadedRecipe, c: Components, autocast_cache: bool | None = None) -> dict:
+def trace(
+    loaded: LoadedRecipe,
+    c: Components,
+    autocast_cache: bool | None = None,
+    size: tuple[int, int] | None = None,
+) -> dict:
     """Trace two optimizer steps (two micro-steps each when accumulating) of `loaded`'s recipe on the
     meta-device models `c` (which it takes over), with autocast's weight cache as the session sets it
     (or as `autocast_cache` says). Figures in GiB."""
@@ -219,7 +225,8 @@ def trace(loaded: LoadedRecipe, c: Components, autocast_cache: bool | None = Non
         optimizer = features.make_optimizer(recipe, controlnet.parameters(), train.learning_rate)
 
     b, res = train.batch_size, recipe.dataset.resolution
-    shape = c.latent_shape(res)
+    width, height = size or (res, res)  # (width, height): an aspect-ratio bucket's, or the square
+    shape = c.latent_shape(height, width)
     text_width = sum(e.config.hidden_size for e in c.text_encoders)
     tokens = c.tokenizers[0].model_max_length
     micro_steps = min(train.gradient_accumulation_steps, 2)
@@ -231,7 +238,7 @@ def trace(loaded: LoadedRecipe, c: Components, autocast_cache: bool | None = Non
                     draws = draw(
                         recipe.seed, step * micro_steps + micro, list(range(b)), shape, timesteps, 0.0
                     )
-                cond = torch.zeros(b, recipe.model.conditioning_channels, res, res)
+                cond = torch.zeros(b, recipe.model.conditioning_channels, height, width)
                 with live.phase("inputs"):
                     if train.precompute:
                         pooled = c.text_encoders[-1].config.hidden_size if c.family == "sdxl" else None
@@ -244,7 +251,7 @@ def trace(loaded: LoadedRecipe, c: Components, autocast_cache: bool | None = Non
                         )
                     else:
                         batch = {
-                            "pixels": torch.zeros(b, 3, res, res),
+                            "pixels": torch.zeros(b, 3, height, width),
                             "prompt": ["a"] * b,
                             "conditioning": cond,
                         }
@@ -286,6 +293,16 @@ def trace_recipe(loaded: LoadedRecipe) -> dict:
     from recipe_runner.run.runlog import quiet_libraries
 
     quiet_libraries()  # no save/load progress bars from building a builtin base
-    with tempfile.TemporaryDirectory(prefix="recipe-trace-") as tmp:
-        components, source = recipe_components(loaded, Path(tmp))
-        return {**trace(loaded, components), "models": source}
+    # With buckets, the square and the most elongated bucket: the two ends of the activations' shapes
+    # (all hold at most resolution² pixels). Each trace fakes its models, so each gets its own.
+    buckets = dataset_buckets(loaded.recipe.dataset)
+    sizes = [None, buckets[-1]] if buckets else [None]
+    traces = []
+    for size in sizes:
+        with tempfile.TemporaryDirectory(prefix="recipe-trace-") as tmp:
+            components, source = recipe_components(loaded, Path(tmp))
+            traced = trace(loaded, components, size=size)
+            res = loaded.recipe.dataset.resolution
+            w, h = size or (res, res)
+            traces.append({**traced, "models": source, "size": f"{w}x{h}"})
+    return max(traces, key=lambda t: t["peak_gb"])

@@ -8,6 +8,7 @@ folder only gets its final name once complete (run/atomic.py), so a killed preco
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 import recipe_runner
+from recipe_runner.data.buckets import bucket_counts, image_sizes
 from recipe_runner.recipe.recipe import Recipe
 from recipe_runner.run.atomic import atomic_dir, is_complete
 from recipe_runner.training.components import Components
@@ -74,22 +76,40 @@ class EncodedCache:
     prompt_embeds: np.ndarray
     prompt_index: np.ndarray
     pooled: np.ndarray | None
+    # Bucketed rows have latents of several shapes: then the latent arrays are flat, and row r's are
+    # [latent_offsets[r] : latent_offsets[r + 1]] reshaped to latent_shapes[r].
+    latent_offsets: np.ndarray | None = None
+    latent_shapes: np.ndarray | None = None
 
     EMPTY = 0
+
+    def latents(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(mean, std) of these rows, stacked: (len(rows), C, h, w), contiguous in memory."""
+        if self.latent_offsets is None:
+            return np.ascontiguousarray(self.latent_mean[rows]), np.ascontiguousarray(self.latent_std[rows])
+        o, shapes = self.latent_offsets, self.latent_shapes
+        assert shapes is not None
+
+        def take(flat: np.ndarray) -> np.ndarray:
+            return np.stack([flat[o[r] : o[r + 1]].reshape(shapes[r]) for r in rows])
+
+        return take(self.latent_mean), take(self.latent_std)
 
     @classmethod
     def open(cls, folder: Path) -> EncodedCache | None:
         if not is_complete(folder):
             return None
         load = lambda name: np.load(folder / f"{name}.npy", mmap_mode="r")  # noqa: E731
-        pooled = load("pooled") if (folder / "pooled.npy").is_file() else None
+        optional = lambda name: load(name) if (folder / f"{name}.npy").is_file() else None  # noqa: E731
         return cls(
             folder,
             load("latent_mean"),
             load("latent_std"),
             load("prompt_embeds"),
             load("prompt_index"),
-            pooled,
+            optional("pooled"),
+            optional("latent_offsets"),
+            optional("latent_shapes"),
         )
 
 
@@ -113,7 +133,19 @@ def build_cache(
             console.print(f"[dim]precomputed latents and text embeddings: reusing {folder}[/]")
         return cached
     resolution = recipe.dataset.resolution
-    latent_shape = (len(rows), *c.latent_shape(resolution))
+    # Square rows: one (N, C, h, w) array. Bucketed rows: flat arrays, encoded bucket by bucket.
+    sizes = image_sizes(rows) if recipe.dataset.buckets.enabled else None
+    shapes = [c.latent_shape(h, w) for w, h in sizes] if sizes is not None else None
+    if shapes is None:
+        latent_shape: tuple[int, ...] = (len(rows), *c.latent_shape(resolution))
+        groups = [list(range(len(rows)))]
+    else:
+        offsets = np.concatenate([[0], np.cumsum([math.prod(s) for s in shapes])]).astype(np.int64)
+        latent_shape = (int(offsets[-1]),)
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for row, size in enumerate(sizes or []):
+            by_size.setdefault(size, []).append(row)
+        groups = list(by_size.values())
     prompts = list(rows["prompt"])
     unique = list(dict.fromkeys(["", *prompts]))  # the empty prompt first: EncodedCache.EMPTY
     where = {p: i for i, p in enumerate(unique)}
@@ -125,16 +157,26 @@ def build_cache(
         std = np.lib.format.open_memmap(tmp / "latent_std.npy", "w+", dtype=storage, shape=latent_shape)
         images = rows.select_columns(["image"])
         task = bar.add_task("encoding images", total=len(rows))
-        for start in range(0, len(rows), batch):
-            chunk = images[start : start + batch]["image"]
-            pixels = torch.stack([to_pixels(im, resolution) for im in chunk])
-            m, s = encode_pixels(c, pixels.to(dtype=vae_dtype(recipe, weight_dtype)))
-            # Cast to the training dtype first, as a step in reference mode sees it.
-            mean[start : start + len(chunk)] = m.to(weight_dtype).float().cpu().numpy()
-            std[start : start + len(chunk)] = s.to(weight_dtype).float().cpu().numpy()
-            bar.advance(task, len(chunk))
+        for group in groups:
+            for start in range(0, len(group), batch):
+                chunk = group[start : start + batch]
+                fit = None if shapes is not None else resolution  # bucketed rows keep their size
+                pixels = torch.stack([to_pixels(im, fit) for im in images[chunk]["image"]])
+                m, s = encode_pixels(c, pixels.to(dtype=vae_dtype(recipe, weight_dtype)))
+                # Cast to the training dtype first, as a step in reference mode sees it.
+                m, s = (x.to(weight_dtype).float().cpu().numpy() for x in (m, s))
+                if shapes is None:
+                    mean[chunk[0] : chunk[-1] + 1], std[chunk[0] : chunk[-1] + 1] = m, s
+                else:
+                    for i, row in enumerate(chunk):
+                        mean[offsets[row] : offsets[row + 1]] = m[i].ravel()
+                        std[offsets[row] : offsets[row + 1]] = s[i].ravel()
+                bar.advance(task, len(chunk))
         mean.flush()
         std.flush()
+        if shapes is not None:
+            np.save(tmp / "latent_offsets.npy", offsets)
+            np.save(tmp / "latent_shapes.npy", np.array(shapes, dtype=np.int64))
         task = bar.add_task("encoding prompts", total=len(unique))
         embeds, pooled = [], []
         for start in range(0, len(unique), _PROMPT_BATCH):
@@ -148,6 +190,8 @@ def build_cache(
             np.save(tmp / "pooled.npy", np.concatenate(pooled))
         np.save(tmp / "prompt_index.npy", np.array([where[p] for p in prompts], dtype=np.int32))
         meta = {"rows": len(rows), "unique_prompts": len(unique), "latent_shape": latent_shape[1:]}
+        if sizes is not None:
+            meta["buckets"] = bucket_counts(sizes)
         (tmp / "meta.json").write_text(json.dumps({**meta, "dtype": str(weight_dtype)}, indent=2))
     if console:
         console.print(

@@ -27,7 +27,7 @@ from recipe_runner.recipe.recipe import Recipe
 from recipe_runner.run.folder import RunFolder
 from recipe_runner.training import features
 from recipe_runner.training.components import Components, load_components, resolve_base
-from recipe_runner.training.data import BatchPlan, load_rows
+from recipe_runner.training.data import BatchPlan, batch_plan, load_rows
 from recipe_runner.training.encoding import move, place_encoders, warn_overlong
 from recipe_runner.training.keys import built_dataset_fingerprint, effective_precision, resume_fields
 from recipe_runner.training.precompute import EncodedCache, build_cache, precompute_key
@@ -191,7 +191,7 @@ def open_session(
     if train.scale_lr:
         lr *= train.gradient_accumulation_steps * train.batch_size * processes
     optimizer = features.make_optimizer(recipe, controlnet.parameters(), lr)
-    plan = BatchPlan(len(data["train"]), train.batch_size, processes, accelerator.process_index, recipe.seed)
+    plan = batch_plan(recipe, data["train"], processes, accelerator.process_index)
     max_steps = train.max_steps or math.ceil(
         train.num_epochs * plan.batches_per_epoch / train.gradient_accumulation_steps
     )

@@ -68,9 +68,10 @@ def inputs_from_cache(
     def take(array: np.ndarray, index: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array[index])).to(device, dtype, non_blocking=True)
 
+    mean, std = cache.latents(rows)
     return StepInputs(
-        take(cache.latent_mean, rows),
-        take(cache.latent_std, rows),
+        torch.from_numpy(mean).to(device, dtype, non_blocking=True),
+        torch.from_numpy(std).to(device, dtype, non_blocking=True),
         take(cache.prompt_embeds, prompt),
         take(cache.pooled, prompt) if cache.pooled is not None else None,
         batch["conditioning"].to(device, non_blocking=True),
@@ -118,7 +119,9 @@ def controlnet_loss(
     added = {}
     if c.family == "sdxl":
         assert inputs.pooled is not None
-        time_ids = add_time_ids(recipe, len(latents), device, dtype)
+        f = c.vae_scale_factor
+        size = (latents.shape[-2] * f, latents.shape[-1] * f)
+        time_ids = add_time_ids(recipe, len(latents), device, dtype, size)
         added["added_cond_kwargs"] = {"text_embeds": inputs.pooled, "time_ids": time_ids}
     down, mid = controlnet(
         noisy,

@@ -24,8 +24,9 @@ from diffusers import (
     StableDiffusionXLControlNetPipeline,
     UniPCMultistepScheduler,
 )
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
+from recipe_runner.data.buckets import training_size
 from recipe_runner.errors import UserError
 from recipe_runner.recipe.checks import resolve_path
 from recipe_runner.recipe.loader import LoadedRecipe
@@ -123,20 +124,20 @@ def generate(
     dtype: torch.dtype,
 ) -> list[list[Image.Image]]:
     v = loaded.recipe.train.validation
-    res = loaded.recipe.dataset.resolution
     pipe, autocast = _pipeline(c, controlnet, device, dtype)
     generator = torch.Generator(device=device).manual_seed(loaded.recipe.seed)
     outputs = []
     with autocast, torch.no_grad():
         for cond in conds:
+            width, height = training_size(loaded.recipe.dataset, cond.image.size)
             result = pipe(
                 cond.prompt,
                 image=cond.image,
                 num_inference_steps=v.num_inference_steps,
                 guidance_scale=v.guidance_scale,
                 num_images_per_prompt=v.num_images,
-                height=res,
-                width=res,
+                height=height,
+                width=width,
                 generator=generator,
             )
             outputs.append(list(result.images))
@@ -192,7 +193,9 @@ def make_grid(conds: list[Condition], images: list[list[Image.Image]], resolutio
     y = 0
     for cond, row, caption, height in zip(conds, images, captions, heights, strict=True):
         for i, image in enumerate([cond.image, *row]):
-            grid.paste(image.convert("RGB").resize((resolution, resolution)), (i * resolution, y))
+            # Bucketed images keep their aspect ratio in their square tile.
+            tile = ImageOps.pad(image.convert("RGB"), (resolution, resolution), color="white")
+            grid.paste(tile, (i * resolution, y))
         for k, text in enumerate(caption):
             draw.text((4, y + resolution + 3 + k * line), text, fill="black", font=font)
         y += height
