@@ -82,7 +82,7 @@ def test_image_sizes_reads_png_headers_and_lets_pillow_read_other_formats():
     assert image_sizes(rows) == [(48, 80), (80, 48), (64, 64)]
 
 
-def test_build_cuts_each_image_to_its_bucket_and_counts_them(recipe, build, built, images, tmp_path, folder):
+def test_build_cuts_each_image_to_its_bucket_and_counts_them(recipe, built, images, tmp_path, folder):
     """Landscape, portrait and square photos, with given conditioning images of another size (which must
     get the same crop): every row lands in its nearest bucket, and the report counts them."""
     for i, size in enumerate([(120, 72), (72, 120), (50, 50), (200, 110)]):
@@ -102,8 +102,17 @@ def test_build_cuts_each_image_to_its_bucket_and_counts_them(recipe, build, buil
             "dataset.shuffle=false",
         ),
     )
-    report = build(loaded)
+    from rich.console import Console
+
+    from recipe_runner.data.build import build_dataset
+
+    console = Console(record=True, width=300, force_terminal=False)
+    report = build_dataset(loaded, folder, console=console)
     assert report["buckets"] == {"48x80": 1, "64x64": 1, "80x48": 2}
+    said = console.export_text()
+    assert "aspect-ratio buckets (train rows): 48x80 1, 64x64 1, 80x48 2" in said
+    # The default batch of 4 is more than any bucket has: their batches repeat rows.
+    assert "fewer rows than a batch of 4: 48x80 (1), 64x64 (1), 80x48 (2)" in said
     train = built()["train"]
     assert [im.size for im in train["image"]] == [(80, 48), (48, 80), (64, 64), (80, 48)]
     assert [im.size for im in train["conditioning_image"]] == [(80, 48), (48, 80), (64, 64), (80, 48)]

@@ -48,6 +48,7 @@ def test_plan_run_and_sample_on_aspect_ratio_buckets(cli, write_recipe, tmp_path
     run = cli("run", recipe, "-o", out)
     assert run.exit_code == 0, run.output
     assert "aspect-ratio buckets (train rows)" in run.output
+    assert "fewer rows than a batch" not in run.output  # batch 2: every bucket fills one
     report = json.loads((out / "dataset" / "report.json").read_text())
     assert sum(report["buckets"].values()) == report["rows_out"]["train"] == 10
     assert (out / "controlnet" / "diffusion_pytorch_model.safetensors").is_file()
@@ -58,6 +59,12 @@ def test_plan_run_and_sample_on_aspect_ratio_buckets(cli, write_recipe, tmp_path
     plan = json.loads(cli("plan", recipe, "-o", out, "--json").output)
     counted = plan["dataset"]["buckets"]  # now from the built dataset; empty buckets show 0
     assert {k: n for k, n in counted.items() if n} == report["buckets"] and None not in counted.values()
+    small = {k for k, n in counted.items() if n < 4}
+    warnings = json.loads(cli("plan", recipe, "-o", out, "--set", "train.batch_size=4", "--json").output)[
+        "warnings"
+    ]
+    [warned] = [w for w in warnings if "fewer rows than a batch of 4" in w]
+    assert small and all(f"{k} ({counted[k]})" in warned for k in small)
 
     sample = cli("sample", out, "--condition", tmp_path / "photos" / "00.png", "--prompt", "an ellipse")
     assert sample.exit_code == 0, sample.output

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from datasets import Dataset
 
     from recipe_runner.recipe.dataset import DatasetSpec
+    from recipe_runner.recipe.recipe import Recipe
 
 _CHUNK = 1024
 _PNG = b"\x89PNG\r\n\x1a\n"
@@ -83,3 +84,20 @@ def training_size(spec: DatasetSpec, size: Size) -> Size:
     bucket, or the square resolution when bucketing is off."""
     buckets = dataset_buckets(spec)
     return nearest_bucket(size, buckets) if buckets else (spec.resolution, spec.resolution)
+
+
+def global_batch(recipe: Recipe) -> int:
+    """Rows in one micro-step across every process: the unit a bucket is padded to."""
+    return recipe.train.batch_size * recipe.launch.num_processes * recipe.launch.num_machines
+
+
+def small_buckets(counts: dict[str, int | None], batch: int) -> str | None:
+    """A warning for buckets with fewer rows than one global batch: their batches repeat rows, every epoch."""
+    few = {size: n for size, n in counts.items() if n and n < batch}
+    if not few:
+        return None
+    shown = ", ".join(f"{size} ({n})" for size, n in few.items())
+    return (
+        f"aspect buckets with fewer rows than a batch of {batch}: {shown}; each batch from them repeats "
+        "its rows (a lower dataset.buckets.max_aspect merges the most elongated into their neighbours)"
+    )

@@ -21,7 +21,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from recipe_runner.data import references
-from recipe_runner.data.buckets import bucket_counts, dataset_buckets, image_sizes
+from recipe_runner.data.buckets import (
+    bucket_counts,
+    dataset_buckets,
+    global_batch,
+    image_sizes,
+    small_buckets,
+)
 from recipe_runner.data.cache_key import (
     DATASET_CODE_VERSION,
     computes_condition,
@@ -74,7 +80,7 @@ def build_dataset(
         report["path"] = str(folder.dataset_data)
         write_text(tmp / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     if console is not None:
-        _summary(console, report, folder)
+        _summary(console, report, folder, global_batch(loaded.recipe))
     return report
 
 
@@ -329,7 +335,7 @@ def _rows(report: dict) -> int:
     return sum((report.get("rows_out") or {}).values())
 
 
-def _summary(console: Console, report: dict, folder: RunFolder) -> None:
+def _summary(console: Console, report: dict, folder: RunFolder, batch: int) -> None:
     out = ", ".join(f"{n} {split}" for split, n in report["rows_out"].items())
     dropped = report["rows_dropped"]
     why = "; ".join(f"{k}: {v['count']}" for k, v in report["dropped"].items())
@@ -343,3 +349,5 @@ def _summary(console: Console, report: dict, folder: RunFolder) -> None:
     if report.get("buckets"):
         shares = ", ".join(f"{size} {n}" for size, n in report["buckets"].items())
         console.print(f"  aspect-ratio buckets (train rows): {shares}", highlight=False)
+        if (few := small_buckets(report["buckets"], batch)) is not None:
+            console.print(f"[yellow]warning:[/] {few}", highlight=False)

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from recipe_runner.data.buckets import dataset_buckets
+from recipe_runner.data.buckets import dataset_buckets, global_batch, small_buckets
 from recipe_runner.recipe.loader import LoadedRecipe
 from recipe_runner.recipe.recipe import Recipe
 from recipe_runner.run.atomic import is_complete
@@ -268,6 +268,9 @@ def make_plan(loaded: LoadedRecipe, output_dir: Path | None = None, *, trace: bo
         warnings.append(
             f"only {train_rows} training rows for an effective batch of {effective_batch(recipe)}"
         )
+    buckets = _buckets(loaded, folder if cached else None)
+    if buckets and (few := small_buckets(buckets, global_batch(recipe))):
+        warnings.append(few)
     return Plan(
         name=recipe.name,
         run_dir=str(folder.root),
@@ -282,7 +285,7 @@ def make_plan(loaded: LoadedRecipe, output_dir: Path | None = None, *, trace: bo
         time=estimate_time(recipe, steps),
         warnings=warnings,
         traced=traced,
-        buckets=_buckets(loaded, folder) if cached else _buckets(loaded, None),
+        buckets=buckets,
     )
 
 
