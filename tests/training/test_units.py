@@ -101,6 +101,11 @@ def test_fields_added_later_leave_older_checkpoints_resumable(tmp_path):
         load_recipe(path, ["train.fp8_base=true", "train.gradient_checkpointing=true"]).recipe
     )
     assert fp8["train.fp8_base"] is True
+    defaults = resume_fields(load_recipe(path).recipe)
+    for name in ("snr_gamma", "noise_offset", "dataset.buckets"):
+        assert not any(k.endswith(name) or f".{name}." in k for k in defaults), name
+    weighted = resume_fields(load_recipe(path, ["train.snr_gamma=5", "train.noise_offset=0.1"]).recipe)
+    assert weighted["train.snr_gamma"] == 5 and weighted["train.noise_offset"] == 0.1
 
 
 def test_overlong_prompts_are_found(tmp_path):

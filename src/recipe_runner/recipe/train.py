@@ -114,6 +114,14 @@ class TrainSpec(Section):
     """Free gradients instead of zeroing them after each step (saves memory)."""
     empty_prompt_ratio: float = Field(0.0, ge=0, le=1)
     """Proportion of prompts replaced by the empty string, so the ControlNet also works without one."""
+    snr_gamma: float | None = Field(None, gt=0)
+    """Min-SNR loss weighting (Hang et al. 2023; `--snr_gamma` in diffusers' text-to-image script and
+    kohya's `--min_snr_gamma`): each sample's loss weighted by min(SNR, gamma) / SNR (for v-prediction
+    / (SNR + 1)), so the easy low-noise timesteps stop dominating; 5 is the paper's value. null: the plain
+    mean squared error of the reference ControlNet script."""
+    noise_offset: float = Field(0.0, ge=0, le=1)
+    """Offset noise: add this times a per-sample, per-channel constant to the noise, so the model can learn
+    very dark and very bright images (kohya's `--noise_offset`; 0.05-0.1 is typical). 0: off."""
     precompute: bool = True
     """Encode latents and text embeddings once before training and cache them (steps run only UNet +
     ControlNet); off: encode every batch, as the reference script does."""

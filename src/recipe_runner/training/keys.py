@@ -35,7 +35,7 @@ _NOT_RESUME_RELEVANT = {
 
 # Fields added after runs were already recorded, left out at their default: checkpoints and finished runs
 # from before them keep resuming and keep their cache keys.
-_OMITTED_AT_DEFAULT = {"fp8_base": False}
+_OMITTED_AT_DEFAULT = {"fp8_base": False, "snr_gamma": None, "noise_offset": 0.0}
 
 
 def sha256_json(value: Any) -> str:

@@ -235,6 +235,7 @@ def train_loop(
                     c.latent_shape(*batch["conditioning"].shape[-2:]),  # this batch's bucket
                     timesteps,
                     train.empty_prompt_ratio,
+                    offset=train.noise_offset > 0,
                 )
             with accelerator.accumulate(session.controlnet):
                 with timer("encode"):

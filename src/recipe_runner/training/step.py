@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers.training_utils import compute_snr
 
 from recipe_runner.recipe.recipe import Recipe
 from recipe_runner.training.components import Components
@@ -28,6 +29,7 @@ class Draws:
     timesteps: torch.Tensor  # (b,) long in [0, num_train_timesteps)
     latent_noise: torch.Tensor  # (b, C, h, w): latents = mean + std * latent_noise
     noise: torch.Tensor  # (b, C, h, w): the noise the model learns to predict
+    offset: torch.Tensor | None = None  # (b, C, 1, 1): train.noise_offset's per-channel constants
 
 
 def draw(
@@ -37,15 +39,25 @@ def draw(
     latent_shape: tuple[int, ...],
     num_timesteps: int,
     empty_ratio: float,
+    *,
+    offset: bool = False,
 ) -> Draws:
-    empty, steps, latent_noise, noise = [], [], [], []
+    empty, steps, latent_noise, noise, offsets = [], [], [], [], []
     for position in positions:
         g = torch.Generator().manual_seed(derive_seed(seed, "sample", micro_step, position))
         empty.append(bool(torch.rand((), generator=g) < empty_ratio))
         steps.append(torch.randint(0, num_timesteps, (1,), generator=g))
         latent_noise.append(torch.randn(latent_shape, generator=g))
         noise.append(torch.randn(latent_shape, generator=g))
-    return Draws(torch.tensor(empty), torch.cat(steps).long(), torch.stack(latent_noise), torch.stack(noise))
+        if offset:  # drawn last, so that the draws before it are those of a run without offset noise
+            offsets.append(torch.randn((latent_shape[0], 1, 1), generator=g))
+    return Draws(
+        torch.tensor(empty),
+        torch.cat(steps).long(),
+        torch.stack(latent_noise),
+        torch.stack(noise),
+        torch.stack(offsets) if offset else None,
+    )
 
 
 @dataclass
@@ -113,7 +125,10 @@ def controlnet_loss(
     assert c.unet is not None
     device = inputs.latent_mean.device
     latents = sample_latents(c, inputs.latent_mean, inputs.latent_std, draws.latent_noise).to(dtype)
-    noise = draws.noise.to(device, dtype)
+    noise = draws.noise
+    if draws.offset is not None:
+        noise = noise + recipe.train.noise_offset * draws.offset  # as diffusers' scripts: noise += offset
+    noise = noise.to(device, dtype)
     timesteps = draws.timesteps.to(device)
     noisy = c.noise_scheduler.add_noise(latents, noise, timesteps)
     added = {}
@@ -144,4 +159,20 @@ def controlnet_loss(
         target = noise
     else:  # v_prediction (checked when the session starts)
         target = c.noise_scheduler.get_velocity(latents, noise, timesteps)
-    return diffusion_loss(prediction, target)
+    if recipe.train.snr_gamma is None:
+        return diffusion_loss(prediction, target)
+    return min_snr_loss(prediction, target, c, timesteps, recipe.train.snr_gamma)
+
+
+def min_snr_loss(
+    prediction: torch.Tensor, target: torch.Tensor, c: Components, timesteps: torch.Tensor, gamma: float
+) -> torch.Tensor:
+    """Per-sample MSE weighted by min(SNR, gamma) / SNR (v-prediction: / (SNR + 1)), then averaged: the
+    weighting of diffusers' train_text_to_image.py with --snr_gamma."""
+    snr = compute_snr(c.noise_scheduler, timesteps).float()
+    weight = torch.clamp(snr, max=gamma) / (snr if c.prediction_type == "epsilon" else snr + 1)
+    weight = torch.where(snr == 0, 1.0, weight)  # a zero-terminal-SNR schedule's last step: 0 / 0
+    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(
+        dim=list(range(1, prediction.ndim))
+    )
+    return (per_sample * weight).mean()
