@@ -142,6 +142,10 @@ def test_memory_savers_lower_the_estimate(cli, write_recipe, tmp_path):
     fp8 = plan_json(cli, light, "-o", tmp_path / "a", "--set", "train.fp8_base=true")["memory"]
     assert fp8["frozen_unet_gb"] == pytest.approx(small["frozen_unet_gb"] / 2)
     assert big["with_savers_gb"] < big["total_gb"]
+    ema = plan_json(cli, heavy, "-o", tmp_path / "b", "--set", "train.ema_decay=0.999")["memory"]
+    offload = next(s for s in ema["savers"] if s.startswith("train.ema_offload"))
+    assert offload.endswith(f": −{361e6 * 4 / 2**30:.1f} GB")  # the fp32 average of SD 1.5's ControlNet
+    assert "but train.fp8_base and train.ema_offload" in ema["savers"][0]
     r = cli("plan", heavy, "-o", tmp_path / "b")
     assert "estimate" in r.stdout and "A100" in r.stdout
     assert "unknown until downloaded" in r.stdout

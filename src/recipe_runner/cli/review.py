@@ -327,7 +327,9 @@ def _print_plan(p: Any) -> None:
             "memory (traced)",
             f"{tr['total_gb']:.1f} GB per process: step peak {tr['peak_gb']:.2f} (in {tr['peak_phase']}: "
             f"frozen weights {tr['frozen_weights_gb']:.2f} + ControlNet {tr['controlnet_weights_gb']:.2f} + "
-            f"optimizer state {tr['optimizer_state_gb']:.2f} + gradients/activations "
+            f"optimizer state {tr['optimizer_state_gb']:.2f} + "
+            + (f"EMA {tr['ema_gb']:.2f} + " if tr.get("ema_gb") else "")
+            + "gradients/activations "
             f"{tr['gradients_activations_temporaries_gb']:.2f}){ddp} + overhead {tr['overhead_gb']:.1f}"
             f"\n[dim]traced on fake tensors: {escape(tr['models'])}"
             + (f"; the square and the most elongated bucket, peak at {tr['size']}" if p.buckets else "")

@@ -184,6 +184,8 @@ def estimate_memory(recipe: Recipe, base_dir: Path | None = None) -> MemoryEstim
     controlnet = sizes.controlnet * (4 + (2 if t.optimizer == "adamw_8bit" else 8))
     if recipe.launch.num_processes * recipe.launch.num_machines > 1:
         controlnet += sizes.controlnet * 4  # DDP's gradient buckets hold a second copy of the grads
+    if t.ema_decay is not None and not t.ema_offload:
+        controlnet += sizes.controlnet * 4  # the fp32 average, resident on the accelerator
     gradients = sizes.controlnet * 4 / GIB
     # With precompute, latents and text embeddings are cached before training and the encoders leave the
     # accelerator; without it they stay resident (frozen, in the autocast dtype).
@@ -253,10 +255,17 @@ def memory_savers(recipe: Recipe, base_dir: Path | None = None) -> tuple[list[st
                 {"fp8_base": True},
             )
         )
+    if t.ema_decay is not None and not t.ema_offload:
+        found.append(
+            ("train.ema_offload: true (the EMA average in host memory between steps)", {"ema_offload": True})
+        )
     if not found:
         return [], recipe
     now = estimate_memory(recipe, base_dir).total_gb
-    options = ["extends: base/low-vram.yaml (all of the below but train.fp8_base)"]
+    outside = " and ".join(
+        f for f in ("train.fp8_base", "train.ema_offload") if any(f.split(".")[1] in u for _, u in found)
+    )
+    options = [f"extends: base/low-vram.yaml (all of the below{' but ' + outside if outside else ''})"]
     for text, update in found:
         saved = now - estimate_memory(_with_train(recipe, update), base_dir).total_gb
         options.append(f"{text}: −{saved:.1f} GB" if saved >= 0.05 else text)

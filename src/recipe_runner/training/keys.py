@@ -31,11 +31,12 @@ _NOT_RESUME_RELEVANT = {
     "precompute",
     "channels_last",
     "attention",
+    "ema_offload",  # the same update, on the same device; only where the average waits between steps
 }
 
 # Fields added after runs were already recorded, left out at their default: checkpoints and finished runs
 # from before them keep resuming and keep their cache keys.
-_OMITTED_AT_DEFAULT = {"fp8_base": False, "snr_gamma": None, "noise_offset": 0.0}
+_OMITTED_AT_DEFAULT = {"fp8_base": False, "snr_gamma": None, "noise_offset": 0.0, "ema_decay": None}
 
 
 def sha256_json(value: Any) -> str:

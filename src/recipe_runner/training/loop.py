@@ -20,6 +20,7 @@ import torch
 from recipe_runner.errors import Interrupted, RunFailed
 from recipe_runner.training import checkpoints, validation
 from recipe_runner.training.data import RowSource, loader_workers, micro_batches
+from recipe_runner.training.ema import averaged
 from recipe_runner.training.keys import resume_fields
 from recipe_runner.training.progress import StopRequest, TrainingProgress
 from recipe_runner.training.session import Session
@@ -95,7 +96,8 @@ def validate(session: Session, state: LoopState) -> None:
         controlnet = accelerator.unwrap_model(session.controlnet)
         controlnet.eval()
         try:
-            with session.encoders_on_device():
+            # With train.ema_decay, the grids (and evaluate.at_validation) show the averaged weights.
+            with averaged(session.ema, controlnet), session.encoders_on_device():
                 conds = validation.conditions(session.loaded, session.data)
                 images = validation.generate(
                     session.loaded,
@@ -186,6 +188,9 @@ def _update(
         session.optimizer.zero_grad(set_to_none=True)  # drop the non-finite gradients
     session.lr_scheduler.step()
     session.optimizer.zero_grad(set_to_none=train.set_grads_to_none)
+    if session.ema is not None and math.isfinite(mean_loss):
+        # After the gradients are freed: an offloaded average visits the accelerator in their place.
+        session.ema.step(session.controlnet.parameters())
     return mean_loss, stop_now
 
 

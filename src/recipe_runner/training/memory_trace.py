@@ -223,6 +223,13 @@ def trace(
             live.add(t)
     with unset_fake_temporarily():  # bitsandbytes builds its quantisation maps with real tensors
         optimizer = features.make_optimizer(recipe, controlnet.parameters(), train.learning_rate)
+    ema = None
+    if train.ema_decay is not None and not train.ema_offload:  # the fp32 average stays beside the weights
+        with fake_mode:
+            ema = [p.detach().clone() for p in controlnet.parameters()]
+        for t in ema:
+            live.add(t)
+    ema_bytes = _nbytes(ema or [])
 
     b, res = train.batch_size, recipe.dataset.resolution
     width, height = size or (res, res)  # (width, height): an aspect-ratio bucket's, or the square
@@ -266,6 +273,12 @@ def trace(
                     torch.nn.utils.clip_grad_norm_(controlnet.parameters(), train.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=train.set_grads_to_none)
+                if train.ema_decay is not None:  # training/ema.py: after the gradients are freed
+                    params = [p.detach() for p in controlnet.parameters()]
+                    # Offloaded, the average comes to the accelerator for the update only.
+                    average = ema if ema is not None else [p.clone() for p in params]
+                    torch._foreach_lerp_(average, params, 0.01)
+                    del average, params
     state = _nbytes(v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor))
     return {
         "peak_gb": live.peak / GIB,
@@ -274,9 +287,10 @@ def trace(
         "frozen_weights_gb": frozen / GIB,
         "controlnet_weights_gb": trainable / GIB,
         "optimizer_state_gb": state / GIB,
+        "ema_gb": ema_bytes / GIB,
         # The rest of the peak: gradients (fp32, the ControlNet's size, when held), activations saved
         # for backward, and the temporaries of the op running at that moment.
-        "gradients_activations_temporaries_gb": (live.peak - frozen - trainable - state) / GIB,
+        "gradients_activations_temporaries_gb": (live.peak - frozen - trainable - state - ema_bytes) / GIB,
     }
 
 

@@ -89,6 +89,10 @@ def render(loaded: LoadedRecipe, folder: RunFolder, results: dict) -> str:
         f"{recipe.description}\n" if recipe.description else "",
         f"A ControlNet for `{recipe.model.base}` ({recipe.model.resolved_family}), trained with "
         "recipe-runner from the recipe below (`recipe reproduce` re-runs it).\n",
+        "The weights are the exponential moving average of the trained ones "
+        f"(decay {recipe.train.ema_decay}); the trained weights are in the run's last checkpoint.\n"
+        if recipe.train.ema_decay is not None
+        else "",
         "## Samples\n",
         sample,
         "## Use\n",

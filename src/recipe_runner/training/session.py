@@ -28,6 +28,7 @@ from recipe_runner.run.folder import RunFolder
 from recipe_runner.training import features
 from recipe_runner.training.components import Components, load_components, resolve_base
 from recipe_runner.training.data import BatchPlan, batch_plan, load_rows
+from recipe_runner.training.ema import ControlNetEMA, make_ema
 from recipe_runner.training.encoding import move, place_encoders, warn_overlong
 from recipe_runner.training.keys import built_dataset_fingerprint, effective_precision, resume_fields
 from recipe_runner.training.precompute import EncodedCache, build_cache, precompute_key
@@ -49,6 +50,7 @@ class Session:
     max_steps: int
     learning_rate: float
     console: Console | None
+    ema: ControlNetEMA | None = None  # train.ema_decay's average of the ControlNet's weights
     eval_condition: Any = None  # the condition evaluate.at_validation re-extracts with, set up once
 
     @property
@@ -204,7 +206,10 @@ def open_session(
         num_cycles=train.lr_num_cycles,
         power=train.lr_power,
     )
+    ema = make_ema(recipe, controlnet)  # of the fp32 master weights, before DDP wraps them
     controlnet, optimizer, lr_scheduler = accelerator.prepare(controlnet, optimizer, lr_scheduler)
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)  # saved and resumed with the checkpoints
     return Session(
         loaded=loaded,
         folder=folder,
@@ -220,6 +225,7 @@ def open_session(
         max_steps=max_steps,
         learning_rate=lr,
         console=console,
+        ema=ema,
     )
 
 

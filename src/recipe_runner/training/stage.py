@@ -20,6 +20,7 @@ from recipe_runner.run.folder import RunFolder
 from recipe_runner.training import checkpoints, features, model_card
 from recipe_runner.training.components import load_components, resolve_base
 from recipe_runner.training.data import load_rows
+from recipe_runner.training.ema import averaged
 from recipe_runner.training.keys import resume_fields
 from recipe_runner.training.loop import LoopState, save_checkpoint, steady_rate, train_loop, validate
 from recipe_runner.training.precompute import EncodedCache
@@ -158,7 +159,7 @@ def _save_controlnet(session: Session) -> None:
     accelerator = session.accelerator
     if accelerator.is_main_process:
         controlnet = accelerator.unwrap_model(session.controlnet)
-        with atomic_dir(session.folder.controlnet) as tmp:
+        with averaged(session.ema, controlnet), atomic_dir(session.folder.controlnet) as tmp:
             controlnet.save_pretrained(tmp, safe_serialization=True)
     accelerator.wait_for_everyone()
 
