@@ -142,7 +142,9 @@ class Bench:
         explicit = [f"train.batch_size={self.args.batch_size}"] if self.args.batch_size else []
         if self.args.gradient_checkpointing is not None:
             explicit.append(f"train.gradient_checkpointing={str(self.args.gradient_checkpointing).lower()}")
-        return [*explicit, *self.args.set, *MODE_OVERRIDES[mode]]
+        variant = getattr(self.args, "variants", {}).get(mode)
+        mode_sets = MODE_OVERRIDES["ours"] + variant if variant is not None else MODE_OVERRIDES[mode]
+        return [*explicit, *self.args.set, *mode_sets]
 
     def recipe(self, mode: str):
         from recipe_runner.recipe.loader import load_recipe
@@ -256,6 +258,12 @@ def markdown(report: dict) -> str:
             f"**ours / reference: ×{report['speedup']:.2f}** (median of rounds; ×{low:.2f} to ×{high:.2f})"
             + "".join(f"; {k} ×{v:.2f}" for k, v in report.get("attribution", {}).items()),
         ]
+    for name, r in (report.get("variant_ratios") or {}).items():
+        sets = "; ".join(report["variants"][name])
+        lines.append(
+            f"**{name} ({sets}) / ours: ×{r['ratio']:.3f}** (median of rounds; ×{r['range'][0]:.3f} to "
+            f"×{r['range'][1]:.3f})"
+        )
     if report.get("precompute_seconds") is not None:
         lines.append(
             f"one-off precompute of {report['rows']} rows: {report['precompute_seconds']:.2f} s"
@@ -270,6 +278,12 @@ def markdown(report: dict) -> str:
 
 def _ratios(report: dict, rounds: list[dict[str, dict]]) -> None:
     modes = report["modes"]
+    for name in report.get("variants") or {}:
+        per_round = [r[name]["steps_per_second"] / r["ours"]["steps_per_second"] for r in rounds]
+        report.setdefault("variant_ratios", {})[name] = {
+            "ratio": statistics.median(per_round),
+            "range": [min(per_round), max(per_round)],
+        }
     if "reference" not in modes or "ours" not in modes:
         return
     ref, ours = modes["reference"], modes["ours"]
@@ -312,6 +326,13 @@ def _main(argv: list[str] | None) -> dict:
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--preset", help="a recipes/base/ preset (fast, low-vram) or a recipe file to extend")
     parser.add_argument("--set", action="append", default=[], help="a recipe override for every mode")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        help="NAME=SET[;SET...]: one more mode, ours with these overrides, e.g. ema=train.ema_decay=0.999 "
+        "(reported as a ratio to ours)",
+    )
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--workdir", type=Path, help="keep the data and models here (default: temporary)")
     parser.add_argument("--json", type=Path, help="also write the JSON report here")
@@ -319,6 +340,17 @@ def _main(argv: list[str] | None) -> dict:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not modes or set(modes) - set(MODES):
         parser.error(f"--modes: choose from {', '.join(MODES)}")
+    args.variants = {}
+    for text in args.variant:
+        name, _, sets = text.partition("=")
+        if not name or not sets or name in MODES or name in args.variants:
+            parser.error(
+                f"--variant {text!r}: write NAME=SET[;SET...] with a new name, e.g. ema=train.ema_decay=0.999"
+            )
+        args.variants[name] = [s.strip() for s in sets.split(";") if s.strip()]
+    if args.variants and "ours" not in modes:
+        modes.append("ours")  # what a variant is compared with
+    modes += list(args.variants)
 
     import torch
 
@@ -342,6 +374,8 @@ def _main(argv: list[str] | None) -> dict:
             )
         bench = Bench(root, args, base, family)
         precompute_seconds = bench.precompute_seconds() if {"precompute", "ours"} & set(modes) else None
+        for name in args.variants:
+            bench.recipe(name)  # a bad override fails here, before any run
         rounds = []
         for r in range(args.rounds):
             order = modes[r % len(modes) :] + modes[: r % len(modes)]
@@ -356,6 +390,7 @@ def _main(argv: list[str] | None) -> dict:
         "precision": settings.mixed_precision,
         "preset": args.preset,
         "overrides": args.set,
+        "variants": args.variants,
         "rows": args.rows,
         "rounds": args.rounds,
         "device": torch.cuda.get_device_name()

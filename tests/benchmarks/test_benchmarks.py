@@ -131,3 +131,17 @@ def test_the_autocast_cache_would_hold_the_controlnet_copies(tmp_path):
     off = memory.trace(loaded, "tiny", tmp_path / "models", autocast_cache=False)
     on = memory.trace(loaded, "tiny", tmp_path / "models", autocast_cache=True)
     assert on["phases_gb"]["forward"] > off["phases_gb"]["forward"]
+
+
+def test_a_variant_runs_beside_ours_and_is_reported_as_a_ratio(tmp_path, capsys):
+    variant = "ema=train.ema_decay=0.99;train.ema_offload=true"
+    quick = ["--steps", "1", "--rounds", "2", "--rows", "8", "--threads", "1", "--workdir", str(tmp_path)]
+    report = train_speed.main([*quick, "--modes", "reference", "--variant", variant])
+    assert list(report["modes"]) == ["reference", "ours", "ema"]
+    ratio = report["variant_ratios"]["ema"]
+    assert ratio["range"][0] <= ratio["ratio"] <= ratio["range"][1]
+    assert "**ema (train.ema_decay=0.99; train.ema_offload=true) / ours: ×" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        train_speed.main(["--variant", "ours=train.ema_decay=0.9"])  # a mode's name
+    with pytest.raises(SystemExit, match="ema_decay"):
+        train_speed.main(["--workdir", str(tmp_path), "--variant", "bad=train.ema_decay=2"])
