@@ -58,6 +58,8 @@ def precompute_key(recipe: Recipe, base: str, dataset_fingerprint: str, dtype: t
             "model": identity,
             "family": spec.resolved_family,
             "resolution": recipe.dataset.resolution,
+            # Bucketed rows are stored flat (another layout); off, left out so older caches stay valid.
+            **({"layout": "flat"} if recipe.dataset.buckets.enabled else {}),
             "dataset": dataset_fingerprint,
             "dtype": str(dtype),
             "code": [recipe_runner.__version__, TRAINING_CODE_VERSION],
