@@ -258,6 +258,8 @@ def markdown(report: dict) -> str:
             f"**ours / reference: ×{report['speedup']:.2f}** (median of rounds; ×{low:.2f} to ×{high:.2f})"
             + "".join(f"; {k} ×{v:.2f}" for k, v in report.get("attribution", {}).items()),
         ]
+    if report.get("variant_ratios") and "speedup" not in report:
+        lines.append("")
     for name, r in (report.get("variant_ratios") or {}).items():
         sets = "; ".join(report["variants"][name])
         lines.append(

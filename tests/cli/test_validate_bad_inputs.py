@@ -178,6 +178,8 @@ CASES = [
     ("set-syntax", BASE, ["train.batch_size"], ["expected --set path.to.field=value"]),
     ("set-into-scalar", BASE + "seed: 1\n", ["seed.x=1"], ["cannot set inside 'seed'"]),
     ("set-mapping-on-int", BASE, ["seed={x: 1}"], ["--set seed={x: 1}", "valid integer"]),
+    # Was a ValueError traceback from the shapes generator, once the build started.
+    ("shapes-too-small", BASE, ["dataset.resolution=8"], ["dataset.resolution", "16 px or more"]),
 ]
 
 

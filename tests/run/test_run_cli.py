@@ -164,3 +164,15 @@ def test_invalid_recipe_writes_nothing(cli, write_recipe, tmp_path):
     result = cli("run", recipe, "-o", out)
     assert result.exit_code == 2
     assert not out.exists()
+
+
+def test_an_unloadable_base_fails_before_the_dataset_is_built(cli, write_recipe, tmp_path):
+    """Building a big dataset can take hours: the base's configs are loaded first, so a misspelt hub id
+    is exit 2 at once. The dataset stage alone does not need the models."""
+    recipe = write_recipe(TINY.replace("base: builtin:tiny-sd", "base: nobody/no-such-model"))
+    out = tmp_path / "runs" / "bad"
+    result = cli("run", recipe, "-o", out)
+    assert result.exit_code == 2, result.output
+    assert "could not load model.base from 'nobody/no-such-model'" in result.output
+    assert not (out / "dataset").exists()
+    assert cli("build-dataset", recipe, "-o", out).exit_code == 0

@@ -80,7 +80,7 @@ def build_dataset(
         report["path"] = str(folder.dataset_data)
         write_text(tmp / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     if console is not None:
-        _summary(console, report, folder, global_batch(loaded.recipe))
+        _summary(console, report, folder, loaded)
     return report
 
 
@@ -191,6 +191,7 @@ def _row_plan(loaded: LoadedRecipe, source: SourceData) -> RowPlan:
         prompt_column=None if spec.prompt is not None else spec.columns.prompt,
         prompt_template=spec.prompt,
         builtin=source.builtin,
+        drop_blank=f.on_blank_conditioning == "drop",
         buckets=tuple(dataset_buckets(spec)),
     )
 
@@ -335,7 +336,7 @@ def _rows(report: dict) -> int:
     return sum((report.get("rows_out") or {}).values())
 
 
-def _summary(console: Console, report: dict, folder: RunFolder, batch: int) -> None:
+def _summary(console: Console, report: dict, folder: RunFolder, loaded: LoadedRecipe) -> None:
     out = ", ".join(f"{n} {split}" for split, n in report["rows_out"].items())
     dropped = report["rows_dropped"]
     why = "; ".join(f"{k}: {v['count']}" for k, v in report["dropped"].items())
@@ -349,5 +350,32 @@ def _summary(console: Console, report: dict, folder: RunFolder, batch: int) -> N
     if report.get("buckets"):
         shares = ", ".join(f"{size} {n}" for size, n in report["buckets"].items())
         console.print(f"  aspect-ratio buckets (train rows): {shares}", highlight=False)
-        if (few := small_buckets(report["buckets"], batch)) is not None:
+        if (few := small_buckets(report["buckets"], global_batch(loaded.recipe))) is not None:
             console.print(f"[yellow]warning:[/] {few}", highlight=False)
+    for note, entry in report.get("warnings", {}).items():
+        first = entry["examples"][0]
+        example = f"e.g. row {first['row']}" + (f" {first['file']}" if first["file"] else "")
+        rows = f"{entry['count']} row{'' if entry['count'] == 1 else 's'}"
+        console.print(f"  {rows}: {note} ({example})", highlight=False, soft_wrap=True)
+    from recipe_runner.data.process import BLANK
+
+    kept = sum(report["rows_out"].values())
+    blanks = report.get("warnings", {}).get(BLANK, {}).get("count", 0)
+    if blanks and blanks >= 0.05 * kept:
+        console.print(f"[yellow]warning:[/] {_blank_hint(loaded, blanks, kept)}", highlight=False)
+
+
+def _blank_hint(loaded: LoadedRecipe, blanks: int, kept: int) -> str:
+    """Why a share of conditioning images came out blank, and what to change."""
+    cond = loaded.recipe.condition
+    share = f"{blanks} of {kept} conditioning images ({blanks / kept:.0%}) are one flat colour"
+    if not computes_condition(loaded):
+        cause = "check that dataset.columns.conditioning_image (or conditioning_dir) holds the conditions"
+    elif cond.type == "canny":
+        cause = (
+            f"the canny condition found no edges in them: lower its thresholds "
+            f"({cond.low_threshold}/{cond.high_threshold})"
+        )
+    else:
+        cause = f"the {cond.type} condition found nothing in them: check its settings"
+    return f"{share}: {cause}, or set dataset.filters.on_blank_conditioning: drop"

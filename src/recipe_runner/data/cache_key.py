@@ -49,9 +49,15 @@ def _condition(loaded: LoadedRecipe) -> dict | None:
     return key
 
 
-def _not_keyed(spec: DatasetSpec) -> set[str]:
-    # Bucketing off is keyed as its absence, so datasets built before `buckets` existed stay current.
-    return _NOT_KEYED | (set() if spec.buckets.enabled else {"buckets"})
+def _not_keyed(spec: DatasetSpec) -> dict | set[str]:
+    # Options added later are keyed only away from their defaults, so datasets built before they
+    # existed stay current: bucketing off, blank conditioning images kept.
+    exclude: dict = dict.fromkeys(_NOT_KEYED, True)
+    if not spec.buckets.enabled:
+        exclude["buckets"] = True
+    if spec.filters.on_blank_conditioning == "keep":
+        exclude["filters"] = {"on_blank_conditioning"}
+    return exclude
 
 
 def key_inputs(loaded: LoadedRecipe) -> dict:

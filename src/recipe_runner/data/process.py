@@ -37,6 +37,7 @@ from recipe_runner.data.sources import BASE_DIR, ROW
 
 DROP, FILE, COLUMN, NOTES = "__drop__", "__file__", "__column__", "__notes__"
 BOOKKEEPING = (ROW, DROP, FILE, COLUMN, NOTES)
+BLANK, EMPTY_PROMPT = "blank conditioning image", "empty prompt"  # notes the build summary explains
 _CROP_STREAM = 0x0C12  # keeps the crop's random stream apart from the builtin generator's (seed, index)
 _ROTATED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 _progress: dict[str, int] = {}  # rows done per progress folder, in this process
@@ -80,6 +81,7 @@ class RowPlan:
     prompt_column: str | None
     prompt_template: str | None  # overrides prompt_column; a constant when it has no placeholders
     builtin: str | None = None
+    drop_blank: bool = False  # filters.on_blank_conditioning: drop
     buckets: tuple[tuple[int, int], ...] = ()  # aspect-ratio buckets (width, height); empty: square crops
 
 
@@ -182,6 +184,13 @@ def crop_box(
     return (x0 / w, y0 / h, (x0 + box_w) / w, (y0 + box_h) / h)
 
 
+def blank(image: Image.Image) -> bool:
+    """One flat colour: every band's minimum is its maximum."""
+    extrema = image.getextrema()
+    bands = extrema if isinstance(extrema[0], tuple) else (extrema,)
+    return all(low == high for low, high in bands)
+
+
 def png(image: Image.Image) -> dict:
     # Encoded here rather than by datasets: an image opened from a file would otherwise be stored as a
     # reference to that path, and the built dataset must not depend on the source files.
@@ -249,9 +258,18 @@ class RowProcessor:
             if cfull != full:
                 notes.append("conditioning image resized to match its image")
             cond = fit(cimage, box, size, Image.Resampling.BILINEAR)
+        if blank(cond):
+            if p.drop_blank:
+                column = p.conditioning_column or "conditioning_image"
+                return self._drop(
+                    row, f"{column}: blank (one flat colour)", _name(values[p.image_column]), column, ""
+                )
+            notes.append(BLANK)
         prompt = self._prompt(values, row)
         if "\ufffd" in prompt:
             notes.append("prompt had invalid UTF-8 (replaced)")
+        if not prompt.strip():
+            notes.append(EMPTY_PROMPT)
         return {
             "image": png(rgb),
             "conditioning_image": png(cond),

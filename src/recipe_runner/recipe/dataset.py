@@ -92,6 +92,10 @@ class Filters(Section):
     """Drop images whose shorter side is below this many pixels (0: keep all)."""
     on_bad_image: Literal["drop", "error"] = "drop"
     """Unreadable or corrupt images: `drop` the row and count it in the report, or stop with an `error`."""
+    on_blank_conditioning: Literal["keep", "drop"] = "keep"
+    """Rows whose conditioning image is one flat colour (a condition that found nothing, such as canny
+    with thresholds too high for soft photos): `keep` them (the ControlNet also learns "no control"; the
+    build counts and names them) or `drop` them."""
 
 
 class Buckets(Section):
@@ -171,6 +175,11 @@ class DatasetSpec(Section):
                 ("buckets", "step"),
                 f"resolution {self.resolution} is not a multiple of buckets.step {step}, so there would be "
                 f"no square bucket; use a step that divides it, e.g. {math.gcd(self.resolution, step)}",
+            )
+        if self.source.builtin == "shapes" and self.resolution < 16:
+            raise FieldError(
+                "resolution",
+                f"the builtin shapes dataset draws at 16 px or more, got {self.resolution}; try 16 or 64",
             )
         if self.source.builtin is not None and self.holdout >= self.source.num_samples:
             raise FieldError(

@@ -21,7 +21,7 @@ from recipe_runner.run.distributed import announce, announced, follow, launched_
 from recipe_runner.run.folder import RunFolder
 from recipe_runner.run.lockfile import load_run_recipe, new_lock, read_lock, write_lock
 from recipe_runner.run.plan import resolution_note
-from recipe_runner.run.resources import check_disk, warn_accelerator_memory
+from recipe_runner.run.resources import check_disk, check_models, warn_accelerator_memory
 from recipe_runner.run.runlog import run_console
 from recipe_runner.run.stages import STAGES, RunContext
 
@@ -104,6 +104,7 @@ def _run_stages(
         to_run = [n for n in names if not STAGES[n].status(ctx)[0] or (resume and n == "train")]
         check_disk(loaded, folder.root, to_run)
         warn_accelerator_memory(loaded, to_run, console)
+        check_models(loaded, folder, to_run, console)
         if "train" in to_run and (note := resolution_note(loaded)) is not None:
             console.print(f"[yellow]warning:[/] {escape(note)}")
         for name in names:

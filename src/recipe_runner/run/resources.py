@@ -15,6 +15,7 @@ from rich.console import Console
 from recipe_runner.errors import UserError
 from recipe_runner.recipe.loader import LoadedRecipe
 from recipe_runner.run.estimates import estimate_memory, model_size
+from recipe_runner.run.folder import RunFolder
 from recipe_runner.run.rows import count_rows
 
 GB = 2**30
@@ -99,3 +100,16 @@ def warn_accelerator_memory(loaded: LoadedRecipe, stages: list[str], console: Co
         f"{free / GB:.1f} of {total / GB:.1f} GB free: training will likely run out of memory. "
         f"{MEMORY_HINT[0].upper()}{MEMORY_HINT[1:]}; `recipe plan --trace` gives the exact peak."
     )
+
+
+def check_models(loaded: LoadedRecipe, folder: RunFolder, stages: list[str], console: Console) -> None:
+    """Before a dataset build that training will follow: load the models' configs (no weights), so that
+    a misspelt hub id, a base of another family or a ControlNet made for another base fails now, not
+    after building the dataset, which can take hours. Reads only config and tokenizer files (downloads
+    them when online: training needs them anyway)."""
+    if not {"dataset", "train"} <= set(stages):
+        return
+    from recipe_runner.training.components import load_components, resolve_base
+
+    with console.status("checking model.base and the models it names (configs only)"):
+        load_components(loaded, resolve_base(loaded, folder.models_cache), weights=False)
