@@ -12,6 +12,7 @@ import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
@@ -19,7 +20,7 @@ from accelerate.utils import broadcast_object_list
 from recipe_runner.errors import RunFailed, UserError
 from recipe_runner.run.atomic import atomic_dir, is_complete, remove_stale_temporaries
 from recipe_runner.run.folder import RunFolder
-from recipe_runner.training.keys import changed_fields
+from recipe_runner.training.keys import changed_fields, comparable
 
 STATE_FILE = "state.json"
 _NAME = re.compile(r"^step-(\d+)$")
@@ -101,7 +102,7 @@ def resume(accelerator: Accelerator, folder: RunFolder, fields: dict, say: Say) 
         except (OSError, ValueError, KeyError) as e:
             say(f"[yellow]checkpoint step-{step}: unreadable {STATE_FILE} ({e}); trying the previous one[/]")
             continue
-        changes = changed_fields(saved_fields, fields)
+        changes = changed_fields(comparable(saved_fields), comparable(fields))
         if changes:
             raise UserError(
                 f"checkpoint step-{step} in {folder.checkpoints} was made with a different recipe; changed: "
@@ -127,3 +128,18 @@ def resume(accelerator: Accelerator, folder: RunFolder, fields: dict, say: Say) 
         )
     say(f"no complete checkpoint in {folder.checkpoints}: starting from step 0")
     return None
+
+
+def realign_schedule(scheduler: Any, optimizer: Any, scheduler_steps: int) -> None:
+    """Set the learning-rate schedule's clock to `scheduler_steps`. The prepared scheduler steps once per
+    process per optimizer step (as the reference's does), over a schedule stretched by the process count:
+    a checkpoint from another count holds another clock, and this puts it where the new count expects,
+    so each optimizer step keeps the uninterrupted run's learning rate."""
+    inner = getattr(scheduler, "scheduler", scheduler)  # accelerate's wrapper around the LambdaLR
+    if not hasattr(inner, "lr_lambdas"):  # every schedule diffusers' get_scheduler makes is a LambdaLR
+        return
+    inner.last_epoch = scheduler_steps
+    lrs = [base * fn(scheduler_steps) for base, fn in zip(inner.base_lrs, inner.lr_lambdas, strict=True)]
+    for group, lr in zip(optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    inner._last_lr = lrs

@@ -88,6 +88,24 @@ def resume_fields(recipe: Recipe) -> dict[str, Any]:
     return _flatten(fields)
 
 
+_PROCESSES, _BATCH = "launch.num_processes", "train.batch_size"
+ROWS_PER_MICRO_STEP = "train.batch_size × processes"
+
+
+def comparable(fields: dict[str, Any]) -> dict[str, Any]:
+    """Resume fields as a resume compares them: the process count and the per-process batch only as
+    their product, the rows of one micro-step. The batch order, each sample's noise and the averaged
+    gradient depend on that alone (training/data.py), so 1 process x 4 rows resumes as 2 x 2."""
+    out = dict(fields)
+    if _PROCESSES in out and _BATCH in out:
+        out[ROWS_PER_MICRO_STEP] = out.pop(_PROCESSES) * out.pop(_BATCH)
+    return out
+
+
+def saved_processes(fields: dict[str, Any]) -> int | None:
+    return fields.get(_PROCESSES)
+
+
 def changed_fields(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Human-readable `field: old -> new` lines."""
     keys = sorted(set(old) | set(new))

@@ -21,7 +21,7 @@ from recipe_runner.training import checkpoints, features, model_card
 from recipe_runner.training.components import load_components, resolve_base
 from recipe_runner.training.data import load_rows
 from recipe_runner.training.ema import averaged
-from recipe_runner.training.keys import resume_fields
+from recipe_runner.training.keys import resume_fields, saved_processes
 from recipe_runner.training.loop import LoopState, save_checkpoint, steady_rate, train_loop, validate
 from recipe_runner.training.precompute import EncodedCache
 from recipe_runner.training.progress import print_summary
@@ -148,7 +148,19 @@ def _start(session: Session, resume: bool) -> LoopState:
     if resume:
         saved = checkpoints.resume(accelerator, folder, resume_fields(session.recipe), say)
         if saved is not None:
-            return LoopState.from_checkpoint(saved)
+            state = LoopState.from_checkpoint(saved)
+            before = saved_processes(saved["resume_fields"])
+            if before is not None and before != accelerator.num_processes:
+                checkpoints.realign_schedule(
+                    session.lr_scheduler, session.optimizer, state.global_step * accelerator.num_processes
+                )
+                rows = session.recipe.train.batch_size * accelerator.num_processes
+                say(
+                    f"the checkpoint was made by {before} process(es), this run has "
+                    f"{accelerator.num_processes}: the same {rows} rows per micro-step, so training "
+                    "continues as it would have"
+                )
+            return state
     elif accelerator.is_main_process:
         checkpoints.clear_for_fresh_start(folder, say)
     accelerator.wait_for_everyone()
