@@ -73,6 +73,14 @@ def test_length_only_change_can_resume():
     assert first.startswith("training reruns") and "--resume" in first
 
 
+def test_moving_to_more_processes_at_the_same_rows_can_resume():
+    two = recipe(train={"batch_size": 1, "max_steps": 20}, launch={"num_processes": 2})
+    first = texts(recipe(), two)[0]
+    assert "another process count with the same rows per micro-step" in first and "--resume" in first
+    other = texts(recipe(), recipe(train={"batch_size": 2}, launch={"num_processes": 2}))[0]
+    assert other.startswith("training restarts from scratch")
+
+
 def test_epochs_instead_of_steps():
     assert "training length 10 steps → 3 epochs" in texts(
         recipe(), recipe(train={"max_steps": None, "num_epochs": 3})

@@ -184,7 +184,16 @@ def _condition_needs(kind: str) -> str:
     return "no weights needed"
 
 
-def _stage_summary(changes: list[Change], computes: bool) -> Implication:
+def _rows_per_micro_step(r: Recipe) -> int:
+    return r.train.batch_size * r.launch.num_processes * r.launch.num_machines
+
+
+def _moves_processes(c: Change) -> bool:
+    """A change a checkpoint resumes across when the rows per micro-step stay equal (training/keys.py)."""
+    return c.path in (("train", "batch_size"), ("launch", "num_processes"), ("launch", "num_machines"))
+
+
+def _stage_summary(changes: list[Change], computes: bool, same_rows: bool = False) -> Implication:
     stages = [(c, stage_of(c.path, computes)) for c in changes]
     found = {s for _, s in stages}
     if "dataset" in found:
@@ -194,6 +203,18 @@ def _stage_summary(changes: list[Change], computes: bool) -> Implication:
             "rebuild", f"dataset will rebuild ({shown}); training restarts from scratch", "rebuild"
         )
     train = [c for c, s in stages if s == "train"]
+    moved = same_rows and any(_moves_processes(c) for c in train)
+    if (
+        train
+        and moved
+        and all(_moves_processes(c) or c.path[1:2] in ((f,) for f in RESUMABLE) for c in train)
+    ):
+        return Implication(
+            "retrain-resumable",
+            "training reruns on another process count with the same rows per micro-step (--resume "
+            "continues from the newest checkpoint as if uninterrupted); dataset reused",
+            "retrain",
+        )
     if train and all(c.path[0] == "train" and c.path[1] in RESUMABLE for c in train):
         return Implication(
             "retrain-resumable",
@@ -219,7 +240,8 @@ def implications(
     a: Recipe, b: Recipe, changes: list[Change], dirs: tuple[Path | None, Path | None] = (None, None)
 ) -> list[Implication]:
     """What the differences mean, most consequential first."""
-    found = [_stage_summary(changes, computes_condition(a) or computes_condition(b))]
+    same_rows = _rows_per_micro_step(a) == _rows_per_micro_step(b)
+    found = [_stage_summary(changes, computes_condition(a) or computes_condition(b), same_rows)]
 
     def add(code: str, text: str) -> None:
         found.append(Implication(code, text))
