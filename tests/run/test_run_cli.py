@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -109,6 +110,44 @@ def test_sample_writes_images(cli, finished_run, tmp_path):
     assert result.exit_code == 0, result.output
     images = json.loads(result.stdout)["images"]
     assert len(images) == 1 and Image.open(images[0]).size == (64, 64)
+
+
+def test_sample_a_folder_of_conditions_with_extraction(cli, finished_run, tmp_path, monkeypatch):
+    """--condition DIR samples each image (skipping other files); --extract makes each condition with
+    the recipe's (it was accepted and ignored before); --scale reaches the pipeline's record."""
+    import recipe_runner.conditions as conditions
+
+    made = []
+    build = conditions.build_condition
+
+    def recording(*args, **kwargs):
+        condition = build(*args, **kwargs)
+
+        def extract(image):
+            made.append(image.size)
+            return condition(image)
+
+        return extract
+
+    monkeypatch.setattr(conditions, "build_condition", recording)
+    _, out, _ = finished_run
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name, colour in (("b.png", "blue"), ("a.jpg", "red")):
+        Image.new("RGB", (64, 64), colour).save(photos / name)
+    (photos / "notes.txt").write_text("not an image")
+    args = ("--prompt", "a circle", "--steps", "1", "--num-images", "2", "--scale", "0.5", "--json")
+    result = cli("sample", out, "--condition", photos, "--extract", *args)
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    assert [Path(c["condition"]).name for c in record["conditions"]] == ["a.jpg", "b.png"]
+    assert len(record["images"]) == 4 and all("-a-seed0-" in p for p in record["conditions"][0]["images"])
+    assert made == [(64, 64), (64, 64)] and record["extracted"] is True
+    assert record["conditioning_scale"] == 0.5
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = cli("sample", out, "--condition", empty, "--prompt", "p")
+    assert result.exit_code == 2 and "a folder without images" in result.stderr
 
 
 def test_evaluate_command_reports_numbers(cli, finished_run):

@@ -92,16 +92,22 @@ def run(
 
 @app.command(
     epilog='[bold]Examples[/]\n\n  recipe sample runs/demo --condition edges.png --prompt "a red circle"\n'
-    '  recipe sample runs/demo --condition edges.png --prompt "a red circle" --num-images 4 --seed 1',
+    '  recipe sample runs/demo --condition edges.png --prompt "a red circle" --num-images 4 --seed 1\n'
+    '  recipe sample runs/demo --condition photos/ --extract --prompt "a red circle" --scale 0.8',
 )
 @handles_errors
 def sample(
     run_dir: Annotated[Path, typer.Argument(help="A run folder with trained weights.", metavar="RUN_DIR")],
-    condition: Annotated[Path, typer.Option("--condition", help="Conditioning image file.")],
+    condition: Annotated[
+        Path, typer.Option("--condition", help="Conditioning image, or a folder of them (each sampled).")
+    ],
     prompt: Annotated[str, typer.Option("--prompt", help="Text prompt.")],
     num_images: Annotated[int, typer.Option("--num-images", min=1, max=64)] = 1,
     steps: Annotated[int, typer.Option("--steps", min=1, max=1000, help="Denoising steps.")] = 20,
     guidance_scale: Annotated[float, typer.Option("--guidance-scale", min=0)] = 7.5,
+    scale: Annotated[
+        float, typer.Option("--scale", min=0, help="ControlNet conditioning scale: how strongly it steers.")
+    ] = 1.0,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     extract: Annotated[
         bool, typer.Option("--extract", help="IMG is a photo: make the condition from it with the recipe's.")
@@ -119,7 +125,9 @@ def sample(
         num_images=num_images,
         steps=steps,
         guidance_scale=guidance_scale,
+        conditioning_scale=scale,
         seed=seed,
+        extract=extract,
         quiet=json_,
     )
     if json_:

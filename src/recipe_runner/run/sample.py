@@ -48,6 +48,22 @@ def _open_condition(path: Path, spec: DatasetSpec):
     return image
 
 
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
+
+def condition_files(condition: Path) -> list[Path]:
+    """The image, or every image in the folder (sorted by name)."""
+    if not condition.is_dir():
+        return [condition]
+    files = sorted(p for p in condition.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise UserError(
+            f"--condition {condition}: a folder without images",
+            hint=f"give an image file, or a folder of {', '.join(sorted(IMAGE_SUFFIXES))} files",
+        )
+    return files
+
+
 def sample_run(
     run_dir: Path,
     condition: Path,
@@ -56,41 +72,50 @@ def sample_run(
     num_images: int = 1,
     steps: int = 20,
     guidance_scale: float = 7.5,
+    conditioning_scale: float = 1.0,
     seed: int = 0,
     extract: bool = False,
     quiet: bool = False,
 ) -> dict[str, Any]:
+    """`num_images` images for the condition image, or for each image of a folder (each from the same
+    seed, so that they compare); saved under RUN_DIR/samples/ with a JSON record of the settings."""
     import torch
 
     from recipe_runner.conditions import build_condition
     from recipe_runner.evaluate.models import load_base_pipelines
 
     loaded, folder = load_run(run_dir)
-    image = _open_condition(Path(condition), loaded.recipe.dataset)
+    files = condition_files(Path(condition))
+    conditions = [_open_condition(f, loaded.recipe.dataset) for f in files]  # all checked before loading
     if extract:
         fn = build_condition(loaded.recipe.condition, base_dir=loaded.base_dir)
-        image = fn(image)
+        conditions = [fn(image) for image in conditions]
     pipe, _ = load_base_pipelines(loaded, folder)
-    generator = torch.Generator("cpu").manual_seed(seed)
-    images = pipe(
-        prompt,
-        image=image,
-        num_inference_steps=steps,
-        guidance_scale=guidance_scale,
-        num_images_per_prompt=num_images,
-        generator=generator,
-        height=image.height,
-        width=image.width,
-    ).images
     stamp = time.strftime("%Y%m%d-%H%M%S")
     folder.samples.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, im in enumerate(images):
-        path = folder.samples / f"sample-{stamp}-seed{seed}-{i}.png"
-        tmp = path.with_name("." + path.name + ".tmp")
-        im.save(tmp, format="PNG")
-        tmp.replace(path)
-        paths.append(str(path))
+    paths, made = [], []
+    for file, image in zip(files, conditions, strict=True):
+        images = pipe(
+            prompt,
+            image=image,
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            controlnet_conditioning_scale=conditioning_scale,
+            num_images_per_prompt=num_images,
+            generator=torch.Generator("cpu").manual_seed(seed),
+            height=image.height,
+            width=image.width,
+        ).images
+        name = f"sample-{stamp}-seed{seed}" if len(files) == 1 else f"sample-{stamp}-{file.stem}-seed{seed}"
+        these = []
+        for i, im in enumerate(images):
+            path = folder.samples / f"{name}-{i}.png"
+            tmp = path.with_name("." + path.name + ".tmp")
+            im.save(tmp, format="PNG")
+            tmp.replace(path)
+            these.append(str(path))
+        paths += these
+        made.append({"condition": str(file), "images": these})
     meta = {
         "prompt": prompt,
         "condition": str(condition),
@@ -98,7 +123,9 @@ def sample_run(
         "seed": seed,
         "steps": steps,
         "guidance_scale": guidance_scale,
+        "conditioning_scale": conditioning_scale,
         "images": paths,
+        "conditions": made,
     }
     write_text(folder.samples / f"sample-{stamp}-seed{seed}.json", json.dumps(meta, indent=2) + "\n")
     if not quiet:
