@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PIP=${PIP:-.venv/bin/pip}
 PYVER=${PYVER:-3.12}
-packages=(diffusers datasets dill multiprocess pydantic pydantic_core annotated_types typing_inspection)
+packages=(diffusers datasets dill multiprocess pydantic pydantic_core annotated_types typing_inspection peft)
 [ "${1:-}" = "--no-bnb" ] || packages+=(bitsandbytes)
 # The versions the test suite ran with here, so the GPU runs the same code.
 pins=()

@@ -54,6 +54,22 @@ class MicroConditioning(Section):
     """Crop coordinates (top, left) given to SDXL during training."""
 
 
+class LoraSpec(Section):
+    """Train a low-rank adapter (LoRA) of the ControlNet instead of all its weights, as Stability's
+    Control-LoRA and kohya's ControlNet-LLLite do: the copied encoder stays frozen in the compute
+    precision, LoRA matrices learn beside its attention, feed-forward and convolution layers, and the
+    parts a ControlNet adds to the copy (the conditioning embedding and the zero convolutions) train in
+    full. Far fewer trainable weights: no fp32 master copy, gradients or optimizer state for the rest.
+    `controlnet/` gets the adapter merged into an ordinary ControlNet."""
+
+    rank: int = Field(64, ge=1, le=1024)
+    """Rank of each LoRA matrix pair: capacity, and trainable weights, grow with it."""
+    alpha: float | None = Field(None, gt=0)
+    """LoRA scaling numerator (the update is scaled by alpha / rank); null: equal to rank."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the LoRA path during training."""
+
+
 class TrainSpec(Section):
     """How the ControlNet is trained."""
 
@@ -122,6 +138,9 @@ class TrainSpec(Section):
     noise_offset: float = Field(0.0, ge=0, le=1)
     """Offset noise: add this times a per-sample, per-channel constant to the noise, so the model can learn
     very dark and very bright images (kohya's `--noise_offset`; 0.05-0.1 is typical). 0: off."""
+    lora: LoraSpec | None = None
+    """Train a LoRA of the ControlNet (`{rank: 64}`) instead of all of it (`pip install
+    'recipe-runner[lora]'`); LoRA usually wants a higher learning_rate, such as 1e-4. null: all weights."""
     ema_decay: float | None = Field(None, gt=0, lt=1)
     """Keep an exponential moving average of the ControlNet's weights (diffusers' EMAModel, as its
     text-to-image script's `--use_ema`), its decay ramping up as (1 + step) / (10 + step) to this value.

@@ -71,6 +71,11 @@ CAST_COPIES_KEPT = {False: 1.0, True: 0.2}
 # In the backward pass, the gradients fill up while the activations are freed: at its peak about 60% of
 # the forward's activations are still there (traced, 0.36-0.61).
 BACKWARD_ACTIVATION_SHARE = 0.6
+# train.lora's trainable weights, counted on models/archs.py's architectures with training/lora.py's
+# targets: LoRA matrices (linear in the rank), plus the conditioning embedding and zero convolutions,
+# trained in full (2026-12-01). Scaled by ControlNet size for other models.
+LORA_PARAMS_PER_RANK = {"sd1": 403_712, "sd2": 407_296, "sdxl": 1_458_944}
+LORA_FULL_PARAMS = {"sd1": 12_566_160, "sd2": 12_566_160, "sdxl": 7_647_120}
 OVERHEAD_GB = 1.0  # CUDA context, cuBLAS/cuDNN workspaces and allocator slack
 
 
@@ -173,6 +178,13 @@ class MemoryEstimate:
         return {**parts, "total_gb": round(self.total_gb, 2), "fits_card_gb": self.fits(), "params": sizes}
 
 
+def lora_trainable(recipe: Recipe, sizes: ModelSize) -> float:
+    """Trainable parameters of `train.lora`'s ControlNet."""
+    family, rank = recipe.model.resolved_family, recipe.train.lora.rank if recipe.train.lora else 0
+    scale = sizes.controlnet / FAMILY_SIZES[family].controlnet
+    return (LORA_PARAMS_PER_RANK[family] * rank + LORA_FULL_PARAMS[family]) * scale
+
+
 def estimate_memory(recipe: Recipe, base_dir: Path | None = None) -> MemoryEstimate:
     """Weights, optimizer state, gradients and activations of one process (see the constants above)."""
     t, family = recipe.train, recipe.model.resolved_family
@@ -181,20 +193,23 @@ def estimate_memory(recipe: Recipe, base_dir: Path | None = None) -> MemoryEstim
     frozen_bytes = 2 if half else 4  # frozen weights are stored in the autocast dtype
     # The ControlNet keeps fp32 master weights (4 bytes a parameter) and AdamW's two fp32 states (8), or
     # two 1-byte states with 8-bit AdamW (2); its gradients are fp32 (4).
-    controlnet = sizes.controlnet * (4 + (2 if t.optimizer == "adamw_8bit" else 8))
+    trained = lora_trainable(recipe, sizes) if t.lora is not None else sizes.controlnet
+    controlnet = trained * (4 + (2 if t.optimizer == "adamw_8bit" else 8))
+    if t.lora is not None:  # the frozen copy, in the compute precision
+        controlnet += (sizes.controlnet - trained) * frozen_bytes
     if recipe.launch.num_processes * recipe.launch.num_machines > 1:
-        controlnet += sizes.controlnet * 4  # DDP's gradient buckets hold a second copy of the grads
+        controlnet += trained * 4  # DDP's gradient buckets hold a second copy of the grads
     if t.ema_decay is not None and not t.ema_offload:
-        controlnet += sizes.controlnet * 4  # the fp32 average, resident on the accelerator
-    gradients = sizes.controlnet * 4 / GIB
+        controlnet += trained * 4  # the fp32 average, resident on the accelerator
+    gradients = trained * 4 / GIB
     # With precompute, latents and text embeddings are cached before training and the encoders leave the
     # accelerator; without it they stay resident (frozen, in the autocast dtype).
     encoders = 0.0 if t.precompute else (sizes.vae + sizes.text_encoders) * frozen_bytes
     per_image = ACTIVATION_GB_PER_IMAGE_AT_512[family][(half, t.gradient_checkpointing)]
     act = per_image * (recipe.dataset.resolution / 512) ** 2 * t.batch_size
     act *= min(1.0, sizes.unet / FAMILY_SIZES[family].unet)  # smaller (builtin, pruned) UNets, fewer
-    if half:
-        act += sizes.controlnet * 2 / GIB * CAST_COPIES_KEPT[t.gradient_checkpointing]
+    if half:  # (a LoRA's frozen copy is stored half already: only its small trained part is cast)
+        act += trained * 2 / GIB * CAST_COPIES_KEPT[t.gradient_checkpointing]
     held = t.gradient_accumulation_steps > 1 or not t.set_grads_to_none
     forward = act + (gradients if held else 0.0)
     backward = gradients + BACKWARD_ACTIVATION_SHARE * act
@@ -255,6 +270,16 @@ def memory_savers(recipe: Recipe, base_dir: Path | None = None) -> tuple[list[st
                 {"fp8_base": True},
             )
         )
+    if t.lora is None:
+        from recipe_runner.recipe.train import LoraSpec
+
+        found.append(
+            (
+                "train.lora: {rank: 64} (a LoRA of the ControlNet: a tenth of the weights train; usually a "
+                "higher learning_rate)",
+                {"lora": LoraSpec(rank=64)},
+            )
+        )
     if t.ema_decay is not None and not t.ema_offload:
         found.append(
             ("train.ema_offload: true (the EMA average in host memory between steps)", {"ema_offload": True})
@@ -263,7 +288,9 @@ def memory_savers(recipe: Recipe, base_dir: Path | None = None) -> tuple[list[st
         return [], recipe
     now = estimate_memory(recipe, base_dir).total_gb
     outside = " and ".join(
-        f for f in ("train.fp8_base", "train.ema_offload") if any(f.split(".")[1] in u for _, u in found)
+        f
+        for f in ("train.fp8_base", "train.lora", "train.ema_offload")
+        if any(f.split(".")[1] in u for _, u in found)
     )
     options = [f"extends: base/low-vram.yaml (all of the below{' but ' + outside if outside else ''})"]
     for text, update in found:

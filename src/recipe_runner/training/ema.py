@@ -17,12 +17,13 @@ from diffusers import ControlNetModel
 from diffusers.training_utils import EMAModel
 
 from recipe_runner.recipe.recipe import Recipe
+from recipe_runner.training.lora import trainable
 
 
 class ControlNetEMA(EMAModel):
     def __init__(self, controlnet: torch.nn.Module, decay: float, offload: bool):
         super().__init__(
-            controlnet.parameters(), decay=decay, model_cls=ControlNetModel, model_config=controlnet.config
+            trainable(controlnet), decay=decay, model_cls=ControlNetModel, model_config=controlnet.config
         )
         self.offload = offload
         self.home = torch.device("cpu") if offload else next(controlnet.parameters()).device
@@ -55,7 +56,7 @@ def averaged(ema: ControlNetEMA | None, controlnet: torch.nn.Module) -> Iterator
     if ema is None:
         yield
         return
-    params = list(controlnet.parameters())
+    params = trainable(controlnet)  # what the average covers (a LoRA's frozen weights do not move)
     ema.store(params)
     ema.copy_to(params)
     try:

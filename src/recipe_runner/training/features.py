@@ -50,6 +50,10 @@ def check_environment(recipe: Recipe) -> None:
                 "for 8-bit AdamW, and no CUDA GPU is available",
                 hint="pip install 'bitsandbytes>=0.50' (CPU optimizers), or set train.optimizer: adamw",
             )
+    if train.lora is not None:
+        from recipe_runner.training.lora import require_peft
+
+        require_peft()
     if train.attention == "xformers":
         if not _installed("xformers"):
             raise UserError(

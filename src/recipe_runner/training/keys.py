@@ -36,7 +36,13 @@ _NOT_RESUME_RELEVANT = {
 
 # Fields added after runs were already recorded, left out at their default: checkpoints and finished runs
 # from before them keep resuming and keep their cache keys.
-_OMITTED_AT_DEFAULT = {"fp8_base": False, "snr_gamma": None, "noise_offset": 0.0, "ema_decay": None}
+_OMITTED_AT_DEFAULT = {
+    "fp8_base": False,
+    "snr_gamma": None,
+    "noise_offset": 0.0,
+    "ema_decay": None,
+    "lora": None,
+}
 
 
 def sha256_json(value: Any) -> str:

@@ -22,6 +22,7 @@ from recipe_runner.training import checkpoints, validation
 from recipe_runner.training.data import RowSource, loader_workers, micro_batches
 from recipe_runner.training.ema import averaged
 from recipe_runner.training.keys import resume_fields
+from recipe_runner.training.lora import trainable
 from recipe_runner.training.progress import StopRequest, TrainingProgress
 from recipe_runner.training.session import Session
 from recipe_runner.training.step import controlnet_loss, draw, inputs_by_encoding, inputs_from_cache
@@ -190,7 +191,7 @@ def _update(
     session.optimizer.zero_grad(set_to_none=train.set_grads_to_none)
     if session.ema is not None and math.isfinite(mean_loss):
         # After the gradients are freed: an offloaded average visits the accelerator in their place.
-        session.ema.step(session.controlnet.parameters())
+        session.ema.step(trainable(session.controlnet))
     return mean_loss, stop_now
 
 

@@ -33,6 +33,7 @@ from recipe_runner.data.buckets import dataset_buckets
 from recipe_runner.errors import UserError
 from recipe_runner.recipe.loader import LoadedRecipe
 from recipe_runner.training.components import Components
+from recipe_runner.training.lora import trainable
 
 GIB = 2**30
 # The architecture a hub id's family falls back to when its configs cannot be read (offline, not cached).
@@ -217,16 +218,16 @@ def trace(
         _to_fake(model, fake_mode)
     live = LiveBytes()
     frozen = _nbytes(t for m in on_device if m is not controlnet for t in [*m.parameters(), *m.buffers()])
-    trainable = _nbytes([*controlnet.parameters(), *controlnet.buffers()])
+    controlnet_bytes = _nbytes([*controlnet.parameters(), *controlnet.buffers()])
     for model in on_device:
         for t in [*model.parameters(), *model.buffers()]:
             live.add(t)
     with unset_fake_temporarily():  # bitsandbytes builds its quantisation maps with real tensors
-        optimizer = features.make_optimizer(recipe, controlnet.parameters(), train.learning_rate)
+        optimizer = features.make_optimizer(recipe, trainable(controlnet), train.learning_rate)
     ema = None
     if train.ema_decay is not None and not train.ema_offload:  # the fp32 average stays beside the weights
         with fake_mode:
-            ema = [p.detach().clone() for p in controlnet.parameters()]
+            ema = [p.detach().clone() for p in trainable(controlnet)]
         for t in ema:
             live.add(t)
     ema_bytes = _nbytes(ema or [])
@@ -274,7 +275,7 @@ def trace(
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=train.set_grads_to_none)
                 if train.ema_decay is not None:  # training/ema.py: after the gradients are freed
-                    params = [p.detach() for p in controlnet.parameters()]
+                    params = [p.detach() for p in trainable(controlnet)]
                     # Offloaded, the average comes to the accelerator for the update only.
                     average = ema if ema is not None else [p.clone() for p in params]
                     torch._foreach_lerp_(average, params, 0.01)
@@ -285,12 +286,13 @@ def trace(
         "peak_phase": max(live.phases, key=live.phases.__getitem__),
         "phases_gb": {k: v / GIB for k, v in live.phases.items()},
         "frozen_weights_gb": frozen / GIB,
-        "controlnet_weights_gb": trainable / GIB,
+        "controlnet_weights_gb": controlnet_bytes / GIB,
         "optimizer_state_gb": state / GIB,
         "ema_gb": ema_bytes / GIB,
         # The rest of the peak: gradients (fp32, the ControlNet's size, when held), activations saved
         # for backward, and the temporaries of the op running at that moment.
-        "gradients_activations_temporaries_gb": (live.peak - frozen - trainable - state - ema_bytes) / GIB,
+        "gradients_activations_temporaries_gb": (live.peak - frozen - controlnet_bytes - state - ema_bytes)
+        / GIB,
     }
 
 

@@ -93,6 +93,10 @@ def render(loaded: LoadedRecipe, folder: RunFolder, results: dict) -> str:
         f"(decay {recipe.train.ema_decay}); the trained weights are in the run's last checkpoint.\n"
         if recipe.train.ema_decay is not None
         else "",
+        f"Trained as a LoRA of the ControlNet (rank {recipe.train.lora.rank}), merged into these "
+        "weights; the adapter itself is in the run's last checkpoint.\n"
+        if recipe.train.lora is not None
+        else "",
         "## Samples\n",
         sample,
         "## Use\n",

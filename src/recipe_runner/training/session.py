@@ -31,6 +31,7 @@ from recipe_runner.training.data import BatchPlan, batch_plan, load_rows
 from recipe_runner.training.ema import ControlNetEMA, make_ema
 from recipe_runner.training.encoding import move, place_encoders, warn_overlong
 from recipe_runner.training.keys import built_dataset_fingerprint, effective_precision, resume_fields
+from recipe_runner.training.lora import trainable
 from recipe_runner.training.precompute import EncodedCache, build_cache, precompute_key
 
 
@@ -133,9 +134,9 @@ def ensure_cache(
 def place_models(
     recipe: Recipe, c: Components, device: torch.device | str, dtype: torch.dtype
 ) -> torch.nn.Module:
-    """The frozen UNet in `dtype` and the ControlNet in fp32 on `device`, with the recipe's gradient
-    checkpointing, attention, fp8 storage and memory format; returns the ControlNet (the memory tracer,
-    training/memory_trace.py, traces this same setup)."""
+    """The frozen UNet in `dtype` and the ControlNet in fp32 on `device` (with `train.lora`, its LoRA),
+    with the recipe's gradient checkpointing, attention, fp8 storage and memory format; returns the
+    ControlNet (the memory tracer, training/memory_trace.py, traces this same setup)."""
     train = recipe.train
     assert c.unet is not None and c.controlnet is not None
     move(c.unet.requires_grad_(False), device, dtype)
@@ -144,6 +145,10 @@ def place_models(
 
         store_in_fp8(c.unet, dtype)
     controlnet = c.controlnet.to(device)  # fp32 master weights; autocast gives the speed
+    if train.lora is not None:  # frozen in `dtype`, fp32 LoRA layers and ControlNet additions
+        from recipe_runner.training.lora import add_lora
+
+        add_lora(controlnet, train.lora, dtype)
     controlnet.train()
     if train.gradient_checkpointing:
         controlnet.enable_gradient_checkpointing()
@@ -192,7 +197,7 @@ def open_session(
     lr = train.learning_rate
     if train.scale_lr:
         lr *= train.gradient_accumulation_steps * train.batch_size * processes
-    optimizer = features.make_optimizer(recipe, controlnet.parameters(), lr)
+    optimizer = features.make_optimizer(recipe, trainable(controlnet), lr)
     plan = batch_plan(recipe, data["train"], processes, accelerator.process_index)
     max_steps = train.max_steps or math.ceil(
         train.num_epochs * plan.batches_per_epoch / train.gradient_accumulation_steps

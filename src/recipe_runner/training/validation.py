@@ -31,6 +31,7 @@ from recipe_runner.errors import UserError
 from recipe_runner.recipe.checks import resolve_path
 from recipe_runner.recipe.loader import LoadedRecipe
 from recipe_runner.training.components import Components
+from recipe_runner.training.lora import is_lora, merged
 
 
 @dataclass
@@ -107,8 +108,11 @@ def _pipeline(
         # CPU autocast leaves some outputs (upsampling) in fp32, which the bf16 UNet's group norms reject:
         # run everything in the half dtype instead, with a copy so the master weights stay fp32. Built
         # from the config, as the prepared model's forward is wrapped to return fp32 outputs.
-        clone = ControlNetModel.from_config(controlnet.config)
-        clone.load_state_dict(controlnet.state_dict())
+        if is_lora(controlnet):
+            clone = merged(controlnet)
+        else:
+            clone = ControlNetModel.from_config(controlnet.config)
+            clone.load_state_dict(controlnet.state_dict())
         controlnet = clone.to(device, dtype=dtype).eval()
         # The SDXL pipeline casts latents for the VAE only from fp16; our fp32 SDXL VAE needs a copy too.
         vae = copy.deepcopy(c.vae).to(dtype=dtype) if c.vae.dtype != dtype else None

@@ -1,0 +1,81 @@
+"""`train.lora`: a LoRA of the ControlNet, through PEFT as diffusers' models carry it (`add_adapter`).
+
+The copy of the UNet's encoder stays frozen, stored in the compute precision; PEFT's LoRA layers wrap its
+attention, feed-forward and convolution layers; the conditioning embedding and the zero convolutions,
+which a ControlNet adds and which start from nothing, train in full (as in Stability's Control-LoRA).
+Saving merges the adapter into a plain ControlNet, so `controlnet/` loads with
+`ControlNetModel.from_pretrained` like a fully trained one.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+
+import torch
+from diffusers import ControlNetModel
+
+from recipe_runner.errors import UserError
+from recipe_runner.recipe.train import LoraSpec
+
+# Layer names PEFT matches by suffix: every attention projection, transformer feed-forward and resnet
+# convolution of the copied encoder (diffusers' names; the same in SD 1.x, 2.x and SDXL ControlNets).
+TARGETS = [
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "proj_in",
+    "proj_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "conv1",
+    "conv2",
+    "conv_shortcut",
+    "time_emb_proj",
+]
+# What a ControlNet adds to the copied encoder: no pretrained weights to adapt, so trained in full.
+TRAINED_IN_FULL = ("controlnet_cond_embedding.", "controlnet_down_blocks.", "controlnet_mid_block.")
+
+
+def require_peft() -> None:
+    if importlib.util.find_spec("peft") is None:
+        raise UserError(
+            "train.lora needs PEFT, which is not installed",
+            hint="pip install 'recipe-runner[lora]', or set train.lora: null to train every weight",
+        )
+
+
+def add_lora(controlnet: ControlNetModel, spec: LoraSpec, frozen_dtype: torch.dtype) -> ControlNetModel:
+    """Freeze `controlnet` in `frozen_dtype`, add the LoRA layers, and make them and the ControlNet's own
+    additions trainable in fp32 (the master weights, as a fully trained ControlNet's are)."""
+    require_peft()
+    from peft import LoraConfig
+
+    controlnet.requires_grad_(False)
+    config = LoraConfig(
+        r=spec.rank, lora_alpha=spec.alpha or spec.rank, lora_dropout=spec.dropout, target_modules=TARGETS
+    )
+    controlnet.add_adapter(config)  # LoRA's B matrices start at zero: the ControlNet is unchanged
+    for name, param in controlnet.named_parameters():
+        trained = "lora_" in name or name.startswith(TRAINED_IN_FULL)
+        param.requires_grad_(trained)
+        param.data = param.data.float() if trained else param.data.to(frozen_dtype)
+    return controlnet
+
+
+def is_lora(controlnet: torch.nn.Module) -> bool:
+    return bool(getattr(controlnet, "_hf_peft_config_loaded", False))
+
+
+def merged(controlnet: ControlNetModel) -> ControlNetModel:
+    """A plain fp32 ControlNet with the adapter merged in (for saving and for a CPU validation copy);
+    `controlnet` itself is left as it is."""
+    plain = copy.deepcopy(controlnet).float()
+    plain.fuse_lora()
+    plain.unload_lora()
+    return plain
+
+
+def trainable(controlnet: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in controlnet.parameters() if p.requires_grad]

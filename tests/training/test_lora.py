@@ -1,0 +1,141 @@
+"""train.lora: a LoRA of the ControlNet, merged into an ordinary ControlNet when saved."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import pytest
+import torch
+from diffusers import ControlNetModel
+from safetensors.torch import load_file
+
+from recipe_runner.errors import UserError
+from recipe_runner.recipe.train import LoraSpec
+from recipe_runner.training import train_controlnet
+from recipe_runner.training.lora import add_lora, merged, trainable
+
+LORA = ("train.lora={rank: 4}", "train.checkpoint_every=10")
+
+
+def _controlnet() -> ControlNetModel:
+    from recipe_runner.models.tiny import _unet
+
+    torch.manual_seed(0)
+    return ControlNetModel.from_unet(_unet(0, cross_attention_dim=32, attention_head_dim=8))
+
+
+def _inputs(c: ControlNetModel) -> dict:
+    g = torch.Generator().manual_seed(1)
+    cross = c.config.cross_attention_dim
+    return {
+        "sample": torch.randn(2, c.config.in_channels, 8, 8, generator=g),
+        "timestep": torch.tensor([10, 500]),
+        "encoder_hidden_states": torch.randn(2, 77, cross, generator=g),
+        "controlnet_cond": torch.rand(2, 3, 64, 64, generator=g),
+        "return_dict": False,
+    }
+
+
+def _outputs(model: ControlNetModel, inputs: dict) -> list[torch.Tensor]:
+    with torch.no_grad():
+        down, mid = model(**inputs)
+    return [*down, mid]
+
+
+def test_only_the_lora_and_the_controlnets_additions_train_and_it_starts_unchanged():
+    plain = _controlnet()
+    inputs = _inputs(plain)
+    for p in plain.controlnet_down_blocks.parameters():  # zero convs at zero would hide any difference
+        torch.nn.init.normal_(p, std=0.1)
+    before = _outputs(plain, inputs)
+    lora = add_lora(plain, LoraSpec(rank=4), torch.float32)
+    names = [n for n, p in lora.named_parameters() if p.requires_grad]
+    assert names and all(
+        "lora_" in n
+        or n.startswith(("controlnet_cond_embedding", "controlnet_down_blocks", "controlnet_mid_block"))
+        for n in names
+    )
+    assert any("lora_" in n for n in names) and sum(p.numel() for p in trainable(lora)) < sum(
+        p.numel() for p in lora.parameters()
+    )
+    # LoRA's B matrices start at zero: the adapted ControlNet computes what the plain one did.
+    for a, b in zip(before, _outputs(lora, inputs), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_frozen_weights_take_the_compute_precision_trained_ones_stay_fp32():
+    lora = add_lora(_controlnet(), LoraSpec(rank=2), torch.bfloat16)
+    dtypes = {p.requires_grad: set() for p in lora.parameters()}
+    for p in lora.parameters():
+        dtypes[p.requires_grad].add(p.dtype)
+    assert dtypes == {True: {torch.float32}, False: {torch.bfloat16}}
+
+
+def test_merging_gives_a_plain_controlnet_with_the_same_outputs():
+    lora = add_lora(_controlnet(), LoraSpec(rank=4, alpha=8), torch.float32)
+    inputs = _inputs(lora)
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name or name.startswith("controlnet_down_blocks"):
+                p.normal_(std=0.05)  # as if trained
+    plain = merged(lora)
+    assert not any("lora" in k for k in plain.state_dict())
+    assert any("lora" in k for k in lora.state_dict())  # the original keeps its adapter
+    for a, b in zip(_outputs(lora, inputs), _outputs(plain, inputs), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_a_lora_run_saves_a_loadable_controlnet_and_resumes_bit_identically(make_run):
+    loaded, straight = make_run(*LORA, "train.max_steps=4", name="straight")
+    results = train_controlnet(loaded, straight)
+    assert math.isfinite(results["final_loss"])
+    saved = ControlNetModel.from_pretrained(straight.controlnet)  # an ordinary diffusers ControlNet
+    assert not any("lora" in k for k in saved.state_dict())
+    raw = load_file(straight.checkpoints / "step-4" / "model.safetensors")
+    assert any("lora_A" in k for k in raw)  # the checkpoint keeps the adapter, for resuming
+    assert "LoRA of the ControlNet (rank 4)" in straight.model_card.read_text()
+
+    loaded, short = make_run(*LORA, "train.max_steps=2", name="short")
+    train_controlnet(loaded, short)
+    loaded, _ = make_run(*LORA, "train.max_steps=4", name="short")
+    assert train_controlnet(loaded, short, resume=True)["resumed_from"] == 2
+    a = load_file(straight.controlnet / "diffusion_pytorch_model.safetensors")
+    b = load_file(short.controlnet / "diffusion_pytorch_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lora_memory_estimate_and_trace_agree_and_are_lighter(cli, write_recipe, tmp_path):
+    import json
+
+    recipe = write_recipe(
+        """\
+        name: t
+        dataset: {source: {builtin: shapes, num_samples: 16}, resolution: 64}
+        model: {base: builtin:tiny-sd}
+        train: {max_steps: 4, batch_size: 2}
+        """
+    )
+    from recipe_runner.recipe.loader import load_recipe
+    from recipe_runner.run.estimates import estimate_memory
+
+    full = estimate_memory(load_recipe(recipe).recipe)
+    lora = estimate_memory(load_recipe(recipe, ["train.lora={rank: 4}"]).recipe)
+    assert (
+        lora.gradients_gb < full.gradients_gb / 2
+        and lora.controlnet_training_gb < full.controlnet_training_gb
+    )
+    result = cli("plan", recipe, "-o", tmp_path / "run", "--trace", "--json", "--set", "train.lora={rank: 4}")
+    traced = json.loads(result.output)["memory"]["traced"]
+    assert traced["optimizer_state_gb"] > 0  # the LoRA and the additions have AdamW state
+
+
+def test_without_peft_the_recipe_says_what_to_install(make_run, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a)
+    )
+    loaded, folder = make_run(*LORA, "train.max_steps=1", name="nopeft")
+    with pytest.raises(UserError, match=r"train\.lora needs PEFT") as info:
+        train_controlnet(loaded, folder)
+    assert "pip install 'recipe-runner[lora]'" in info.value.hint
