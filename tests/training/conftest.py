@@ -104,3 +104,47 @@ def make_run(tmp_path: Path, shapes_data: Path, shared_cache: Path) -> MakeRun:
         return loaded, folder
 
     return make
+
+
+@pytest.fixture
+def plan_recipe(tmp_path: Path) -> Path:
+    """A small recipe file on the tiny model, for `recipe plan` and estimates."""
+    path = tmp_path / "plan.yaml"
+    path.write_text(
+        textwrap.dedent(
+            """\
+            name: t
+            dataset: {source: {builtin: shapes, num_samples: 16}, resolution: 64}
+            model: {base: builtin:tiny-sd}
+            train: {max_steps: 4, batch_size: 2}
+            """
+        )
+    )
+    return path
+
+
+def final_weights(folder: RunFolder) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(folder.controlnet / "diffusion_pytorch_model.safetensors")
+
+
+@pytest.fixture
+def straight_and_resumed(make_run: MakeRun) -> Callable[..., tuple[RunFolder, RunFolder]]:
+    """check(*overrides, data=None) trains 4 steps straight, and 2 then --resume to 4 (in folders
+    "straight" and "short"); returns both folders after asserting the resume happened and that the final
+    weights are bit-identical."""
+    from recipe_runner.training import train_controlnet
+
+    def check(*overrides: str, data: Path | None = None) -> tuple[RunFolder, RunFolder]:
+        loaded, straight = make_run(*overrides, "train.max_steps=4", name="straight", data=data)
+        train_controlnet(loaded, straight)
+        loaded, short = make_run(*overrides, "train.max_steps=2", name="short", data=data)
+        train_controlnet(loaded, short)
+        loaded, _ = make_run(*overrides, "train.max_steps=4", name="short", data=data)
+        assert train_controlnet(loaded, short, resume=True)["resumed_from"] == 2
+        a, b = final_weights(straight), final_weights(short)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        return straight, short
+
+    return check

@@ -58,9 +58,8 @@ def test_averaged_swaps_the_average_in_and_the_trained_weights_back():
     assert all(torch.equal(net.state_dict()[k], v) for k, v in trained.items())
 
 
-def test_the_run_saves_the_average_and_resumes_it_bit_identically(make_run):
-    loaded, straight = make_run(*EMA, "train.max_steps=4", name="straight")
-    train_controlnet(loaded, straight)
+def test_the_run_saves_the_average_and_resumes_it_bit_identically(make_run, straight_and_resumed):
+    straight, _ = straight_and_resumed(*EMA)
     saved = load_file(straight.controlnet / "diffusion_pytorch_model.safetensors")
     raw = load_file(straight.checkpoints / "step-4" / "model.safetensors")
     assert saved.keys() == raw.keys() and any(not torch.equal(saved[k], raw[k]) for k in saved)
@@ -69,17 +68,8 @@ def test_the_run_saves_the_average_and_resumes_it_bit_identically(make_run):
     loaded, plain = make_run("train.max_steps=4", "train.checkpoint_every=10", name="plain")
     train_controlnet(loaded, plain)
     # The trained weights are those of a run without the average: it only watches.
-    assert all(
-        torch.equal(raw[k], v)
-        for k, v in load_file(plain.checkpoints / "step-4" / "model.safetensors").items()
-    )
-
-    loaded, short = make_run(*EMA, "train.max_steps=2", name="short")
-    train_controlnet(loaded, short)
-    loaded, _ = make_run(*EMA, "train.max_steps=4", name="short")
-    assert train_controlnet(loaded, short, resume=True)["resumed_from"] == 2
-    resumed = load_file(short.controlnet / "diffusion_pytorch_model.safetensors")
-    assert all(torch.equal(saved[k], resumed[k]) for k in saved)
+    plain_raw = load_file(plain.checkpoints / "step-4" / "model.safetensors")
+    assert all(torch.equal(raw[k], v) for k, v in plain_raw.items())
 
 
 def test_offloading_the_average_changes_nothing_but_where_it_waits(make_run):
@@ -92,17 +82,10 @@ def test_offloading_the_average_changes_nothing_but_where_it_waits(make_run):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_ema_memory_in_the_estimate_and_the_trace(cli, write_recipe, tmp_path):
+def test_ema_memory_in_the_estimate_and_the_trace(cli, plan_recipe, tmp_path):
     import json
 
-    recipe = write_recipe(
-        """\
-        name: t
-        dataset: {source: {builtin: shapes, num_samples: 16}, resolution: 64}
-        model: {base: builtin:tiny-sd}
-        train: {max_steps: 4, batch_size: 2}
-        """
-    )
+    recipe = plan_recipe
 
     def plan(*sets: str) -> dict:
         args = [a for s in sets for a in ("--set", s)]
