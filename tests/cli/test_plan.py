@@ -293,3 +293,24 @@ def test_a_local_base_is_judged_by_its_own_image_size(cli, write_recipe, tmp_pat
     small += ["--set", "train.validation={num_images: 1, num_rows: 1, num_inference_steps: 1}"]
     assert cli("train", big, "-o", run, "--quiet", *small).exit_code == 0
     assert warned[0] in (run / "log.txt").read_text().replace("\n", " ")
+
+
+@pytest.mark.parametrize(
+    ("sets", "warned"),
+    [
+        ((), None),
+        (("train.learning_rate=1e-3",), "train.learning_rate 0.001 for a whole ControlNet"),
+        (("train.learning_rate=1e-4", "train.lora={rank: 8}"), None),
+        (("train.learning_rate=1e-7", "train.lora={rank: 8}"), "train.learning_rate 1e-07 for a LoRA"),
+    ],
+)
+def test_a_learning_rate_far_from_the_methods_is_warned(cli, write_recipe, tmp_path, sets, warned):
+    recipe = write_recipe(SD15)
+    args = [a for s in sets for a in ("--set", s)]
+    warnings = [
+        w for w in plan_json(cli, recipe, "-o", tmp_path / "run", *args)["warnings"] if "learning_rate" in w
+    ]
+    if warned is None:
+        assert warnings == []
+    else:
+        assert len(warnings) == 1 and warnings[0].startswith(warned), warnings

@@ -121,3 +121,23 @@ def test_without_peft_the_recipe_says_what_to_install(make_run, monkeypatch):
     with pytest.raises(UserError, match=r"train\.lora needs PEFT") as info:
         train_controlnet(loaded, folder)
     assert "pip install 'recipe-runner[lora]'" in info.value.hint
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_the_estimates_lora_sizes_are_the_counted_ones(arch, tmp_path):
+    """run/estimates.py's per-rank and in-full counts, against training/lora.py's targets on the full
+    architecture (meta device: no memory): they must move together."""
+    from recipe_runner.recipe.loader import load_recipe
+    from recipe_runner.run.estimates import LORA_FULL_PARAMS, LORA_PARAMS_PER_RANK
+    from recipe_runner.training.memory_trace import arch_components
+
+    path = tmp_path / "r.yaml"
+    family = {"sd15": "sd1", "sdxl": "sdxl"}[arch]
+    path.write_text(
+        f"name: t\ndataset: {{source: {{builtin: shapes}}}}\nmodel: {{base: 'builtin:tiny-sd', family: {family}}}\n"
+    )
+    c = arch_components(load_recipe(path), arch, tmp_path / "models")
+    lora = add_lora(c.controlnet, LoraSpec(rank=8), torch.float16)
+    matrices = sum(p.numel() for n, p in lora.named_parameters() if "lora_" in n)
+    in_full = sum(p.numel() for n, p in lora.named_parameters() if p.requires_grad and "lora_" not in n)
+    assert (matrices, in_full) == (8 * LORA_PARAMS_PER_RANK[family], LORA_FULL_PARAMS[family])

@@ -309,6 +309,13 @@ def _print_plan(p: Any) -> None:
         facts.add_row(
             "aspect buckets", f"{len(p.buckets)}: {shown}" + ("" if built else " (rows known once built)")
         )
+    if p.lora_trainable is not None:
+        share = p.lora_trainable / p.memory.sizes.controlnet
+        facts.add_row(
+            "trained weights",
+            f"≈ {p.lora_trainable / 1e6:.1f}M of the ControlNet's {p.memory.sizes.controlnet / 1e6:.0f}M "
+            f"({share:.0%}: train.lora's matrices, the conditioning embedding, the zero convolutions)",
+        )
     facts.add_row("effective batch", str(p.effective_batch))
     epochs = f" (≈ {p.epochs:.1f} epochs)" if p.epochs is not None else ""
     facts.add_row("steps", f"{p.steps if p.steps is not None else 'unknown'}{epochs}")

@@ -20,7 +20,7 @@ from recipe_runner.run.atomic import remove_stale_temporaries, write_text
 from recipe_runner.run.distributed import announce, announced, follow, launched_rank
 from recipe_runner.run.folder import RunFolder
 from recipe_runner.run.lockfile import load_run_recipe, new_lock, read_lock, write_lock
-from recipe_runner.run.plan import resolution_note
+from recipe_runner.run.plan import learning_rate_note, resolution_note
 from recipe_runner.run.resources import check_disk, check_models, warn_accelerator_memory
 from recipe_runner.run.runlog import run_console
 from recipe_runner.run.stages import STAGES, RunContext
@@ -105,8 +105,10 @@ def _run_stages(
         check_disk(loaded, folder.root, to_run)
         warn_accelerator_memory(loaded, to_run, console)
         check_models(loaded, folder, to_run, console)
-        if "train" in to_run and (note := resolution_note(loaded)) is not None:
-            console.print(f"[yellow]warning:[/] {escape(note)}")
+        if "train" in to_run:
+            for note in (resolution_note(loaded), learning_rate_note(loaded.recipe)):
+                if note is not None:
+                    console.print(f"[yellow]warning:[/] {escape(note)}")
         for name in names:
             stage = STAGES[name]
             current, why = stage.status(ctx)

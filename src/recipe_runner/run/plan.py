@@ -33,6 +33,7 @@ from recipe_runner.run.estimates import (
     estimate_memory,
     estimate_time,
     fits_card,
+    lora_trainable,
     memory_savers,
 )
 from recipe_runner.run.folder import RunFolder
@@ -76,6 +77,7 @@ class Plan:
     warnings: list[str]
     traced: dict | None = None  # `--trace`: memory_trace.trace_recipe's figures, with total_gb and fits
     buckets: dict[str, int | None] | None = None  # `WxH`: train rows (None until the dataset is built)
+    lora_trainable: float | None = None  # train.lora: the ControlNet's trained parameters
 
     @property
     def epochs(self) -> float | None:
@@ -90,6 +92,7 @@ class Plan:
             "stages": [s.to_dict() for s in self.stages],
             "dataset": {**self.rows.to_dict(), "train_rows": self.train_rows, "buckets": self.buckets},
             "effective_batch": self.effective_batch,
+            "lora_trainable_params": self.lora_trainable,
             "steps": self.steps,
             "epochs": round(self.epochs, 2) if self.epochs is not None else None,
             "memory": {
@@ -264,6 +267,8 @@ def make_plan(loaded: LoadedRecipe, output_dir: Path | None = None, *, trace: bo
         warnings.append("steps unknown until the dataset size is known (num_epochs with an uncounted source)")
     if (note := resolution_note(loaded)) is not None:
         warnings.append(note)
+    if (note := learning_rate_note(recipe)) is not None:
+        warnings.append(note)
     if train_rows is not None and train_rows < effective_batch(recipe):
         warnings.append(
             f"only {train_rows} training rows for an effective batch of {effective_batch(recipe)}"
@@ -286,6 +291,7 @@ def make_plan(loaded: LoadedRecipe, output_dir: Path | None = None, *, trace: bo
         warnings=warnings,
         traced=traced,
         buckets=buckets,
+        lora_trainable=lora_trainable(recipe, memory.sizes) if recipe.train.lora is not None else None,
     )
 
 
@@ -315,6 +321,32 @@ def _folder_resolution(folder: Path) -> int | None:
         return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+# Learning rates past which a run on real SD weights is likely wasted: a whole ControlNet at 5e-4 or
+# more (diffusers' script uses 5e-6, its README's examples 1e-5; ten times that and more tend to end in a
+# NaN loss or in a ControlNet that swamps the base), a LoRA at 1e-6 or less (it barely moves).
+FULL_LR_HIGH, LORA_LR_LOW = 5e-4, 1e-6
+
+
+def learning_rate_note(recipe: Recipe) -> str | None:
+    """A warning for a learning rate far outside what the method trains at (builtin bases are exempt:
+    the demo's small model trains at 1e-3)."""
+    t = recipe.train
+    if recipe.model.base.startswith("builtin:"):
+        return None
+    if t.lora is None and t.learning_rate >= FULL_LR_HIGH:
+        return (
+            f"train.learning_rate {t.learning_rate:g} for a whole ControlNet: ControlNets train at 1e-5 "
+            "(diffusers' examples); this high, expect a NaN loss or a ControlNet that overrides the base "
+            "(or set train.lora, which trains at about 1e-4)"
+        )
+    if t.lora is not None and t.learning_rate <= LORA_LR_LOW:
+        return (
+            f"train.learning_rate {t.learning_rate:g} for a LoRA: LoRAs usually train at about 1e-4; this "
+            "low, the adapter barely moves"
+        )
+    return None
 
 
 def resolution_note(loaded: LoadedRecipe) -> str | None:
