@@ -29,7 +29,22 @@ def test_every_shipped_recipe_is_valid(cli, path):
 def test_shipped_recipes_cover_the_documented_set():
     names = {p.stem for p in SHIPPED}
     assert {"demo", "fill50k-canny", "uncanny-faces", "color-palette-sd21", "sdxl-canny"} <= names
-    assert {"sd15", "low-vram", "fast"} <= {p.stem for p in (REPO / "recipes" / "base").glob("*.yaml")}
+    assert {"sd15", "low-vram", "fast", "lora"} <= {
+        p.stem for p in (REPO / "recipes" / "base").glob("*.yaml")
+    }
+
+
+@pytest.mark.parametrize("preset", sorted((REPO / "recipes" / "base").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_preset_extends_into_a_valid_recipe(cli, write_recipe, preset):
+    """As the presets' headers say to use them: after base/sd15.yaml (and low-vram, which lora joins)."""
+    base = REPO / "recipes" / "base"
+    parents = [base / "sd15.yaml", base / "low-vram.yaml", preset]
+    recipe = write_recipe(
+        f"extends: {json.dumps([str(p) for p in dict.fromkeys(parents)])}\n"
+        "name: t\ndataset: {source: {builtin: shapes}, resolution: 64}\n"
+    )
+    result = cli("validate", recipe)
+    assert result.exit_code == 0, result.output
 
 
 def test_checked_in_schema_equals_generated():
