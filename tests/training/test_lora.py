@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 
 import pytest
 import torch
@@ -92,6 +93,16 @@ def test_a_lora_run_saves_a_loadable_controlnet_and_resumes_bit_identically(stra
     raw = load_file(straight.checkpoints / "step-4" / "model.safetensors")
     assert any("lora_A" in k for k in raw)  # the checkpoint keeps the adapter, for resuming
     assert "LoRA of the ControlNet (rank 4)" in straight.model_card.read_text()
+
+
+def test_bf16_lora_validates_on_the_cpu(make_run):
+    """The CPU validation copy of a bf16 run is the merged ControlNet rebuilt from its config (a deep copy
+    kept accelerate's fp32-output wrapper, and the bf16 UNet refused its residuals)."""
+    loaded, folder = make_run(
+        *LORA, "train.mixed_precision=bf16", "train.max_steps=2", "train.validation.every=1"
+    )
+    assert math.isfinite(train_controlnet(loaded, folder)["final_loss"])
+    assert (folder.samples / "step-1.png").is_file() and (folder.samples / "step-2.png").is_file()
 
 
 def test_lora_is_lighter_in_the_estimate_and_traces(cli, plan_recipe, tmp_path):

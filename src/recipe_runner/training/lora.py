@@ -9,7 +9,6 @@ Saving merges the adapter into a plain ControlNet, so `controlnet/` loads with
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 
 import torch
@@ -69,12 +68,17 @@ def is_lora(controlnet: torch.nn.Module) -> bool:
 
 
 def merged(controlnet: ControlNetModel) -> ControlNetModel:
-    """A plain fp32 ControlNet with the adapter merged in (for saving and for a CPU validation copy);
-    `controlnet` itself is left as it is."""
-    plain = copy.deepcopy(controlnet).float()
-    plain.fuse_lora()
-    plain.unload_lora()
-    return plain
+    """A plain fp32 ControlNet on the CPU with the adapter merged in (for saving and for a CPU validation
+    copy); `controlnet` itself is left as it is. Rebuilt from the config rather than deep-copied: a
+    prepared model's forward is wrapped by accelerate (fp32 outputs), and a copy of one on a GPU would
+    take the GPU's memory."""
+    state = {k: v.detach().to("cpu", torch.float32) for k, v in controlnet.state_dict().items()}
+    work = ControlNetModel.from_config(controlnet.config)
+    work.add_adapter(controlnet.peft_config["default"])
+    work.load_state_dict(state)
+    work.fuse_lora()
+    work.unload_lora()
+    return work
 
 
 def trainable(controlnet: torch.nn.Module) -> list[torch.nn.Parameter]:
