@@ -119,3 +119,11 @@ def test_overlong_prompts_are_found(tmp_path):
     short = "a red circle on a blue background"
     long = " ".join(["a red circle"] * 10)
     assert overlong_prompts(tokenizer, [short, long]) == [long]
+
+
+def test_a_field_left_out_at_its_default_is_shown_as_that_default():
+    from recipe_runner.training.keys import changed_fields
+
+    assert changed_fields({"train.snr_gamma": 5.0}, {}) == ["train.snr_gamma: 5.0 -> None (default)"]
+    assert changed_fields({}, {"dataset.buckets.step": 16}) == ["dataset.buckets.step: (buckets off) -> 16"]
+    assert changed_fields({"seed": 1}, {}) == ["seed: 1 -> (absent)"]

@@ -113,13 +113,20 @@ def saved_processes(fields: dict[str, Any]) -> int | None:
 
 
 def changed_fields(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Human-readable `field: old -> new` lines."""
+    """Human-readable `field: old -> new` lines (a field left out at its default shows that default)."""
+
+    def shown(fields: dict[str, Any], key: str) -> str:
+        if key in fields:
+            return repr(fields[key])
+        name = key.removeprefix("train.")
+        if name in _OMITTED_AT_DEFAULT:
+            return f"{_OMITTED_AT_DEFAULT[name]!r} (default)"
+        if key.startswith("dataset.buckets."):
+            return "(buckets off)"
+        return "(absent)"
+
     keys = sorted(set(old) | set(new))
-    return [
-        f"{k}: {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}"
-        for k in keys
-        if old.get(k) != new.get(k)
-    ]
+    return [f"{k}: {shown(old, k)} -> {shown(new, k)}" for k in keys if old.get(k) != new.get(k)]
 
 
 def training_cache_key(loaded: LoadedRecipe, dataset_fingerprint: str) -> str:
