@@ -88,7 +88,7 @@ def training_size(spec: DatasetSpec, size: Size) -> Size:
 
 def global_batch(recipe: Recipe) -> int:
     """Rows in one micro-step across every process: the unit a bucket is padded to."""
-    return recipe.train.batch_size * recipe.launch.num_processes * recipe.launch.num_machines
+    return recipe.train.batch_size * recipe.launch.total_processes
 
 
 def small_buckets(counts: dict[str, int | None], batch: int) -> str | None:

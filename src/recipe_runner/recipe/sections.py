@@ -35,6 +35,11 @@ class LaunchSpec(Section):
     main_process_port: int | None = Field(None, ge=1, le=65535)
     """Port for the processes' rendezvous; null: accelerate's default."""
 
+    @property
+    def total_processes(self) -> int:
+        """Training processes on every machine together."""
+        return self.num_processes * self.num_machines
+
     @model_validator(mode="after")
     def _multi_node(self) -> LaunchSpec:
         if self.num_machines > 1 and not self.accelerate_config:

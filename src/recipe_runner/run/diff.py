@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from recipe_runner.data.buckets import global_batch
 from recipe_runner.recipe.recipe import Recipe
 from recipe_runner.run.estimates import estimate_memory
 
@@ -162,7 +163,7 @@ def ratio(old: float, new: float) -> str:
 
 def effective_batch(r: Recipe) -> int:
     """Images per optimizer step over every process on every machine."""
-    return r.train.effective_batch * r.launch.num_processes * r.launch.num_machines
+    return r.train.effective_batch * r.launch.total_processes
 
 
 def precision(r: Recipe) -> str:
@@ -182,10 +183,6 @@ def _condition_needs(kind: str) -> str:
     if kind == "custom":
         return "runs your function on every image"
     return "no weights needed"
-
-
-def _rows_per_micro_step(r: Recipe) -> int:
-    return r.train.batch_size * r.launch.num_processes * r.launch.num_machines
 
 
 def _moves_processes(c: Change) -> bool:
@@ -240,7 +237,7 @@ def implications(
     a: Recipe, b: Recipe, changes: list[Change], dirs: tuple[Path | None, Path | None] = (None, None)
 ) -> list[Implication]:
     """What the differences mean, most consequential first."""
-    same_rows = _rows_per_micro_step(a) == _rows_per_micro_step(b)
+    same_rows = global_batch(a) == global_batch(b)
     found = [_stage_summary(changes, computes_condition(a) or computes_condition(b), same_rows)]
 
     def add(code: str, text: str) -> None:

@@ -197,7 +197,7 @@ def estimate_memory(recipe: Recipe, base_dir: Path | None = None) -> MemoryEstim
     controlnet = trained * (4 + (2 if t.optimizer == "adamw_8bit" else 8))
     if t.lora is not None:  # the frozen copy, in the compute precision
         controlnet += (sizes.controlnet - trained) * frozen_bytes
-    if recipe.launch.num_processes * recipe.launch.num_machines > 1:
+    if recipe.launch.total_processes > 1:
         controlnet += trained * 4  # DDP's gradient buckets hold a second copy of the grads
     if t.ema_decay is not None and not t.ema_offload:
         controlnet += trained * 4  # the fp32 average, resident on the accelerator
@@ -337,7 +337,7 @@ def estimate_time(recipe: Recipe, steps: int | None) -> TimeEstimate:
             images *= 0.75  # the recomputed forward pass
         if not t.precompute:
             images *= 0.8  # VAE and text encoders run on every batch
-        procs = recipe.launch.num_processes * recipe.launch.num_machines
+        procs = recipe.launch.total_processes
         scaling = 0.9 if procs > 1 else 1.0  # gradient all-reduce
         rate = images * procs * scaling / (t.effective_batch * procs)
         why = (

@@ -375,8 +375,7 @@ def _traced(loaded: LoadedRecipe, memory: MemoryEstimate) -> dict:
     from recipe_runner.training.memory_trace import trace_recipe
 
     traced = trace_recipe(loaded)
-    launch = loaded.recipe.launch
-    ddp = traced["controlnet_weights_gb"] if launch.num_processes * launch.num_machines > 1 else 0.0
+    ddp = traced["controlnet_weights_gb"] if loaded.recipe.launch.total_processes > 1 else 0.0
     total = traced["peak_gb"] + ddp + memory.overhead_gb
     rounded = {k: round(v, 3) if isinstance(v, float) else v for k, v in traced.items()}
     rounded["phases_gb"] = {k: round(v, 3) for k, v in traced["phases_gb"].items()}

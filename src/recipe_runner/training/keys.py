@@ -88,7 +88,7 @@ def resume_fields(recipe: Recipe) -> dict[str, Any]:
             else {}
         ),
         "train": train,
-        "launch.num_processes": recipe.launch.num_processes * recipe.launch.num_machines,
+        "launch.num_processes": recipe.launch.total_processes,
         "mixed_precision": effective_precision(recipe),
     }
     return _flatten(fields)

@@ -42,7 +42,7 @@ def launch_command(loaded: LoadedRecipe, folder: RunFolder, *, resume: bool) -> 
         cmd += ["--config_file", str(resolve_path(loaded, launch.accelerate_config))]
     # accelerate counts processes over all machines; --multi_gpu selects torch.distributed.run, which
     # also gives CPU-only machines one gloo process each (accelerate's --cpu would start just one).
-    cmd += ["--multi_gpu", "--num_processes", str(launch.num_processes * launch.num_machines)]
+    cmd += ["--multi_gpu", "--num_processes", str(launch.total_processes)]
     cmd += [
         "--num_machines",
         str(launch.num_machines),

@@ -88,7 +88,7 @@ def train_controlnet(
 
     Raises UserError (bad inputs), RunFailed (e.g. non-finite loss) or Interrupted (SIGINT/SIGTERM, after
     writing a checkpoint). Returns the results summary (also printed when a console is given)."""
-    processes = loaded.recipe.launch.num_processes * loaded.recipe.launch.num_machines
+    processes = loaded.recipe.launch.total_processes
     if processes > 1 and not in_launched_process():
         from recipe_runner.training.launch import launch_workers
 
