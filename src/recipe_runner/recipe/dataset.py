@@ -98,6 +98,14 @@ class Filters(Section):
     build counts and names them) or `drop` them."""
 
 
+def multiple_of_8(v: int) -> int:
+    """Pixel sizes the VAE's 8x downsampling divides exactly (both fields have a minimum of 8)."""
+    if v % 8:
+        lower, upper = v - v % 8, v - v % 8 + 8
+        raise ValueError(f"must be a multiple of 8 (the VAE downsamples by 8); try {lower} or {upper}")
+    return v
+
+
 class Buckets(Section):
     """Aspect-ratio buckets, as kohya's sd-scripts, SimpleTuner and ai-toolkit have them: each image is
     cropped to the bucket nearest its aspect ratio instead of to a square, and every batch comes from one
@@ -115,9 +123,7 @@ class Buckets(Section):
     @field_validator("step")
     @classmethod
     def _step_multiple_of_8(cls, v: int) -> int:
-        if v % 8:
-            raise ValueError(f"must be a multiple of 8 (the VAE downsamples by 8); try {v - v % 8 or 8}")
-        return v
+        return multiple_of_8(v)
 
 
 class DatasetSpec(Section):
@@ -154,10 +160,7 @@ class DatasetSpec(Section):
     @field_validator("resolution")
     @classmethod
     def _multiple_of_8(cls, v: int) -> int:
-        if v % 8:
-            lower, upper = v - v % 8, v - v % 8 + 8
-            raise ValueError(f"must be a multiple of 8 (the VAE downsamples by 8); try {lower} or {upper}")
-        return v
+        return multiple_of_8(v)
 
     @model_validator(mode="after")
     def _prompt_source(self) -> DatasetSpec:
