@@ -11,7 +11,6 @@ changed.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -212,12 +211,17 @@ def _unfinished(folder: RunFolder, plan: StagePlan, changes: list[Change]) -> St
     return StagePlan("train", True, f"training did not finish; --resume continues from step {max(steps)}")
 
 
-def _built_rows(folder: RunFolder) -> tuple[RowCount, int | None] | None:
-    """Source and training rows from a current built dataset's report.json (exact, after dropped rows)."""
+def _built_report(folder: RunFolder) -> dict | None:
+    """A current built dataset's report.json, or None when it cannot be read."""
     try:
         report = json.loads((folder.dataset / "report.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+    return report if isinstance(report, dict) else None
+
+
+def _built_rows(report: dict) -> tuple[RowCount, int | None] | None:
+    """Source and training rows from the built dataset's report (exact, after dropped rows)."""
     rows_in, rows_out = report.get("rows_in"), report.get("rows_out")
     if not isinstance(rows_in, int):
         return None
@@ -243,7 +247,8 @@ def make_plan(loaded: LoadedRecipe, output_dir: Path | None = None, *, trace: bo
     stages = stage_plans(loaded, folder)
     ds = recipe.dataset
     cached = next((not s.runs for s in stages if s.name == "dataset"), False)
-    rows, train_rows = (_built_rows(folder) if cached else None) or (count_rows(loaded), None)
+    report = _built_report(folder) if cached else None
+    rows, train_rows = (_built_rows(report) if report else None) or (count_rows(loaded), None)
     if train_rows is None and rows.rows is not None:
         train_rows = max(0, min(rows.rows, ds.max_samples or rows.rows) - ds.holdout)
     steps = training_steps(recipe, train_rows)
@@ -273,7 +278,7 @@ def make_plan(loaded: LoadedRecipe, output_dir: Path | None = None, *, trace: bo
         warnings.append(
             f"only {train_rows} training rows for an effective batch of {effective_batch(recipe)}"
         )
-    buckets = _buckets(loaded, folder if cached else None)
+    buckets = _buckets(loaded, report)
     if buckets and (few := small_buckets(buckets, global_batch(recipe))):
         warnings.append(few)
     return Plan(
@@ -295,16 +300,12 @@ def make_plan(loaded: LoadedRecipe, output_dir: Path | None = None, *, trace: bo
     )
 
 
-def _buckets(loaded: LoadedRecipe, folder: RunFolder | None) -> dict[str, int | None] | None:
-    """The recipe's buckets, with the built dataset's rows in each when `folder` has a current one."""
+def _buckets(loaded: LoadedRecipe, report: dict | None) -> dict[str, int | None] | None:
+    """The recipe's buckets, with the built dataset's rows in each when there is a current one."""
     sizes = dataset_buckets(loaded.recipe.dataset)
     if not sizes:
         return None
-    counts: dict = {}
-    if folder is not None:
-        with contextlib.suppress(OSError, ValueError):
-            report = json.loads((folder.dataset / "report.json").read_text(encoding="utf-8"))
-            counts = report.get("buckets") or {}
+    counts = (report or {}).get("buckets") or {}
     return {f"{w}x{h}": counts.get(f"{w}x{h}", 0 if counts else None) for w, h in sizes}
 
 
