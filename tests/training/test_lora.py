@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from recipe_runner.errors import UserError
 from recipe_runner.recipe.train import LoraSpec
 from recipe_runner.training import train_controlnet
-from recipe_runner.training.lora import add_lora, merged, trainable
+from recipe_runner.training.lora import add_lora, plain_copy, trainable
 
 LORA = ("train.lora={rank: 4}", "train.checkpoint_every=10")
 
@@ -79,7 +79,7 @@ def test_merging_gives_a_plain_controlnet_with_the_same_outputs():
         for name, p in lora.named_parameters():
             if "lora_B" in name or name.startswith("controlnet_down_blocks"):
                 p.normal_(std=0.05)  # as if trained
-    plain = merged(lora)
+    plain = plain_copy(lora)
     assert not any("lora" in k for k in plain.state_dict())
     assert any("lora" in k for k in lora.state_dict())  # the original keeps its adapter
     for a, b in zip(_outputs(lora, inputs), _outputs(plain, inputs), strict=True):

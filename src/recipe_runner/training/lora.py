@@ -67,18 +67,21 @@ def is_lora(controlnet: torch.nn.Module) -> bool:
     return bool(getattr(controlnet, "_hf_peft_config_loaded", False))
 
 
-def merged(controlnet: ControlNetModel) -> ControlNetModel:
-    """A plain fp32 ControlNet on the CPU with the adapter merged in (for saving and for a CPU validation
-    copy); `controlnet` itself is left as it is. Rebuilt from the config rather than deep-copied: a
-    prepared model's forward is wrapped by accelerate (fp32 outputs), and a copy of one on a GPU would
-    take the GPU's memory."""
+def plain_copy(controlnet: ControlNetModel) -> ControlNetModel:
+    """A plain fp32 ControlNet on the CPU with `controlnet`'s weights, a LoRA's merged in (for saving a
+    LoRA, and for the CPU validation copy); `controlnet` itself is left as it is. Rebuilt from the config
+    rather than deep-copied: a prepared model's forward is wrapped by accelerate (fp32 outputs), and a
+    copy of one on a GPU would take the GPU's memory."""
     state = {k: v.detach().to("cpu", torch.float32) for k, v in controlnet.state_dict().items()}
-    work = ControlNetModel.from_config(controlnet.config)
-    work.add_adapter(controlnet.peft_config["default"])
-    work.load_state_dict(state)
-    work.fuse_lora()
-    work.unload_lora()
-    return work
+    plain = ControlNetModel.from_config(controlnet.config)
+    lora = is_lora(controlnet)
+    if lora:
+        plain.add_adapter(controlnet.peft_config["default"])
+    plain.load_state_dict(state)
+    if lora:
+        plain.fuse_lora()
+        plain.unload_lora()
+    return plain
 
 
 def trainable(controlnet: torch.nn.Module) -> list[torch.nn.Parameter]:

@@ -23,7 +23,7 @@ from recipe_runner.training.data import load_rows
 from recipe_runner.training.ema import averaged
 from recipe_runner.training.keys import resume_fields, saved_processes
 from recipe_runner.training.loop import LoopState, save_checkpoint, steady_rate, train_loop, validate
-from recipe_runner.training.lora import is_lora, merged
+from recipe_runner.training.lora import is_lora, plain_copy
 from recipe_runner.training.precompute import EncodedCache
 from recipe_runner.training.progress import print_summary
 from recipe_runner.training.session import (
@@ -173,7 +173,7 @@ def _save_controlnet(session: Session) -> None:
     if accelerator.is_main_process:
         controlnet = accelerator.unwrap_model(session.controlnet)
         with averaged(session.ema, controlnet), atomic_dir(session.folder.controlnet) as tmp:
-            (merged(controlnet) if is_lora(controlnet) else controlnet).save_pretrained(
+            (plain_copy(controlnet) if is_lora(controlnet) else controlnet).save_pretrained(
                 tmp, safe_serialization=True
             )
     accelerator.wait_for_everyone()

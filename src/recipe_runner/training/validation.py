@@ -31,7 +31,7 @@ from recipe_runner.errors import UserError
 from recipe_runner.recipe.checks import resolve_path
 from recipe_runner.recipe.loader import LoadedRecipe
 from recipe_runner.training.components import Components
-from recipe_runner.training.lora import is_lora, merged
+from recipe_runner.training.lora import plain_copy
 
 
 @dataclass
@@ -106,14 +106,8 @@ def _pipeline(
         )  # the fp32 ControlNet with the half UNet, as the reference
     elif dtype != torch.float32:
         # CPU autocast leaves some outputs (upsampling) in fp32, which the bf16 UNet's group norms reject:
-        # run everything in the half dtype instead, with a copy so the master weights stay fp32. Built
-        # from the config, as the prepared model's forward is wrapped to return fp32 outputs.
-        if is_lora(controlnet):
-            clone = merged(controlnet)
-        else:
-            clone = ControlNetModel.from_config(controlnet.config)
-            clone.load_state_dict(controlnet.state_dict())
-        controlnet = clone.to(device, dtype=dtype).eval()
+        # run everything in the half dtype instead, on a plain copy so the master weights stay fp32.
+        controlnet = plain_copy(controlnet).to(device, dtype=dtype).eval()
         # The SDXL pipeline casts latents for the VAE only from fp16; our fp32 SDXL VAE needs a copy too.
         vae = copy.deepcopy(c.vae).to(dtype=dtype) if c.vae.dtype != dtype else None
     return build_pipeline(c, controlnet, vae), autocast
