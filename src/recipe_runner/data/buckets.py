@@ -79,11 +79,15 @@ def bucket_counts(sizes: list[Size]) -> dict[str, int]:
     return {f"{w}x{h}": counts[(w, h)] for w, h in sorted(counts, key=lambda s: s[0] / s[1])}
 
 
+def target_size(size: Size, buckets: list[Size] | tuple[Size, ...], resolution: int) -> Size:
+    """The training size of an image of `size`: its nearest bucket, or the square when there are none."""
+    return nearest_bucket(size, buckets) if buckets else (resolution, resolution)
+
+
 def training_size(spec: DatasetSpec, size: Size) -> Size:
-    """The size a model trained on this dataset generates for a condition image of `size`: its nearest
-    bucket, or the square resolution when bucketing is off."""
-    buckets = dataset_buckets(spec)
-    return nearest_bucket(size, buckets) if buckets else (spec.resolution, spec.resolution)
+    """The size a model trained on this dataset generates for a condition image of `size` (the one the
+    dataset build cut such an image to)."""
+    return target_size(size, dataset_buckets(spec), spec.resolution)
 
 
 def global_batch(recipe: Recipe) -> int:

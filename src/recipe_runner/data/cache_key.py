@@ -49,7 +49,7 @@ def _condition(loaded: LoadedRecipe) -> dict | None:
     return key
 
 
-def _not_keyed(spec: DatasetSpec) -> dict | set[str]:
+def _not_keyed(spec: DatasetSpec) -> dict:
     # Options added later are keyed only away from their defaults, so datasets built before they
     # existed stay current: bucketing off, blank conditioning images kept.
     exclude: dict = dict.fromkeys(_NOT_KEYED, True)

@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from recipe_runner.conditions.base import to_rgb
-from recipe_runner.data.buckets import nearest_bucket
+from recipe_runner.data.buckets import target_size
 from recipe_runner.data.references import local_path
 from recipe_runner.data.sources import BASE_DIR, ROW
 
@@ -245,7 +245,7 @@ class RowProcessor:
                 f"{full[0]}x{full[1]}",
             )
         rng = np.random.default_rng([p.seed, row, _CROP_STREAM]) if p.crop == "random" else None
-        size = nearest_bucket(full, p.buckets) if p.buckets else (p.resolution, p.resolution)
+        size = target_size(full, p.buckets, p.resolution)
         box = crop_box(image.size, p.crop, rng, size[0] / size[1])
         rgb = fit(image, box, size, Image.Resampling.LANCZOS)
         if p.conditioning_column is None:
