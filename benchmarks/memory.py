@@ -32,7 +32,7 @@ from recipe_runner.models.archs import ARCHS  # noqa: E402
 
 MODES = ("reference", "ours")
 HUB_IDS = {
-    "sd1": "runwayml/stable-diffusion-v1-5",
+    "sd1": "stable-diffusion-v1-5/stable-diffusion-v1-5",
     "sd2": "stabilityai/stable-diffusion-2-1",
     "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
 }

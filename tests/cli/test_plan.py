@@ -18,7 +18,7 @@ train: {max_steps: 10, batch_size: 2}
 SD15 = """\
 name: sd15
 dataset: {source: {hub: fusing/fill50k}, resolution: 512, columns: {conditioning_image: conditioning_image}}
-model: {base: runwayml/stable-diffusion-v1-5}
+model: {base: stable-diffusion-v1-5/stable-diffusion-v1-5}
 train: {max_steps: 1000, batch_size: 1}
 """
 
@@ -34,6 +34,8 @@ def fake_dataset(recipe: Path, run: Path) -> None:
     report = {"cache_key": dataset_cache_key(loaded), "key_inputs": key_inputs(loaded), "rows_in": 64,
               "rows_out": {"train": 60, "holdout": 4}}  # fmt: skip
     (run / "dataset" / "report.json").write_text(json.dumps(report))
+    (run / "dataset" / "data").mkdir()
+    (run / "dataset" / "data" / "dataset_dict.json").write_text('{"splits": ["train", "holdout"]}')
     (run / "dataset" / ".complete").write_text("ok\n")
     (run / "recipe.resolved.yaml").write_text(resolved_yaml(loaded.recipe))
 
@@ -153,7 +155,9 @@ def test_memory_savers_lower_the_estimate(cli, write_recipe, tmp_path):
 
 def test_big_sdxl_recipe_warns_about_card_size(cli, write_recipe, tmp_path):
     recipe = write_recipe(
-        SD15.replace("runwayml/stable-diffusion-v1-5", "stabilityai/stable-diffusion-xl-base-1.0")
+        SD15.replace(
+            "stable-diffusion-v1-5/stable-diffusion-v1-5", "stabilityai/stable-diffusion-xl-base-1.0"
+        )
         .replace("resolution: 512", "resolution: 1024")
         .replace("batch_size: 1", "batch_size: 4")
     )
@@ -244,7 +248,7 @@ def test_trace_of_an_unreachable_hub_model_uses_its_familys_architecture(cli, wr
     recipe = write_recipe(SD15 + "extends: " + str(Path(__file__).parents[2] / "recipes/base/low-vram.yaml"))
     traced = plan_json(cli, recipe, "-o", tmp_path / "run", "--trace")["memory"]["traced"]
     assert traced["models"].startswith("the sd15 architecture")
-    assert "runwayml/stable-diffusion-v1-5" in traced["models"]
+    assert "stable-diffusion-v1-5/stable-diffusion-v1-5" in traced["models"]
     assert traced["frozen_weights_gb"] == pytest.approx(860e6 * 2 / 2**30, rel=0.01)
     assert 5 < traced["peak_gb"] < 6  # benchmarks/RESULTS.md: 5.43 GiB
 
@@ -252,9 +256,9 @@ def test_trace_of_an_unreachable_hub_model_uses_its_familys_architecture(cli, wr
 @pytest.mark.parametrize(
     ("base", "resolution", "warned"),
     [
-        ("runwayml/stable-diffusion-v1-5", 512, False),
-        ("runwayml/stable-diffusion-v1-5", 640, False),
-        ("runwayml/stable-diffusion-v1-5", 1024, True),
+        ("stable-diffusion-v1-5/stable-diffusion-v1-5", 512, False),
+        ("stable-diffusion-v1-5/stable-diffusion-v1-5", 640, False),
+        ("stable-diffusion-v1-5/stable-diffusion-v1-5", 1024, True),
         ("stabilityai/stable-diffusion-xl-base-1.0", 512, True),
         ("stabilityai/stable-diffusion-xl-base-1.0", 1024, False),
         ("builtin:tiny-sd", 1024, False),  # builtins are for trying things out
@@ -264,7 +268,7 @@ def test_a_resolution_far_from_the_bases_is_warned_about(
     cli, write_recipe, tmp_path, base, resolution, warned
 ):
     recipe = write_recipe(
-        SD15.replace("runwayml/stable-diffusion-v1-5", base).replace("512", str(resolution))
+        SD15.replace("stable-diffusion-v1-5/stable-diffusion-v1-5", base).replace("512", str(resolution))
     )
     found = [w for w in plan_json(cli, recipe, "-o", tmp_path / "run")["warnings"] if "trained at" in w]
     assert bool(found) == warned

@@ -46,7 +46,9 @@ def test_a_gpu_with_too_little_free_memory_is_warned_about_before_training(
     from recipe_runner.run.resources import warn_accelerator_memory
 
     gib = 2**30
-    sd15 = RECIPE.replace("builtin:tiny-sd", "runwayml/stable-diffusion-v1-5").replace("64\n", "512\n")
+    sd15 = RECIPE.replace("builtin:tiny-sd", "stable-diffusion-v1-5/stable-diffusion-v1-5").replace(
+        "64\n", "512\n"
+    )
     loaded = load_recipe(
         write_recipe(sd15 + "extends: " + str(Path(__file__).parents[2] / "recipes/base/low-vram.yaml"))
     )

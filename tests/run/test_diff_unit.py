@@ -94,9 +94,9 @@ def test_condition_from_data_does_not_rebuild():
 
 
 def test_memory_estimate_change_is_reported():
-    a = recipe(model={"base": "runwayml/stable-diffusion-v1-5"}, dataset={"resolution": 512})
+    a = recipe(model={"base": "stable-diffusion-v1-5/stable-diffusion-v1-5"}, dataset={"resolution": 512})
     b = recipe(
-        model={"base": "runwayml/stable-diffusion-v1-5"},
+        model={"base": "stable-diffusion-v1-5/stable-diffusion-v1-5"},
         dataset={"resolution": 512},
         train={"gradient_checkpointing": True},
     )

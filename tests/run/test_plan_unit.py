@@ -87,7 +87,7 @@ def test_local_model_sizes_come_from_safetensors_headers(tmp_path):
 def test_memory_estimate_of_sd15(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text(
-        "name: x\ndataset: {source: {hub: a/b}, resolution: 512}\nmodel: {base: runwayml/stable-diffusion-v1-5}\n"
+        "name: x\ndataset: {source: {hub: a/b}, resolution: 512}\nmodel: {base: stable-diffusion-v1-5/stable-diffusion-v1-5}\n"
         "train: {batch_size: 1, mixed_precision: fp16}\n"
     )
     recipe = load_recipe(path).recipe

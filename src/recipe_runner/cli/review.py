@@ -18,7 +18,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from recipe_runner.cli.app import JsonOpt, SetOpt, app
+from recipe_runner.cli.app import JsonOpt, OutputDirOpt, SetOpt, app
 from recipe_runner.cli.output import emit_json, err, handles_errors, out
 from recipe_runner.errors import RecipeError, UserError
 
@@ -51,11 +51,6 @@ and a throughput table (estimates, typically within ±30%). --trace runs the tra
 tensors (torch, the models' configs only, seconds; no GPU needed) for the exact peak memory.
 """
 
-OutputDirOpt = Annotated[
-    Path | None,
-    typer.Option("--output-dir", "-o", help="The run folder (default: output.dir, else runs/NAME)."),
-]
-
 
 class DiffFormat(str, Enum):
     text = "text"
@@ -64,17 +59,28 @@ class DiffFormat(str, Enum):
 
 
 @contextlib.contextmanager
-def file_at_revision(file: Path, rev: str) -> Iterator[Path]:
-    """FILE as committed at REV, in a hidden temporary file beside FILE (so relative `extends` resolve)."""
+def file_at_revision(file: Path, rev: str) -> Iterator[Path | None]:
+    """FILE as committed at REV, in a hidden temporary file beside FILE (so relative `extends` resolve);
+    None when REV is a commit without FILE (a recipe added since)."""
     folder = file.resolve().parent
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], cwd=folder, capture_output=True, timeout=30, check=False)
+
     try:
-        done = subprocess.run(
-            ["git", "show", f"{rev}:./{file.name}"], cwd=folder, capture_output=True, timeout=30, check=False
+        done = git("show", f"{rev}:./{file.name}")
+        # git's wording for a path absent at REV varies by version: ask whether REV itself is a commit.
+        absent = (
+            done.returncode != 0
+            and git("rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}").returncode == 0
         )
     except (OSError, subprocess.SubprocessError) as e:
         raise UserError(
             f"could not run git: {e}", hint="install git, or compare two files: recipe diff A B"
         ) from None
+    if absent:
+        yield None
+        return
     if done.returncode != 0:
         why = done.stderr.decode(errors="replace").strip().splitlines()
         raise UserError(f"cannot read {file} at {rev}: {why[-1] if why else 'git show failed'}")
@@ -133,7 +139,7 @@ def diff(
 
     --set applies to both recipes, --set-a and --set-b to one of them.
     """
-    from recipe_runner.run.diff import diff_recipes
+    from recipe_runner.run.diff import diff_recipes, new_recipe
 
     if git_rev is not None and len(files) != 1:
         raise UserError("--git REV takes one FILE", hint="recipe diff --git HEAD recipes/demo.yaml")
@@ -145,19 +151,26 @@ def diff(
             b_path = files[0]
             a_label, b_label = f"{b_path}@{git_rev}", str(b_path)
             a_path = stack.enter_context(file_at_revision(b_path, git_rev))
-            a = _load(a_path, both + (set_a or []), shown_as=a_label)
+            if a_path is None:  # added since REV: a review still wants to see what it trains
+                a_label += " (absent: new recipe)"
+            a = None if a_path is None else _load(a_path, both + (set_a or []), shown_as=a_label)
         else:
             a_path, b_path = files
             a_label, b_label = str(a_path), str(b_path)
             a = _load(a_path, both + (set_a or []))
         b = _load(b_path, both + (set_b or []))
-        same_text = a_path.read_bytes() == b_path.read_bytes() and not set_a and not set_b
+        same_text = (
+            a_path is not None and a_path.read_bytes() == b_path.read_bytes() and not set_a and not set_b
+        )
     # The same file on both sides (`recipe diff my.yaml my.yaml --set-b ...`) needs telling apart.
     a_label += " (with --set-a)" if set_a else ""
     b_label += " (with --set-b)" if set_b else ""
-    result = diff_recipes(a.recipe, b.recipe, (a.base_dir, b.base_dir))
+    if a is None:
+        result = new_recipe(b.recipe, b.base_dir)
+    else:
+        result = diff_recipes(a.recipe, b.recipe, (a.base_dir, b.base_dir))
     if json_ or fmt is DiffFormat.json:
-        emit_json({"a": a_label, "b": b_label, **result.to_dict()})
+        emit_json({"a": a_label, "b": b_label, "new_recipe": a is None, **result.to_dict()})
     elif fmt is DiffFormat.markdown:
         typer.echo(diff_markdown(result, a_label, b_label), nl=False)
     else:
@@ -273,7 +286,7 @@ def plan(
     from recipe_runner.cli.app import load_checked
     from recipe_runner.run.plan import make_plan
 
-    loaded = load_checked(file, overrides)
+    loaded = load_checked(file, overrides, output_dir=output_dir)
     if trace and not json_:  # SD 1.5 takes ~10 s, SDXL ~25 s: say what is happening
         with err.status("tracing the training step on fake tensors (no GPU needed)…"):
             result = make_plan(loaded, output_dir, trace=True)

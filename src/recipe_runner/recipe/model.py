@@ -10,6 +10,16 @@ from recipe_runner.recipe.base import Section
 
 Family = Literal["sd1", "sd2", "sdxl"]
 BUILTIN_MODELS: dict[str, Family] = {"tiny-sd": "sd1", "tiny-sdxl": "sdxl", "shapes-sd": "sd1"}
+DEFAULT_BASE = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+# Hub repositories that were removed and re-published under another id (diffusers moved every reference):
+# old recipes still load and map to the same family and offline architecture, but `recipe validate` and
+# the commands that load a recipe through cli/app.py's load_checked warn (recipe/notices.py): a machine
+# without the old one in its hub cache cannot download it. Keys are lower case (hub ids are
+# case-insensitive). CompVis' ids are still up.
+MOVED_HUB_IDS: dict[str, str] = {
+    "runwayml/stable-diffusion-v1-5": DEFAULT_BASE,
+    "runwayml/stable-diffusion-inpainting": "stable-diffusion-v1-5/stable-diffusion-inpainting",
+}
 
 
 def guess_family(base: str) -> Family:
@@ -27,7 +37,7 @@ def guess_family(base: str) -> Family:
 class ModelSpec(Section):
     """The frozen base model and the ControlNet to train."""
 
-    base: str = "runwayml/stable-diffusion-v1-5"
+    base: str = DEFAULT_BASE
     """The base model: a hub id, a local diffusers folder, or `builtin:tiny-sd` / `builtin:tiny-sdxl` /
     `builtin:shapes-sd` (offline models for tests and the demo)."""
     family: Family | None = None

@@ -68,7 +68,7 @@ def resolve_base(loaded: LoadedRecipe, models_cache: Path) -> str:
         raise UserError(
             f"model.base {base!r}: no diffusers folder at {local}",
             hint="give a folder with model_index.json, unet/, vae/ ..., a hub id like "
-            "'runwayml/stable-diffusion-v1-5', or builtin:tiny-sd",
+            "'stable-diffusion-v1-5/stable-diffusion-v1-5', or builtin:tiny-sd",
         )
     return base
 
