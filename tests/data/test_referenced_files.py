@@ -70,11 +70,13 @@ def test_replacing_an_image_the_jsonl_names_rebuilds_and_says_which(cli, project
     assert "✓ dataset: skipped (unchanged" in _build(cli, project, run)
 
 
-def test_a_newer_mtime_alone_rebuilds(cli, project, tmp_path, folder):
+def test_new_content_rebuilds_and_a_touch_alone_does_not(cli, project, tmp_path, folder, make_photo):
     _build(cli, project, folder.root)
     image = tmp_path / "data" / "img" / "002.png"
     st = image.stat()
-    os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # same bytes: keyed by content
+    assert dataset_status(load_recipe(project), folder)[0] is True
+    make_photo(48, 40, seed=7).save(image)
     cached, why = dataset_status(load_recipe(project), folder)
     assert not cached and why == "1 of 3 files the data refers to changed (e.g. data/img/002.png)"
 
@@ -129,7 +131,9 @@ def test_parquet_of_absolute_paths_records_only_the_files_not_embedded(
     assert build(loaded)["cached"] is False
 
 
-def test_image_folder_records_only_files_outside_the_folder(recipe, build, folder, tmp_path, images):
+def test_image_folder_records_only_files_outside_the_folder(
+    recipe, build, folder, tmp_path, images, make_photo
+):
     names = images("faces", 2)
     images("extra", 1)
     rows = [{"file_name": n, "text": n} for n in names] + [{"file_name": "../extra/000.png", "text": "x"}]
@@ -139,7 +143,9 @@ def test_image_folder_records_only_files_outside_the_folder(recipe, build, folde
     assert report["referenced_files"]["count"] == 1  # the folder's own files are in its fingerprint
     recorded = json.loads((folder.dataset / "referenced_files.json").read_text())["files"]
     assert [Path(f["path"]).name for f in recorded] == ["000.png"] and "extra" in recorded[0]["path"]
-    os.utime(tmp_path / "extra" / "000.png", ns=(0, 10**9))
+    make_photo(48, 40, seed=9).save(
+        tmp_path / "extra" / "000.png"
+    )  # new content (a touch alone keeps the cache)
     cached, why = dataset_status(loaded, folder)
     assert not cached and why == "1 of 1 files the data refers to changed (e.g. extra/000.png)"
 

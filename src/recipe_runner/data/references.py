@@ -2,10 +2,11 @@
 
 `source_fingerprint` stats the data file(s) and the source folders, not the pictures a jsonl, csv or
 parquet names (`img/0001.png` beside it, an absolute path, a metadata.jsonl entry outside its folder).
-Which files those are is known only by reading the data, so the build records them with their size and
-mtime in `dataset/referenced_files.json` (its digest in report.json), stat-ed before they are read; a
-later build or `recipe plan` stats the recorded list again, parsing no data, and rebuilds when a file
-changed, appeared or disappeared.
+Which files those are is known only by reading the data, so the build records them with the sha256 of
+their bytes in `dataset/referenced_files.json` (its digest in report.json), hashed before they are read;
+a later build or `recipe plan` checks the recorded list again, parsing no data, and rebuilds when a
+file's content changed, or it appeared or disappeared. A touched file (same bytes) is unchanged; the
+hashes come from the stat-keyed memo (`file_hashes.py`), so an unchanged file is not read again.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import os
 from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
 from typing import Any
+
+from recipe_runner.data import file_hashes
 
 FILE_NAME = "referenced_files.json"
 REMOTE = ("http://", "https://", "hf://")
@@ -74,23 +77,26 @@ def _path_strings(column: Any) -> Any:
     return paths
 
 
-def _stat(path: str) -> list[int] | None:
+def _stat(path: str) -> os.stat_result | None:
     try:
-        st = os.stat(path)
+        return os.stat(path)
     except OSError:
         return None
-    return [st.st_size, st.st_mtime_ns]
 
 
 def record(dataset_dir: Path, paths: Iterable[Path], covered: Collection[str]) -> dict:
-    """Stat `paths` (less those in `covered`) into dataset_dir/referenced_files.json; the summary for
+    """Hash `paths` (less those in `covered`) into dataset_dir/referenced_files.json; the summary for
     report.json. A file missing now is recorded too, so that adding it later rebuilds."""
     files = []
-    for path in sorted(paths):  # by path: the same record whatever the shuffle, easy to read
-        if str(path) in covered:
-            continue
-        size, mtime = _stat(str(path)) or (None, None)
-        files.append({"path": str(path), "size": size, "mtime_ns": mtime})
+    with file_hashes.memo() as hashes:
+        for path in sorted(paths):  # by path: the same record whatever the shuffle, easy to read
+            if str(path) in covered:
+                continue
+            st = _stat(str(path))
+            entry = {"path": str(path), "size": None, "mtime_ns": None, "sha256": None}
+            if st is not None:  # size and mtime for people reading the file; the content decides
+                entry.update(size=st.st_size, mtime_ns=st.st_mtime_ns, sha256=hashes.sha256(path))
+            files.append(entry)
     if not files:
         return {"count": 0}
     raw = json.dumps({"files": files}, indent=1, ensure_ascii=False).encode() + b"\n"
@@ -100,17 +106,28 @@ def record(dataset_dir: Path, paths: Iterable[Path], covered: Collection[str]) -
 
 def changed(dataset_dir: Path, summary: dict, shown_from: Path) -> str | None:
     """Why the built rows are stale because a file they were read from is not as recorded; None when
-    every recorded file has the same size and mtime (or none was recorded)."""
+    every recorded file has the same content (whatever its mtime), or none was recorded."""
     if not summary.get("count"):
         return None
     try:
         raw = (dataset_dir / FILE_NAME).read_bytes()
         files = json.loads(raw)["files"]
+        hashed = all(f["size"] is None or "sha256" in f for f in files)
     except (OSError, ValueError, KeyError, TypeError):
         return f"the list of files the data refers to ({FILE_NAME}) is missing or unreadable"
     if hashlib.sha256(raw).hexdigest() != summary.get("sha256"):
         return f"the list of files the data refers to ({FILE_NAME}) does not match report.json"
-    stale = [f for f in files if _stat(f["path"]) != _recorded(f)]
+    if not hashed:  # written by a version that kept sizes and mtimes only: rebuilt once, then by content
+        return f"the list of files the data refers to ({FILE_NAME}) predates content hashes"
+    stale = []
+    with file_hashes.memo() as hashes:
+        for f in files:
+            exists = _stat(f["path"]) is not None
+            if f["size"] is None:  # missing at the last build: stale once it appears
+                if exists:
+                    stale.append(f)
+            elif not exists or hashes.sha256(f["path"]) != f["sha256"]:
+                stale.append(f)
     if not stale:
         return None
     first = stale[0]
@@ -120,10 +137,6 @@ def changed(dataset_dir: Path, summary: dict, shown_from: Path) -> str | None:
         f"{len(stale)} of {len(files)} files the data refers to changed "
         f"(e.g. {_shown(first['path'], shown_from)}{now})"
     )
-
-
-def _recorded(entry: dict) -> list[int] | None:
-    return None if entry.get("size") is None else [entry["size"], entry.get("mtime_ns")]
 
 
 def _shown(path: str, base_dir: Path) -> str:

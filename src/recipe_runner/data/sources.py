@@ -5,8 +5,8 @@ row's index in the source, which seeds its random crop and names it in reports) 
 `__base_dir__` (the folder that relative paths in the row resolve against). Image columns are not
 decoded here; `process.py` opens them row by row so that one bad file drops one row, not the build.
 
-`datasets` is imported inside the functions that load data: `source_fingerprint` only stats files and
-is called by `recipe plan`, which must stay fast.
+`datasets` is imported inside the functions that load data: `source_fingerprint` stats files (and hashes
+those the memo does not know) and is called by `recipe plan`, which must stay fast.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from recipe_runner.data import file_hashes
+from recipe_runner.data.file_hashes import FileHashes
 from recipe_runner.errors import UserError
 from recipe_runner.recipe.checks import resolve_path
 from recipe_runner.recipe.loader import LoadedRecipe
@@ -290,21 +292,21 @@ def walk(root: Path) -> Iterator[Path]:
                 yield Path(dirpath) / name
 
 
-def _files_digest(root: Path) -> dict:
-    """Cheap identity of a file or folder: each file's relative path, size and mtime (no content read)."""
+def _files_digest(root: Path, hashes: FileHashes) -> dict:
+    """Identity of a file or folder by content: each file's relative path and sha256. A file whose stat
+    the memo knows is not read, so a touched file (same bytes) keeps the key and plan stays fast."""
     if not root.exists():
         return {"missing": str(root)}
     files = [root] if root.is_file() else list(walk(root))
     h = hashlib.sha256()
     for f in files:
-        st = f.stat()
         rel = f.name if f == root else f.relative_to(root).as_posix()
-        h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        h.update(f"{rel}\0{hashes.sha256(f) or 'unreadable'}\n".encode())
     return {"files": len(files), "sha256": h.hexdigest()}
 
 
 def fingerprinted_files(loaded: LoadedRecipe) -> set[str]:
-    """The files `source_fingerprint` stats one by one (those under a source folder or conditioning_dir),
+    """The files `source_fingerprint` hashes one by one (those under a source folder or conditioning_dir),
     as absolute paths: a row naming one of them needs no record of its own in `references.py`."""
     src = loaded.recipe.dataset.source
     roots = [resolve_path(loaded, p) for p in (src.path, src.conditioning_dir) if p is not None]
@@ -312,8 +314,9 @@ def fingerprinted_files(loaded: LoadedRecipe) -> set[str]:
 
 
 def source_fingerprint(loaded: LoadedRecipe) -> dict:
-    """What identifies the source's content without reading it (the cache key uses this): the data
-    file(s) or folder and `conditioning_dir`, each file by path, size and mtime.
+    """What identifies the source's content (the cache key uses this): the data file(s) or folder and
+    `conditioning_dir`, each file by path and the sha256 of its bytes, read only when the memo
+    (`file_hashes.py`) does not know the file's stat, so that `recipe plan` reads no data when warm.
 
     Files the rows name by path outside those (`img/0001.png` beside a jsonl, absolute paths) are known
     only after reading the data: the build records them and the cache checks them (`references.py`).
@@ -325,12 +328,13 @@ def source_fingerprint(loaded: LoadedRecipe) -> dict:
         # The generator's code is part of the data: a change to it must rebuild.
         code = hashlib.sha256(Path(__file__).with_name(f"builtin_{src.builtin}.py").read_bytes()).hexdigest()
         return {"builtin": src.builtin, "num_samples": src.num_samples, "code": code[:16]}
-    fp: dict = {
-        "path": src.path,
-        "format": src.format,
-        "content": _files_digest(resolve_path(loaded, src.path)),
-    }
-    if src.conditioning_dir is not None:
-        fp["conditioning_dir"] = src.conditioning_dir
-        fp["conditioning_content"] = _files_digest(resolve_path(loaded, src.conditioning_dir))
+    with file_hashes.memo() as hashes:
+        fp: dict = {
+            "path": src.path,
+            "format": src.format,
+            "content": _files_digest(resolve_path(loaded, src.path), hashes),
+        }
+        if src.conditioning_dir is not None:
+            fp["conditioning_dir"] = src.conditioning_dir
+            fp["conditioning_content"] = _files_digest(resolve_path(loaded, src.conditioning_dir), hashes)
     return fp
