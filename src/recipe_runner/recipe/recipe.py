@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from typing import Annotated
 
 from pydantic import Field, model_validator
 
 from recipe_runner.recipe.base import FieldError, Section
 from recipe_runner.recipe.condition import CannyCondition, Condition
 from recipe_runner.recipe.dataset import DatasetSpec
+from recipe_runner.recipe.effects import NOTHING, REBUILDS, REEVALUATES, RETRAINS, Effect
 from recipe_runner.recipe.model import ModelSpec
 from recipe_runner.recipe.sections import EvaluateSpec, LaunchSpec, LoggingSpec, OutputSpec
 from recipe_runner.recipe.train import TrainSpec
@@ -18,29 +20,29 @@ from recipe_runner.recipe.train import TrainSpec
 class Recipe(Section):
     """A recipe-runner recipe: how one ControlNet is trained."""
 
-    extends: str | list[str] | None = None
+    extends: Annotated[str | list[str] | None, NOTHING] = None
     """Recipe file(s) this one builds on, relative to this file; mappings merge deeply, lists replace."""
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=96)
+    name: Annotated[str, NOTHING] = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=96)
     """Name of the run (letters, digits, `.`, `_`, `-`); the default run folder is `runs/<name>`."""
-    description: str = ""
+    description: Annotated[str, NOTHING] = ""
     """Free text: what this recipe trains and why."""
-    seed: int = Field(0, ge=0, le=2**32 - 1)
+    seed: Annotated[int, Effect("dataset", resumable=False)] = Field(0, ge=0, le=2**32 - 1)
     """Seed for data order, noise, timesteps and initialisation."""
-    condition: Condition = Field(default_factory=CannyCondition)
+    condition: Annotated[Condition, REBUILDS] = Field(default_factory=CannyCondition)
     """How conditioning images are made when the data has none (and re-extracted by `evaluate`)."""
-    dataset: DatasetSpec
+    dataset: Annotated[DatasetSpec, REBUILDS]
     """The training data."""
-    model: ModelSpec = Field(default_factory=ModelSpec)
+    model: Annotated[ModelSpec, RETRAINS] = Field(default_factory=ModelSpec)
     """Base model and ControlNet."""
-    train: TrainSpec = Field(default_factory=TrainSpec)
+    train: Annotated[TrainSpec, RETRAINS] = Field(default_factory=TrainSpec)
     """Training hyperparameters."""
-    logging: LoggingSpec = Field(default_factory=LoggingSpec)
+    logging: Annotated[LoggingSpec, NOTHING] = Field(default_factory=LoggingSpec)
     """Metrics tracking."""
-    launch: LaunchSpec = Field(default_factory=LaunchSpec)
+    launch: Annotated[LaunchSpec, NOTHING] = Field(default_factory=LaunchSpec)
     """Processes and machines."""
-    evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
+    evaluate: Annotated[EvaluateSpec, REEVALUATES] = Field(default_factory=EvaluateSpec)
     """Condition-fidelity evaluation."""
-    output: OutputSpec = Field(default_factory=OutputSpec)
+    output: Annotated[OutputSpec, NOTHING] = Field(default_factory=OutputSpec)
     """The run folder and publishing."""
 
     @model_validator(mode="after")

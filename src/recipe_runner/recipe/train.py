@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 from pydantic import BeforeValidator, Field, model_validator
 
 from recipe_runner.recipe.base import FieldError, Section
+from recipe_runner.recipe.effects import NOTHING, RESUMES, RETRAINS_IF_SET, RETRAINS_UNLESS_SAME_ROWS
 
 # YAML 1.1 reads an unquoted `no` as false; `mixed_precision: no` means "no", so accept it as such.
 Precision = Annotated[Literal["no", "fp16", "bf16"], BeforeValidator(lambda v: "no" if v is False else v)]
@@ -73,11 +74,11 @@ class LoraSpec(Section):
 class TrainSpec(Section):
     """How the ControlNet is trained."""
 
-    max_steps: int | None = Field(10_000, ge=1)
+    max_steps: Annotated[int | None, RESUMES] = Field(10_000, ge=1)
     """Optimizer steps to train for; set null to use `num_epochs` instead."""
-    num_epochs: int | None = Field(None, ge=1)
+    num_epochs: Annotated[int | None, RESUMES] = Field(None, ge=1)
     """Passes over the dataset; used only when `max_steps` is null."""
-    batch_size: int = Field(4, ge=1, le=4096)
+    batch_size: Annotated[int, RETRAINS_UNLESS_SAME_ROWS] = Field(4, ge=1, le=4096)
     """Images per device per micro-batch."""
     gradient_accumulation_steps: int = Field(1, ge=1, le=4096)
     """Micro-batches accumulated per optimizer step (effective batch = batch_size x this x processes)."""
@@ -115,14 +116,14 @@ class TrainSpec(Section):
     """Autocast precision: `no` (fp32), `fp16` or `bf16`; frozen weights are stored in it too."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory (slower)."""
-    fp8_base: bool = False
+    fp8_base: Annotated[bool, RETRAINS_IF_SET] = False
     """Store the frozen UNet's weights in fp8 (e4m3), each layer cast up to the compute precision only
     while it runs (diffusers' layerwise casting; kohya's `--fp8_base`): 1 byte a parameter instead of 2,
     about 0.8 GB less at SD 1.5 and 2.4 GB at SDXL. Norm layers keep the compute precision. Costs some
     speed (every layer is cast at every pass) and a little fidelity (the ControlNet learns beside an
     fp8-rounded UNet; validation samples use it too). Needs gradient_checkpointing (without it the
     backward pass keeps the cast-up copies, and the peak is higher than without fp8); not with `compile`."""
-    attention: Literal["sdpa", "xformers", "eager"] = "sdpa"
+    attention: Annotated[Literal["sdpa", "xformers", "eager"], NOTHING] = "sdpa"
     """Attention implementation: PyTorch SDPA (flash/memory-efficient kernels), xformers, or eager."""
     allow_tf32: bool = False
     """Allow TF32 matmuls on Ampere+ GPUs (faster, slightly less precise)."""
@@ -130,44 +131,44 @@ class TrainSpec(Section):
     """Free gradients instead of zeroing them after each step (saves memory)."""
     empty_prompt_ratio: float = Field(0.0, ge=0, le=1)
     """Proportion of prompts replaced by the empty string, so the ControlNet also works without one."""
-    snr_gamma: float | None = Field(None, gt=0)
+    snr_gamma: Annotated[float | None, RETRAINS_IF_SET] = Field(None, gt=0)
     """Min-SNR loss weighting (Hang et al. 2023; `--snr_gamma` in diffusers' text-to-image script and
     kohya's `--min_snr_gamma`): each sample's loss weighted by min(SNR, gamma) / SNR (for v-prediction
     / (SNR + 1)), so the easy low-noise timesteps stop dominating; 5 is the paper's value. null: the plain
     mean squared error of the reference ControlNet script."""
-    noise_offset: float = Field(0.0, ge=0, le=1)
+    noise_offset: Annotated[float, RETRAINS_IF_SET] = Field(0.0, ge=0, le=1)
     """Offset noise: add this times a per-sample, per-channel constant to the noise, so the model can learn
     very dark and very bright images (kohya's `--noise_offset`; 0.05-0.1 is typical). 0: off."""
-    lora: LoraSpec | None = None
+    lora: Annotated[LoraSpec | None, RETRAINS_IF_SET] = None
     """Train a LoRA of the ControlNet (`{rank: 64}`) instead of all of it (`pip install
     'recipe-runner[lora]'`); LoRA usually wants a higher learning_rate, such as 1e-4. null: all weights."""
-    ema_decay: float | None = Field(None, gt=0, lt=1)
+    ema_decay: Annotated[float | None, RETRAINS_IF_SET] = Field(None, gt=0, lt=1)
     """Keep an exponential moving average of the ControlNet's weights (diffusers' EMAModel, as its
     text-to-image script's `--use_ema`), its decay ramping up as (1 + step) / (10 + step) to this value.
     Validation samples, `controlnet/` and the evaluation use the average; the trained weights stay in the
     last checkpoint. 0.999-0.9999 is typical; over fewer than about 1 / (1 - decay) steps the average lags
     far behind the training. Costs a second fp32 copy of the ControlNet on the accelerator (1.4 GB at SD
     1.5) unless `ema_offload`. null: off."""
-    ema_offload: bool = False
+    ema_offload: Annotated[bool, NOTHING] = False  # the same update; only where the average waits
     """Keep the average in host memory between steps, moved to the accelerator for each update (diffusers'
     `--offload_ema`): no accelerator memory between updates, a host-device round trip at each step."""
-    precompute: bool = True
+    precompute: Annotated[bool, NOTHING] = True
     """Encode latents and text embeddings once before training and cache them (steps run only UNet +
     ControlNet); off: encode every batch, as the reference script does."""
-    channels_last: bool = False
+    channels_last: Annotated[bool, NOTHING] = False
     """Use channels-last memory format for the UNet and ControlNet (faster convolutions on GPUs)."""
-    compile: bool = False
+    compile: Annotated[bool, NOTHING] = False
     """torch.compile the ControlNet and UNet (slow first steps, faster after)."""
-    dataloader_num_workers: int | None = Field(None, ge=0, le=64)
+    dataloader_num_workers: Annotated[int | None, NOTHING] = Field(None, ge=0, le=64)
     """Data-loading worker processes; 0: load in the training process; null: 0 on a CPU (workers would take
     its cores from training), else up to 4 per GPU, so the next batch is decoded while the GPU steps."""
-    checkpoint_every: int = Field(500, ge=1)
+    checkpoint_every: Annotated[int, NOTHING] = Field(500, ge=1)
     """Save a resumable checkpoint every this many optimizer steps."""
-    checkpoints_total_limit: int | None = Field(None, ge=1)
+    checkpoints_total_limit: Annotated[int | None, NOTHING] = Field(None, ge=1)
     """Keep at most this many checkpoints (oldest removed first); null: keep all."""
-    nonfinite_loss: Literal["stop", "skip"] = "stop"
+    nonfinite_loss: Annotated[Literal["stop", "skip"], NOTHING] = "stop"
     """On a NaN or infinite loss: `stop` (keep the last good checkpoint) or `skip` the batch."""
-    validation: Validation = Field(default_factory=Validation)
+    validation: Annotated[Validation, RESUMES] = Field(default_factory=Validation)
     """Sample grids during training."""
     micro_conditioning: MicroConditioning | None = None
     """SDXL only: size and crop conditioning."""

@@ -9,27 +9,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from recipe_runner.data.buckets import global_batch
+from recipe_runner.recipe.condition import AnnotatorCondition, Condition
+from recipe_runner.recipe.effects import effect_of, switch_of
 from recipe_runner.recipe.recipe import Recipe
 from recipe_runner.run.estimates import estimate_memory
 
 SECTIONS: tuple[str, ...] = (
     "condition", "dataset", "model", "train", "logging", "launch", "evaluate", "output", "top-level",
 )  # fmt: skip
-# Processing knobs that change how fast the dataset is built, not what is in it (data/build.py _NOT_KEYED).
-BUILD_ONLY = {("dataset", "num_proc"), ("dataset", "batch_size")}
-# Train fields outside the training stage's cache key (training/keys.py): speed and bookkeeping.
-TRAIN_BOOKKEEPING = {
-    "checkpoint_every", "checkpoints_total_limit", "dataloader_num_workers", "nonfinite_loss", "compile",
-    "precompute", "channels_last", "attention",
-}  # fmt: skip
-# Train fields a run can resume across (in the cache key, but not in what a checkpoint depends on).
-RESUMABLE = {"max_steps", "num_epochs", "validation"}
-# Launch settings in the training key (the port and config file only change how processes meet).
-TRAINING_LAUNCH = {"num_processes", "num_machines", "mixed_precision"}
-ANNOTATOR_CONDITIONS = {"hed", "depth", "openpose", "mlsd", "lineart", "normal", "segmentation"}
+# Condition types whose annotator needs weights: the recipe's condition registry says which.
+ANNOTATOR_CONDITIONS = frozenset(
+    m.model_fields["type"].default
+    for m in get_args(get_args(Condition)[0])
+    if issubclass(m, AnnotatorCondition)
+)
 
 
 @dataclass(frozen=True)
@@ -65,20 +61,15 @@ class Change:
 
 
 def stage_of(path: tuple[str, ...], computes_condition: bool = True) -> str | None:
-    """The first stage a change to `path` invalidates: dataset, train, evaluate, or None (nothing reruns).
+    """The first stage a change to `path` invalidates, as its field declares (recipe/effects.py): dataset,
+    train, evaluate, or None (nothing reruns). A field this version lacks takes its section's effect.
 
     `computes_condition`: the dataset makes conditioning images with `condition` (the data has none);
     otherwise the condition is only used by evaluation."""
-    head, sub = path[0], path[1] if len(path) > 1 else ""
-    if head == "condition":
-        return "dataset" if computes_condition else "evaluate"
-    if path == ("seed",) or (head == "dataset" and path[:2] not in BUILD_ONLY):
-        return "dataset"
-    if head == "model" or (head == "train" and sub not in TRAIN_BOOKKEEPING):
-        return "train"
-    if head == "launch" and sub in TRAINING_LAUNCH:
-        return "train"
-    return "evaluate" if head == "evaluate" else None
+    stage = effect_of(path, strict=False).invalidates
+    if stage == "dataset" and path[0] == "condition" and not computes_condition:
+        return "evaluate"
+    return None if stage == "nothing" else stage
 
 
 def computes_condition(recipe: Recipe) -> bool:
@@ -155,6 +146,28 @@ def diff_recipes(a: Recipe, b: Recipe, dirs: tuple[Path | None, Path | None] = (
     return RecipeDiff(changes, implications(a, b, changes, dirs) if changes else [])
 
 
+def _leaves(data: Any, prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:
+    if isinstance(data, dict) and data:
+        return [leaf for k, v in data.items() for leaf in _leaves(v, (*prefix, str(k)))]
+    return [(prefix, data)]
+
+
+def new_recipe(b: Recipe, base_dir: Path | None = None) -> RecipeDiff:
+    """A recipe with nothing to compare with (added since the base revision of `recipe diff --git`): every
+    resolved field as added, and what a run of it takes."""
+    changes = [Change(path, None, value, "added") for path, value in _leaves(b.resolved_dict())]
+    found = [
+        Implication("new-recipe", "new recipe: nothing to compare with, every stage runs", "rebuild"),
+        Implication("effective-batch", f"effective batch {effective_batch(b)}"),
+        Implication("learning-rate", f"learning rate {b.train.learning_rate:g}"),
+        Implication("steps", f"training length {_length(b)}"),
+        Implication(
+            "memory", f"estimated accelerator memory ≈ {estimate_memory(b, base_dir).total_gb:.1f} GB"
+        ),
+    ]
+    return RecipeDiff(changes, found)
+
+
 def ratio(old: float, new: float) -> str:
     """`×2`, `÷2` or `×1.5`: how a positive quantity scaled."""
     r = new / old
@@ -185,13 +198,21 @@ def _condition_needs(kind: str) -> str:
     return "no weights needed"
 
 
-def _moves_processes(c: Change) -> bool:
-    """A change a checkpoint resumes across when the rows per micro-step stay equal (training/keys.py)."""
-    return c.path in (("train", "batch_size"), ("launch", "num_processes"), ("launch", "num_machines"))
+def _switched_off(c: Change, a: Recipe, b: Recipe) -> bool:
+    """A change inside a section that counts only while switched on (bucketing), off on both sides."""
+    switch = switch_of(c.path)
+    return switch is not None and not any(_value(r.resolved_dict(), switch) for r in (a, b))
 
 
-def _stage_summary(changes: list[Change], computes: bool, same_rows: bool = False) -> Implication:
-    stages = [(c, stage_of(c.path, computes)) for c in changes]
+def _value(data: Any, path: tuple[str, ...]) -> Any:
+    for key in path:
+        data = data.get(key) if isinstance(data, dict) else None
+    return data
+
+
+def _stage_summary(stages: list[tuple[Change, str | None]], same_rows: bool = False) -> Implication:
+    """The headline: what reruns. `stages`: each change with the stage it invalidates (stage_of)."""
+    changes = [c for c, _ in stages]
     found = {s for _, s in stages}
     if "dataset" in found:
         fields = [c.dotted for c, s in stages if s == "dataset"]
@@ -199,20 +220,17 @@ def _stage_summary(changes: list[Change], computes: bool, same_rows: bool = Fals
         return Implication(
             "rebuild", f"dataset will rebuild ({shown}); training restarts from scratch", "rebuild"
         )
-    train = [c for c, s in stages if s == "train"]
-    moved = same_rows and any(_moves_processes(c) for c in train)
-    if (
-        train
-        and moved
-        and all(_moves_processes(c) or c.path[1:2] in ((f,) for f in RESUMABLE) for c in train)
-    ):
+    train = [effect_of(c.path, strict=False) for c, s in stages if s == "train"]
+    # Batch size and process count resume across a move that keeps the rows per micro-step.
+    moved = same_rows and any(e.same_rows for e in train)
+    if train and moved and all(e.same_rows or e.resumable for e in train):
         return Implication(
             "retrain-resumable",
             "training reruns on another process count with the same rows per micro-step (--resume "
             "continues from the newest checkpoint as if uninterrupted); dataset reused",
             "retrain",
         )
-    if train and all(c.path[0] == "train" and c.path[1] in RESUMABLE for c in train):
+    if train and all(e.resumable for e in train):
         return Implication(
             "retrain-resumable",
             "training reruns (only its length/validation changed: --resume continues from the newest "
@@ -238,7 +256,9 @@ def implications(
 ) -> list[Implication]:
     """What the differences mean, most consequential first."""
     same_rows = global_batch(a) == global_batch(b)
-    found = [_stage_summary(changes, computes_condition(a) or computes_condition(b), same_rows)]
+    computes = computes_condition(a) or computes_condition(b)
+    stages = [(c, None if _switched_off(c, a, b) else stage_of(c.path, computes)) for c in changes]
+    found = [_stage_summary(stages, same_rows)]
 
     def add(code: str, text: str) -> None:
         found.append(Implication(code, text))

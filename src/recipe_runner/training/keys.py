@@ -7,42 +7,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 import recipe_runner
+from recipe_runner.recipe.effects import keyed, recipe_fields
 from recipe_runner.recipe.loader import LoadedRecipe
 from recipe_runner.recipe.recipe import Recipe
 
 # Bump when what the training stage computes changes for the same inputs (steps, loss, cache layout).
 TRAINING_CODE_VERSION = 1
-
-# Fields that change neither the weights nor the data order, so a run can resume across them:
-# `max_steps`/`num_epochs` may be raised to train longer, the rest is bookkeeping or speed.
-_NOT_RESUME_RELEVANT = {
-    "max_steps",
-    "num_epochs",
-    "validation",
-    "checkpoint_every",
-    "checkpoints_total_limit",
-    "dataloader_num_workers",
-    "nonfinite_loss",
-    "compile",
-    "precompute",
-    "channels_last",
-    "attention",
-    "ema_offload",  # the same update, on the same device; only where the average waits between steps
-}
-
-# Fields added after runs were already recorded, left out at their default: checkpoints and finished runs
-# from before them keep resuming and keep their cache keys.
-_OMITTED_AT_DEFAULT = {
-    "fp8_base": False,
-    "snr_gamma": None,
-    "noise_offset": 0.0,
-    "ema_decay": None,
-    "lora": None,
-}
 
 
 def sha256_json(value: Any) -> str:
@@ -71,26 +46,13 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def resume_fields(recipe: Recipe) -> dict[str, Any]:
-    """The flattened recipe fields a checkpoint depends on; a resume with other values is refused."""
-    train = {
-        k: v
-        for k, v in recipe.train.model_dump(mode="json").items()
-        if k not in _NOT_RESUME_RELEVANT and _OMITTED_AT_DEFAULT.get(k, ...) != v
-    }
-    fields = {
-        "seed": recipe.seed,
-        "model": recipe.model.model_dump(mode="json"),
-        "dataset.resolution": recipe.dataset.resolution,
-        # Buckets change every batch's rows; off, they are left out so older checkpoints still resume.
-        **(
-            {"dataset.buckets": recipe.dataset.buckets.model_dump(mode="json")}
-            if recipe.dataset.buckets.enabled
-            else {}
-        ),
-        "train": train,
-        "launch.num_processes": recipe.launch.total_processes,
-        "mixed_precision": effective_precision(recipe),
-    }
+    """The flattened recipe fields a checkpoint depends on (those not declared `resumable`, see
+    recipe/effects.py); a resume with other values is refused."""
+    fields = keyed(recipe, (), lambda effect: not effect.resumable)
+    # Launch settings count by what they amount to: the processes on every machine, the precision in use.
+    fields.pop("launch", None)
+    fields["launch.num_processes"] = recipe.launch.total_processes
+    fields["mixed_precision"] = effective_precision(recipe)
     return _flatten(fields)
 
 
@@ -118,15 +80,25 @@ def changed_fields(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     def shown(fields: dict[str, Any], key: str) -> str:
         if key in fields:
             return repr(fields[key])
-        name = key.removeprefix("train.")
-        if name in _OMITTED_AT_DEFAULT:
-            return f"{_OMITTED_AT_DEFAULT[name]!r} (default)"
-        if key.startswith("dataset.buckets."):
-            return "(buckets off)"
-        return "(absent)"
+        defaults, switched = _left_out()
+        if key in defaults:
+            return f"{defaults[key]!r} (default)"
+        section = next((s for s in switched if key.startswith(f"{s}.")), None)
+        return f"({section.rpartition('.')[2]} off)" if section else "(absent)"
 
     keys = sorted(set(old) | set(new))
     return [f"{k}: {shown(old, k)} -> {shown(new, k)}" for k in keys if old.get(k) != new.get(k)]
+
+
+@cache
+def _left_out() -> tuple[dict[str, Any], tuple[str, ...]]:
+    """Why a field can be missing from resume fields (recipe/effects.py): ({field: the default it is
+    omitted at}, the sections keyed only while switched on, such as `dataset.buckets`)."""
+    fields = recipe_fields()
+    defaults = {
+        f.dotted: f.info.get_default(call_default_factory=True) for f in fields if f.effect.omitted_at_default
+    }
+    return defaults, tuple(f.dotted for f in fields if f.effect.keyed_while is not None)
 
 
 def training_cache_key(loaded: LoadedRecipe, dataset_fingerprint: str) -> str:
