@@ -1,4 +1,4 @@
-"""What a run prints goes to the terminal and, without colours or progress redraws, to RUN/log.txt."""
+"""What a run prints goes to the terminal and, without colours or progress bars, to RUN/log.txt."""
 
 from __future__ import annotations
 
@@ -6,29 +6,36 @@ import contextlib
 import logging
 import re
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
-from rich.console import Console
+from rich.console import Console, ConsoleRenderable, NewLine, RenderHook
+
+from recipe_runner.run.events import NULL, NullReporter, Reporter
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
-_REDRAW = re.compile(r"\x1b\[(\d*A|2K|\?25[lh])")
 
 
 class _Tee:
-    """A file for rich: the terminal gets everything; the log gets plain text and no live progress frames."""
+    """A file for rich: the terminal gets everything rich writes; the log gets what _LogHook hands it."""
 
     def __init__(self, terminal: TextIO | None, log: TextIO):
         self.terminal = terminal
         self.log = log
+        self.lock = threading.Lock()  # prints and progress lines come from more than one thread
+        self.reporter: NullReporter = NULL  # the run's progress lines and events (run/events.py)
 
     def write(self, text: str) -> int:
         if self.terminal is not None:
             self.terminal.write(text)
-        if not _REDRAW.search(text):
-            self.log.write(_ANSI.sub("", text).replace("\r", ""))
         return len(text)
+
+    def write_log(self, text: str) -> None:
+        with self.lock:
+            self.log.write(_ANSI.sub("", text).replace("\r", ""))
+            self.log.flush()
 
     def flush(self) -> None:
         if self.terminal is not None:
@@ -44,16 +51,38 @@ class _Tee:
         return self.terminal.fileno()
 
 
+class _LogHook(RenderHook):
+    """The first render hook, so it sees each print before a live display (rich's progress bars, status
+    spinners) adds its frame and cursor moves: the log gets what was printed, as plain text, and never a
+    frame; a message printed while a bar runs is kept, where filtering the written text lost it."""
+
+    def __init__(self, console: Console, tee: _Tee):
+        self.console, self.tee = console, tee
+
+    def process_renderables(self, renderables: list[ConsoleRenderable]) -> list[ConsoleRenderable]:
+        if not all(isinstance(r, NewLine) for r in renderables):  # a live display ends with console.line()
+            options = self.console.options
+            if self.console.soft_wrap:  # as print() renders by default here: long lines stay whole
+                options = options.update(no_wrap=True, overflow="ignore")
+            segments = (s for r in renderables for s in self.console.render(r, options) if not s.control)
+            self.tee.write_log("".join(s.text for s in segments))
+        return renderables
+
+
 @contextlib.contextmanager
 def run_console(log_path: Path, *, quiet: bool = False) -> Iterator[Console]:
     """A console that writes to stderr (unless quiet) and appends to the run's log.txt.
 
-    Library warnings (diffusers, transformers, accelerate) go to the log file too.
+    Library warnings (diffusers, transformers, accelerate) go to the log file too. The console's
+    reporter (`events.reporter(console)`) adds throttled progress lines, so neither a pipe nor the log
+    goes minutes without a word while a live bar runs.
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a", encoding="utf-8") as log:
         tee = _Tee(None if quiet else sys.stderr, log)
         console = Console(file=tee, highlight=False, soft_wrap=True)  # type: ignore[arg-type]
+        console.push_render_hook(_LogHook(console, tee))
+        tee.reporter = Reporter(console, tee.write_log)
         handler = logging.StreamHandler(log)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root = logging.getLogger()
