@@ -215,3 +215,16 @@ def test_an_unloadable_base_fails_before_the_dataset_is_built(cli, write_recipe,
     assert "could not load model.base from 'nobody/no-such-model'" in result.output
     assert not (out / "dataset").exists()
     assert cli("build-dataset", recipe, "-o", out).exit_code == 0
+
+
+def test_weight_files_are_as_readable_as_any_other_file(finished_run):
+    """safetensors writes 0600; a run's weights are shared like its other files (umask 022: 0644)."""
+    import os
+
+    _, out, _ = finished_run
+    umask = os.umask(0)
+    os.umask(umask)
+    files = [*(out / "controlnet").iterdir(), *next((out / "checkpoints").iterdir()).iterdir()]
+    weights = [p for p in files if p.suffix == ".safetensors"]
+    assert weights
+    assert all(p.stat().st_mode & 0o777 == 0o666 & ~umask for p in weights if p.is_file())

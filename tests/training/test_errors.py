@@ -120,3 +120,14 @@ def test_adamw_8bit_with_a_cuda_only_bitsandbytes_on_a_cpu_is_a_user_error(make_
     with pytest.raises(UserError) as info:
         prepare_training(loaded, folder)
     assert "no CPU kernel" in info.value.message and "train.optimizer: adamw" in info.value.hint
+
+
+def test_every_step_skipped_is_a_failed_run(make_run, monkeypatch):
+    monkeypatch.setattr(
+        step, "diffusion_loss", lambda prediction, target: (prediction - target).sum() * float("nan")
+    )
+    loaded, folder = make_run("train.max_steps=2", "train.nonfinite_loss=skip")
+    with pytest.raises(RunFailed) as info:
+        train_controlnet(loaded, folder)
+    assert "every one of the 2 optimizer steps" in info.value.message
+    assert not folder.controlnet.exists()

@@ -128,3 +128,15 @@ def test_adamw_8bit_trains_and_resumes_bit_identically_on_the_cpu(make_run, monk
     loaded, fp32 = make_run("train.max_steps=3", "train.checkpoint_every=10", name="fp32")
     train_controlnet(loaded, fp32)
     assert not _same_weights(straight, fp32)
+
+
+def test_a_resumed_run_reports_its_own_time(make_run, capsys):
+    loaded, folder = make_run("train.max_steps=2", "train.checkpoint_every=10", name="first")
+    first = train_controlnet(loaded, folder)
+    loaded, _ = make_run("train.max_steps=3", "train.checkpoint_every=10", name="first")
+    results = train_controlnet(loaded, folder, resume=True)
+    assert (
+        results["seconds_this_run"] <= results["wall_seconds"] < results["seconds"] + results["wall_seconds"]
+    )
+    assert results["seconds"] == pytest.approx(first["seconds"] + results["seconds_this_run"], abs=1e-2)
+    assert results["steps_per_second"] * results["seconds_this_run"] == pytest.approx(1, rel=0.5)

@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
+from typer.core import TyperOption
 
 from recipe_runner import __version__
 from recipe_runner.cli.output import emit_json, err, handles_errors, out, print_problems
@@ -33,9 +35,13 @@ app = typer.Typer(
     epilog=EXAMPLES,
     rich_markup_mode="rich",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # recipe --install-completion (bash, zsh, fish, PowerShell)
     pretty_exceptions_enable=False,
 )
+
+# typer prints a flag's type as `<bool>` in --help, which reads as if the flag took a value.
+_display_type = TyperOption.display_type_rich
+TyperOption.display_type_rich = lambda self, ctx: None if self.is_flag else _display_type(self, ctx)  # type: ignore[method-assign]
 
 SetOpt = Annotated[
     list[str] | None,
@@ -48,6 +54,13 @@ SetOpt = Annotated[
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")]
+# A string, not a Path: typer turns '' into Path('.'), and an empty --output-dir is a mistake, not `.`.
+OutputDirOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--output-dir", "-o", metavar="DIR", help="The run folder (default: output.dir, else runs/NAME)."
+    ),
+]
 
 
 def _version(value: bool) -> None:
@@ -65,13 +78,34 @@ def _root(
     """Train ControlNets for Stable Diffusion from one declarative YAML recipe."""
 
 
-def load_checked(file: Path, overrides: list[str] | None):
-    """Load + validate a recipe and check the files and ids it names; every problem at once."""
+def load_checked(
+    file: Path,
+    overrides: list[str] | None,
+    warnings: list[Problem] | None = None,
+    output_dir: str | None = None,
+):
+    """Load + validate a recipe and check the files and ids it names; every problem at once.
+
+    Warnings (a hub id that moved, ...) never fail: they are printed on stderr, or appended to
+    `warnings` when it is given (for `recipe validate --json`)."""
     from recipe_runner.recipe.checks import check_inputs
     from recipe_runner.recipe.loader import load_recipe
+    from recipe_runner.recipe.notices import format_warning, recipe_warnings
+    from recipe_runner.recipe.preset import add_preset_hint
+    from recipe_runner.run.safety import check_run_folder
 
-    loaded = load_recipe(file, overrides or [])
-    problems = check_inputs(loaded)
+    try:
+        loaded = load_recipe(file, overrides or [])
+    except RecipeError as e:
+        add_preset_hint(e.problems)
+        raise
+    found = recipe_warnings(loaded.data, loaded.origins, str(file), loaded.base_dir)
+    if warnings is None:
+        for w in found:
+            err.print(format_warning(w))
+    else:
+        warnings.extend(found)
+    problems = check_inputs(loaded) + check_run_folder(loaded, output_dir)  # the run touches no input
     if problems:
         raise RecipeError(problems)
     return loaded
@@ -85,21 +119,47 @@ def validate(
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Parse and validate recipes: every error at once, with file:line:col. Never imports torch."""
+    """Parse and validate recipes: every error at once, with file:line:col. Never imports torch.
+
+    Presets (files in a folder named base/, or with a `# recipe-runner: preset` header comment) are
+    checked as partial recipes: known keys and valid values, required fields may be missing.
+    Warnings (e.g. a base model id that moved on the hub) are printed but do not fail."""
+    from recipe_runner.recipe.notices import format_warning, recipe_warnings
+    from recipe_runner.recipe.preset import is_preset, load_preset
+
     results = []
     for file in files:
+        preset = is_preset(file)
+        warnings: list[Problem] = []
+        problems: list[Problem] = []
+        entry: dict = {"file": str(file), "preset": preset}
         try:
-            loaded = load_checked(file, overrides)
-            results.append({"file": str(file), "valid": True, "name": loaded.recipe.name, "problems": []})
+            if preset:
+                loaded_preset = load_preset(file, overrides or [])
+                warnings = recipe_warnings(
+                    loaded_preset.data, loaded_preset.origins, str(file), loaded_preset.base_dir
+                )
+                entry.update(valid=True, name=None, problems=[])
+            else:
+                loaded = load_checked(file, overrides, warnings=warnings)
+                entry.update(valid=True, name=loaded.recipe.name, problems=[])
         except UserError as e:
             problems = e.problems or [Problem(e.message, file=str(file), hint=e.hint)]
-            results.append({"file": str(file), "valid": False, "problems": [p.to_dict() for p in problems]})
-            if not json_:
-                print_problems(problems)
-                err.print(f"[red]✗[/] {file}: {len(problems)} problem{'s' if len(problems) != 1 else ''}")
+            entry.update(valid=False, problems=[p.to_dict() for p in problems])
+        entry["warnings"] = [w.to_dict() for w in warnings]
+        results.append(entry)
+        if json_:
             continue
-        if not json_ and not quiet:
-            out.print(f"[green]✓[/] {file}: valid ({loaded.recipe.name})")
+        for w in warnings:  # printed even with --quiet: like errors, they name a line to change
+            err.print(format_warning(w))
+        if not entry["valid"]:
+            print_problems(problems)
+            err.print(
+                f"[red]✗[/] {escape(str(file))}: {len(problems)} problem{'s' if len(problems) != 1 else ''}"
+            )
+        elif not quiet:
+            what = "valid preset" if preset else f"valid ({entry['name']})"
+            out.print(f"[green]✓[/] {escape(str(file))}: {escape(what)}")
     if json_:
         emit_json({"valid": all(r["valid"] for r in results), "files": results})
     if not all(r["valid"] for r in results):

@@ -10,13 +10,9 @@ from typing import Annotated
 
 import typer
 
-from recipe_runner.cli.app import JsonOpt, QuietOpt, SetOpt, app, load_checked
+from recipe_runner.cli.app import JsonOpt, OutputDirOpt, QuietOpt, SetOpt, app, load_checked
 from recipe_runner.cli.output import emit_json, handles_errors
 
-OutputDirOpt = Annotated[
-    Path | None,
-    typer.Option("--output-dir", "-o", help="The run folder (default: output.dir, else runs/NAME)."),
-]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the newest complete checkpoint.")]
 
 
@@ -27,15 +23,17 @@ def _heavy() -> None:
 
 
 def _run(file: Path, overrides, output_dir, stages, *, resume=False, quiet=False, json_=False, force=False):
+    """--json: JSON lines on stdout (stage and progress events as they happen), the result last."""
+    from recipe_runner.run.events import json_lines
     from recipe_runner.run.pipeline import run_recipe
 
-    loaded = load_checked(file, overrides)
+    loaded = load_checked(file, overrides, output_dir=output_dir)
     _heavy()
-    result = run_recipe(
-        loaded, stages=stages, output_dir=output_dir, resume=resume, quiet=quiet or json_, force=force
-    )
-    if json_:
-        emit_json(result)
+    with json_lines(json_) as emit:
+        result = run_recipe(
+            loaded, stages=stages, output_dir=output_dir, resume=resume, quiet=quiet or json_, force=force
+        )
+        emit({"event": "result", **result})
 
 
 @app.command(

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from recipe_runner.errors import UserError
+from recipe_runner.recipe.loader import resolve_against
 
 EXAMPLE_FOLDER = "models/annotators"
 
@@ -22,7 +23,7 @@ def resolve_weights(
 
     `repo` is the hub repo the files come from by default; error hints point there.
     """
-    folder = _as_path(source, base_dir)
+    folder = resolve_against(base_dir, source)
     if not folder.is_dir():
         _check_repo_id(source, folder, files, repo)
         return _from_hub(source, files, condition, folder, repo)
@@ -34,11 +35,6 @@ def resolve_weights(
             hint=_download_hint(missing, repo, folder),
         )
     return folder
-
-
-def _as_path(source: str, base_dir: Path | None) -> Path:
-    path = Path(source).expanduser()
-    return base_dir / path if not path.is_absolute() and base_dir is not None else path
 
 
 def _check_repo_id(source: str, folder: Path, files: Sequence[str], repo: str) -> None:

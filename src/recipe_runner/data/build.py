@@ -20,6 +20,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rich.markup import escape
+
 from recipe_runner.data import references
 from recipe_runner.data.buckets import (
     bucket_counts,
@@ -69,7 +71,9 @@ def build_dataset(
     old = None if force else current_report(loaded, folder, inputs)[0]
     if old is not None:
         if console is not None:
-            console.print(f"dataset: unchanged, using {folder.dataset} ({_rows(old)} rows)", soft_wrap=True)
+            console.print(
+                f"dataset: unchanged, using {escape(str(folder.dataset))} ({_rows(old)} rows)", soft_wrap=True
+            )
         return {**old, "cached": True}
     import datasets
 
@@ -241,7 +245,7 @@ def _map(
     from recipe_runner.data.process import RowProcessor, output_features
 
     num_proc = min(spec.num_proc, len(ds))
-    with _progress(console, len(ds), work) as pdir:
+    with _progress(console, len(ds), work) as pdir, _interrupts_stay_interrupts():
         return ds.map(
             RowProcessor(plan, condition, pdir),
             batched=True,
@@ -256,14 +260,36 @@ def _map(
 
 
 @contextlib.contextmanager
+def _interrupts_stay_interrupts() -> Iterator[None]:
+    """Ctrl-C or SIGTERM during a `num_proc` map: datasets' pool clean-up can raise its own error (a
+    multiprocess TimeoutError) while handling the KeyboardInterrupt; the user asked to stop, so stop."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:
+        cause: BaseException | None = e
+        while cause is not None and not isinstance(cause, KeyboardInterrupt):
+            cause = cause.__context__
+        if cause is None:
+            raise
+        raise cause from None
+
+
+@contextlib.contextmanager
 def _progress(console: Console | None, total: int, work: Path) -> Iterator[str | None]:
-    """A rich progress bar fed by the workers' row counts (files in a folder: works across processes)."""
+    """A rich progress bar fed by the workers' row counts (files in a folder: works across processes),
+    and the same count as the run's throttled progress lines (log.txt, a pipe, --json)."""
     if console is None:
         yield None
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from recipe_runner.data.process import rows_done
+    from recipe_runner.run.events import reporter
+
+    report = reporter(console)
+    report.progress("dataset", 0, total)  # starts its clock: rate and ETA
 
     pdir = work / "progress"
     pdir.mkdir(parents=True, exist_ok=True)
@@ -276,8 +302,9 @@ def _progress(console: Console | None, total: int, work: Path) -> Iterator[str |
 
         def poll() -> None:
             while not stop.wait(0.25):
-                speed = bar.tasks[task].speed
-                bar.update(task, completed=rows_done(str(pdir)), rate=f"{speed:,.1f} rows/s" if speed else "")
+                speed, done = bar.tasks[task].speed, rows_done(str(pdir))
+                bar.update(task, completed=done, rate=f"{speed:,.1f} rows/s" if speed else "")
+                report.progress("dataset", done, total)
 
         thread = threading.Thread(target=poll, daemon=True)
         thread.start()
@@ -286,7 +313,9 @@ def _progress(console: Console | None, total: int, work: Path) -> Iterator[str |
         finally:
             stop.set()
             thread.join()
-            bar.update(task, completed=rows_done(str(pdir)))
+            done = rows_done(str(pdir))
+            bar.update(task, completed=done)
+            report.progress("dataset", done, total)
 
 
 def _tally(rows: list[int], files: list[str], labels: list[str], details: list[str] | None = None) -> dict:
@@ -341,9 +370,11 @@ def _summary(console: Console, report: dict, folder: RunFolder, loaded: LoadedRe
     dropped = report["rows_dropped"]
     why = "; ".join(f"{k}: {v['count']}" for k, v in report["dropped"].items())
     console.print(
-        f"dataset: {out} rows from {report['source']}"
-        + (f", {dropped} dropped ({why})" if dropped else "")
-        + f" in {report['seconds']:.1f} s ({report['rows_per_second']} rows/s) -> {folder.dataset}",
+        escape(
+            f"dataset: {out} rows from {report['source']}"
+            + (f", {dropped} dropped ({why})" if dropped else "")
+            + f" in {report['seconds']:.1f} s ({report['rows_per_second']} rows/s) -> {folder.dataset}"
+        ),
         soft_wrap=True,  # keep the path in one piece
         highlight=False,
     )
@@ -351,18 +382,18 @@ def _summary(console: Console, report: dict, folder: RunFolder, loaded: LoadedRe
         shares = ", ".join(f"{size} {n}" for size, n in report["buckets"].items())
         console.print(f"  aspect-ratio buckets (train rows): {shares}", highlight=False)
         if (few := small_buckets(report["buckets"], global_batch(loaded.recipe))) is not None:
-            console.print(f"[yellow]warning:[/] {few}", highlight=False)
+            console.print(f"[yellow]warning:[/] {escape(few)}", highlight=False)
     for note, entry in report.get("warnings", {}).items():
         first = entry["examples"][0]
         example = f"e.g. row {first['row']}" + (f" {first['file']}" if first["file"] else "")
         rows = f"{entry['count']} row{'' if entry['count'] == 1 else 's'}"
-        console.print(f"  {rows}: {note} ({example})", highlight=False, soft_wrap=True)
+        console.print(escape(f"  {rows}: {note} ({example})"), highlight=False, soft_wrap=True)
     from recipe_runner.data.process import BLANK
 
     kept = sum(report["rows_out"].values())
     blanks = report.get("warnings", {}).get(BLANK, {}).get("count", 0)
     if blanks and blanks >= 0.05 * kept:
-        console.print(f"[yellow]warning:[/] {_blank_hint(loaded, blanks, kept)}", highlight=False)
+        console.print(f"[yellow]warning:[/] {escape(_blank_hint(loaded, blanks, kept))}", highlight=False)
 
 
 def _blank_hint(loaded: LoadedRecipe, blanks: int, kept: int) -> str:

@@ -17,13 +17,14 @@ from recipe_runner.data import references
 from recipe_runner.data.condition_code import code_digest
 from recipe_runner.data.sources import source_fingerprint
 from recipe_runner.recipe.dataset import DatasetSpec
+from recipe_runner.recipe.effects import keyed
 from recipe_runner.recipe.loader import LoadedRecipe
 from recipe_runner.run.atomic import is_complete
 from recipe_runner.run.folder import RunFolder
 
 DATASET_CODE_VERSION = 1
+DATA_MARKER = "dataset_dict.json"  # what save_to_disk writes last for a DatasetDict: data/ is whole
 """Bump when a change to this package changes the rows it builds: every cached dataset is rebuilt."""
-_NOT_KEYED = {"source", "num_proc", "batch_size"}  # how fast, not what: changing them keeps the cache
 _PARTS = {
     "source": "source",
     "condition": "condition",
@@ -49,15 +50,13 @@ def _condition(loaded: LoadedRecipe) -> dict | None:
     return key
 
 
-def _not_keyed(spec: DatasetSpec) -> dict:
-    # Options added later are keyed only away from their defaults, so datasets built before they
-    # existed stay current: bucketing off, blank conditioning images kept.
-    exclude: dict = dict.fromkeys(_NOT_KEYED, True)
-    if not spec.buckets.enabled:
-        exclude["buckets"] = True
-    if spec.filters.on_blank_conditioning == "keep":
-        exclude["filters"] = {"on_blank_conditioning"}
-    return exclude
+def _processing(spec: DatasetSpec) -> dict:
+    """The dataset settings the rows depend on, as their fields' effects declare (recipe/effects.py: not
+    how fast it builds, options added later only away from their defaults). The source is keyed by its
+    content instead (source_fingerprint)."""
+    settings = keyed(spec, ("dataset",), lambda effect: effect.invalidates == "dataset")
+    settings.pop("source", None)
+    return settings
 
 
 def key_inputs(loaded: LoadedRecipe) -> dict:
@@ -66,7 +65,7 @@ def key_inputs(loaded: LoadedRecipe) -> dict:
     return {
         "source": source_fingerprint(loaded),
         "condition": _condition(loaded),
-        "processing": r.dataset.model_dump(mode="json", exclude=_not_keyed(r.dataset)),
+        "processing": _processing(r.dataset),
         "seed": r.seed,
         "code_version": DATASET_CODE_VERSION,
     }
@@ -97,7 +96,7 @@ def current_report(
     if not folder.dataset.exists():
         return None, "no dataset yet"
     report = _old_report(folder)
-    if report is None or not is_complete(folder.dataset):
+    if report is None or not is_complete(folder.dataset) or not (folder.dataset_data / DATA_MARKER).is_file():
         return None, "the dataset folder is incomplete (an earlier build did not finish)"
     inputs = key_inputs(loaded) if inputs is None else inputs
     if report.get("cache_key") != digest(inputs):

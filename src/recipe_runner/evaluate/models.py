@@ -51,7 +51,7 @@ def load_base_pipelines(
     control_cls = StableDiffusionXLControlNetPipeline if xl else StableDiffusionControlNetPipeline
     kwargs: dict[str, Any] = {"torch_dtype": dtype, "revision": model.revision, "variant": model.variant}
     if model.vae:
-        local_vae = loaded.base_dir / model.vae
+        local_vae = loaded.resolve(model.vae)
         kwargs["vae"] = AutoencoderKL.from_pretrained(
             str(local_vae) if local_vae.is_dir() else model.vae, torch_dtype=dtype
         )

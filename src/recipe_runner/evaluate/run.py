@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from rich.markup import escape
 
 from recipe_runner.conditions import ConditionFn, build_condition
 from recipe_runner.data.cache_key import computes_condition
@@ -237,7 +238,7 @@ def evaluate_folder(
     report.log_scalars(folder.logs, results["mean"], final_step)
     if console is not None:
         report.print_table(console, results["mean"])
-        console.print(f"  evaluation  {folder.evaluation}")
+        console.print(f"  evaluation  {escape(str(folder.evaluation))}")
     return {
         **results,
         "results": str(folder.evaluation / "results.json"),

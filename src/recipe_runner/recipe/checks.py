@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from recipe_runner.errors import Problem
+from recipe_runner.recipe.columns import check_columns
 from recipe_runner.recipe.dataset import HUB_ID_RE
 from recipe_runner.recipe.loader import LoadedRecipe
 from recipe_runner.recipe.yaml_io import Path_
@@ -18,12 +19,16 @@ def _looks_local(ref: str) -> bool:
 
 
 def resolve_path(loaded: LoadedRecipe, ref: str) -> Path:
-    """A path from the recipe, relative to the recipe's folder."""
-    p = Path(ref).expanduser()
-    return p if p.is_absolute() else loaded.base_dir / p
+    """A path from the recipe, absolute (`~` expanded, relative to the recipe's folder)."""
+    return loaded.resolve(ref)
 
 
-def _problem(loaded: LoadedRecipe, path: Path_, msg: str, hint: str | None = None) -> Problem:
+def looks_local(ref: str) -> bool:
+    """Whether a model or annotator reference is meant as a folder rather than a hub id."""
+    return _looks_local(ref)
+
+
+def problem_at(loaded: LoadedRecipe, path: Path_, msg: str, hint: str | None = None) -> Problem:
     o = loaded.origin_of(path)
     return Problem(
         msg,
@@ -41,13 +46,13 @@ def _model_ref(loaded: LoadedRecipe, path: Path_, ref: str | None, what: str) ->
     local = resolve_path(loaded, ref)
     if local.exists():
         if not local.is_dir():
-            return [_problem(loaded, path, f"{what} {ref!r} is a file; expected a diffusers folder")]
+            return [problem_at(loaded, path, f"{what} {ref!r} is a file; expected a diffusers folder")]
         return []
     if _looks_local(ref):
-        return [_problem(loaded, path, f"{what} folder {ref!r} not found (looked at {local})")]
+        return [problem_at(loaded, path, f"{what} folder {ref!r} not found (looked at {local})")]
     if not HUB_ID_RE.match(ref):
         return [
-            _problem(
+            problem_at(
                 loaded,
                 path,
                 f"{what} {ref!r} is neither an existing folder nor a hub id",
@@ -55,6 +60,20 @@ def _model_ref(loaded: LoadedRecipe, path: Path_, ref: str | None, what: str) ->
             )
         ]
     return []
+
+
+def _unreadable_image(path: Path) -> str | None:
+    """Why Pillow cannot read `path` as an image (None: it can). Reads the header and checks the data."""
+    from PIL import Image, UnidentifiedImageError  # no torch; only when the recipe names images
+
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except UnidentifiedImageError:
+        return "not an image file Pillow knows"
+    except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data; Pillow raises all three
+        return str(e) or type(e).__name__
+    return None
 
 
 def check_inputs(loaded: LoadedRecipe) -> list[Problem]:
@@ -67,7 +86,7 @@ def check_inputs(loaded: LoadedRecipe) -> list[Problem]:
         if ref is not None and not resolve_path(loaded, ref).exists():
             where = resolve_path(loaded, ref)
             problems.append(
-                _problem(loaded, ("dataset", "source", key), f"{ref!r} not found (looked at {where})")
+                problem_at(loaded, ("dataset", "source", key), f"{ref!r} not found (looked at {where})")
             )
     problems += _model_ref(loaded, ("model", "base"), r.model.base, "base model")
     problems += _model_ref(loaded, ("model", "controlnet"), r.model.controlnet, "controlnet")
@@ -75,20 +94,21 @@ def check_inputs(loaded: LoadedRecipe) -> list[Problem]:
     annotator = getattr(r.condition, "annotator", None)
     if annotator and _looks_local(annotator) and not resolve_path(loaded, annotator).is_dir():
         problems.append(
-            _problem(loaded, ("condition", "annotator"), f"annotator folder {annotator!r} not found")
+            problem_at(loaded, ("condition", "annotator"), f"annotator folder {annotator!r} not found")
         )
     for i, image in enumerate(r.train.validation.conditioning_images):
-        if not resolve_path(loaded, image).is_file():
+        where = ("train", "validation", "conditioning_images", i)
+        path = resolve_path(loaded, image)
+        if not path.is_file():
             problems.append(
-                _problem(
-                    loaded,
-                    ("train", "validation", "conditioning_images", i),
-                    f"conditioning image {image!r} not found (looked at {resolve_path(loaded, image)})",
-                )
+                problem_at(loaded, where, f"conditioning image {image!r} not found (looked at {path})")
             )
+        elif (why := _unreadable_image(path)) is not None:  # found now, not after every training step
+            problems.append(problem_at(loaded, where, f"conditioning image {image!r} cannot be read: {why}"))
     cfg = r.launch.accelerate_config
     if cfg and not resolve_path(loaded, cfg).is_file():
         problems.append(
-            _problem(loaded, ("launch", "accelerate_config"), f"accelerate config {cfg!r} not found")
+            problem_at(loaded, ("launch", "accelerate_config"), f"accelerate config {cfg!r} not found")
         )
+    problems += check_columns(loaded)
     return problems

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from recipe_runner.recipe.base import FieldError, Section
+from recipe_runner.recipe.effects import NOTHING, Effect
 
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 BUILTIN_DATASETS: tuple[str, ...] = ("shapes",)
 PATH_FORMATS = ("auto", "imagefolder", "parquet", "jsonl", "csv", "arrow")
+SOURCE_KINDS = ("hub", "path", "builtin")  # a source sets exactly one of these
 
 
 class Source(Section):
@@ -48,7 +50,7 @@ class Source(Section):
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Source:
-        given = [k for k in ("hub", "path", "builtin") if getattr(self, k) is not None]
+        given = [k for k in SOURCE_KINDS if getattr(self, k) is not None]
         if len(given) != 1:
             found = ", ".join(given) if given else "none"
             raise ValueError(f"give exactly one of hub, path or builtin (found: {found})")
@@ -92,7 +94,9 @@ class Filters(Section):
     """Drop images whose shorter side is below this many pixels (0: keep all)."""
     on_bad_image: Literal["drop", "error"] = "drop"
     """Unreadable or corrupt images: `drop` the row and count it in the report, or stop with an `error`."""
-    on_blank_conditioning: Literal["keep", "drop"] = "keep"
+    on_blank_conditioning: Annotated[
+        Literal["keep", "drop"], Effect("dataset", resumable=True, omitted_at_default=True)
+    ] = "keep"
     """Rows whose conditioning image is one flat colour (a condition that found nothing, such as canny
     with thresholds too high for soft photos): `keep` them (the ControlNet also learns "no control"; the
     build counts and names them) or `drop` them."""
@@ -136,13 +140,15 @@ class DatasetSpec(Section):
     prompt: str | None = None
     """A constant prompt, or a template over other columns such as `a photo of {name}`; overrides the
     prompt column."""
-    resolution: int = Field(512, ge=8, le=4096)
+    resolution: Annotated[int, Effect("dataset", resumable=False)] = Field(512, ge=8, le=4096)
     """Side of the square training images in pixels; a multiple of 8. With `buckets`, the side of the
     square bucket, whose area every bucket keeps."""
     crop: Literal["center", "random"] = "center"
     """How images are cropped to a square (or to their bucket) after resizing to cover it (random uses the
     recipe seed)."""
-    buckets: Buckets = Field(default_factory=Buckets)
+    buckets: Annotated[Buckets, Effect("dataset", resumable=False, keyed_while="enabled")] = Field(
+        default_factory=Buckets
+    )
     """Aspect-ratio bucketing for data that is not square (off: every image is cropped to a square)."""
     max_samples: int | None = Field(None, ge=1)
     """Use at most this many rows (after shuffling); null: all."""
@@ -152,9 +158,9 @@ class DatasetSpec(Section):
     """Rows set aside, never trained on, for `recipe evaluate` and default validation conditions."""
     filters: Filters = Field(default_factory=Filters)
     """Which rows to drop while building."""
-    num_proc: int = Field(1, ge=1, le=256)
+    num_proc: Annotated[int, NOTHING] = Field(1, ge=1, le=256)
     """Processes that build the dataset in parallel (datasets.map num_proc)."""
-    batch_size: int = Field(32, ge=1)
+    batch_size: Annotated[int, NOTHING] = Field(32, ge=1)
     """Rows per batch given to each processing call."""
 
     @field_validator("resolution")

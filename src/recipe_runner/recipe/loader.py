@@ -7,6 +7,8 @@ to the file:line:col (or the `--set`) it came from.
 from __future__ import annotations
 
 import copy
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,9 +16,17 @@ from typing import Any
 from pydantic import ValidationError
 
 from recipe_runner.errors import Problem, RecipeError
+from recipe_runner.recipe.dataset import SOURCE_KINDS
 from recipe_runner.recipe.errors import MISSING, problems_from_validation
 from recipe_runner.recipe.recipe import Recipe
-from recipe_runner.recipe.yaml_io import Origin, Path_, YamlError, parse, parse_value
+from recipe_runner.recipe.yaml_io import MAX_FILE_BYTES, Origin, Path_, YamlError, parse, parse_value
+
+
+def resolve_against(base_dir: Path | None, ref: str) -> Path:
+    """The one rule for paths in a recipe: `~` expanded, relative to `base_dir` (the recipe's folder),
+    absolute and normalised. Every stage gets paths through this, so none joins them differently."""
+    path = Path(ref).expanduser()
+    return Path(os.path.abspath(base_dir / path)) if base_dir is not None else path
 
 
 @dataclass
@@ -29,9 +39,18 @@ class LoadedRecipe:
     origins: dict[Path_, Origin]
     overrides: list[str] = field(default_factory=list)
 
+    files: list[Path] = field(default_factory=list)
+    """The recipe file and every file it extends, absolute (a run folder must not hold any of them)."""
+
     @property
     def base_dir(self) -> Path:
-        return self.path.parent
+        """The recipe's folder, absolute: relative paths in the recipe resolve against it, whatever the
+        working directory (and however the recipe was named on the command line)."""
+        return Path(os.path.abspath(self.path.parent))
+
+    def resolve(self, ref: str) -> Path:
+        """A path from the recipe as an absolute path: `~` expanded, relative to the recipe's folder."""
+        return resolve_against(self.base_dir, ref)
 
     def origin_of(self, path: Path_) -> Origin | None:
         for i in range(len(path), 0, -1):
@@ -49,11 +68,30 @@ def _display(path: Path) -> str:
 
 def _read(path: Path, display: str) -> tuple[Any, dict[Path_, Origin]]:
     try:
-        text = path.read_text(encoding="utf-8")
+        mode = path.stat().st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError
+        if not stat.S_ISREG(mode):  # a FIFO would block and /dev/zero never end: read regular files only
+            raise RecipeError([Problem("is not a regular file (a device, pipe or socket?)", file=display)])
+        with open(path, "rb") as handle:  # bounded: the YAML parser refuses anything this large
+            raw = handle.read(MAX_FILE_BYTES + 1)
+        if len(raw) > MAX_FILE_BYTES:
+            raise RecipeError(
+                [
+                    Problem(
+                        f"file is larger than {MAX_FILE_BYTES // 1024} KiB; a recipe is small", file=display
+                    )
+                ]
+            )
+        text = raw.decode("utf-8")
     except FileNotFoundError:
         raise RecipeError([Problem("file not found", file=display)]) from None
     except IsADirectoryError:
         raise RecipeError([Problem("is a folder, not a recipe file", file=display)]) from None
+    except PermissionError:
+        raise RecipeError([Problem("permission denied: cannot read the file", file=display)]) from None
+    except OSError as e:
+        raise RecipeError([Problem(f"cannot read the file: {e.strerror or e}", file=display)]) from None
     except UnicodeDecodeError as e:
         raise RecipeError([Problem(f"not UTF-8 text ({e.reason} at byte {e.start})", file=display)]) from None
     try:
@@ -62,14 +100,40 @@ def _read(path: Path, display: str) -> tuple[Any, dict[Path_, Origin]]:
         raise RecipeError(e.problems) from None
 
 
-def deep_merge(base: Any, over: Any) -> Any:
-    """Mappings merge key by key; anything else (lists included) in `over` replaces `base`."""
-    if isinstance(base, dict) and isinstance(over, dict):
+# Sections that are a union: a child that picks another kind replaces the parent's mapping instead of
+# merging into it (`condition: {type: hed}` over canny drops `low_threshold`; `source: {path: x}` over a
+# builtin drops `num_samples`). The kind is the condition's `type`, and which of hub/path/builtin is set.
+_KINDS: dict[Path_, Any] = {
+    ("condition",): lambda m: m.get("type"),
+    ("dataset", "source"): lambda m: frozenset(k for k in SOURCE_KINDS if k in m) or None,
+}
+
+
+def _switches_kind(path: Path_, base: dict, over: dict) -> bool:
+    kind = _KINDS.get(path)
+    return kind is not None and kind(over) is not None and kind(over) != kind(base)
+
+
+def deep_merge(base: Any, over: Any, path: Path_ = ()) -> Any:
+    """Mappings merge key by key (unless `over` switches a union's kind); anything else (lists included)
+    in `over` replaces `base`."""
+    if isinstance(base, dict) and isinstance(over, dict) and not _switches_kind(path, base, over):
         out = dict(base)
         for k, v in over.items():
-            out[k] = deep_merge(base[k], v) if k in base else v
+            out[k] = deep_merge(base[k], v, (*path, k)) if k in base else v
         return out
     return over
+
+
+def _present(path: Path_, data: Any) -> bool:
+    for key in path:
+        if (isinstance(data, dict) and key in data) or (
+            isinstance(data, list) and isinstance(key, int) and 0 <= key < len(data)
+        ):
+            data = data[key]
+        else:
+            return False
+    return True
 
 
 def _merge_origins(base: dict, over: dict, over_data: Any) -> dict:
@@ -89,12 +153,14 @@ def _merge_origins(base: dict, over: dict, over_data: Any) -> dict:
 
 
 def _load_tree(
-    path: Path, stack: tuple[Path, ...], problems: list[Problem]
+    path: Path, stack: tuple[Path, ...], problems: list[Problem], files: list[Path] | None = None
 ) -> tuple[dict, dict[Path_, Origin]]:
     """Read `path` and everything it extends; `extends` problems are appended to `problems` so that the
-    rest of the file is still checked."""
+    rest of the file is still checked. Each file read is appended to `files` (absolute)."""
     display = _display(path)
     data, origins = _read(path, display)
+    if files is not None:
+        files.append(Path(os.path.abspath(path)))
     if not isinstance(data, dict):
         raise RecipeError(
             [Problem("a recipe must be a mapping of sections (name:, dataset:, ...)", file=display)]
@@ -110,7 +176,7 @@ def _load_tree(
         problems.append(_at(where, "extends", "expected a file path or a list of file paths"))
         parents = []
     for parent in parents:
-        target = (path.parent / parent).resolve()
+        target = (path.parent / Path(parent).expanduser()).resolve()
         if target in stack or target == path.resolve():
             chain = " -> ".join(_display(p) for p in (*stack, path.resolve(), target))
             problems.append(_at(where, "extends", f"extends cycle: {chain}"))
@@ -119,14 +185,16 @@ def _load_tree(
             problems.append(_at(where, "extends", f"extended file {parent!r} not found (looked at {target})"))
             continue
         try:
-            pdata, porigins = _load_tree(target, (*stack, path.resolve()), problems)
+            pdata, porigins = _load_tree(target, (*stack, path.resolve()), problems, files)
         except RecipeError as e:
             problems.extend(e.problems)
             continue
         merged_origins = _merge_origins(merged_origins, porigins, pdata)
         merged = deep_merge(merged, pdata)
     origins.pop(("extends",), None)
-    return deep_merge(merged, data), _merge_origins(merged_origins, origins, data)
+    result = deep_merge(merged, data)
+    kept = _merge_origins(merged_origins, origins, data)
+    return result, {p: o for p, o in kept.items() if _present(p, result)}  # none for a replaced union
 
 
 def _at(origin: Origin | None, path: str, msg: str, hint: str | None = None) -> Problem:
@@ -189,13 +257,17 @@ def _stamp(value: Any, path: Path_, origins: dict, origin: Origin) -> None:
 
 
 def load_data(
-    path: str | Path, overrides: list[str] | tuple[str, ...] = (), problems: list[Problem] | None = None
+    path: str | Path,
+    overrides: list[str] | tuple[str, ...] = (),
+    problems: list[Problem] | None = None,
+    files: list[Path] | None = None,
 ) -> tuple[dict, dict]:
     """The merged, overridden recipe data and its origins, before validation.
 
-    Problems that do not stop the rest from being checked go into `problems` (raised if it is None)."""
+    Problems that do not stop the rest from being checked go into `problems` (raised if it is None);
+    the files read (the recipe and what it extends) go into `files`."""
     collected: list[Problem] = []
-    data, origins = _load_tree(Path(path), (), collected)
+    data, origins = _load_tree(Path(path), (), collected, files)
     for expr in overrides:
         try:
             apply_override(data, origins, expr)
@@ -212,7 +284,8 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     """Load, merge, override and validate one recipe; raises `RecipeError` with every problem."""
     path = Path(path)
     problems: list[Problem] = []
-    data, origins = load_data(path, overrides, problems)
+    files: list[Path] = []
+    data, origins = load_data(path, overrides, problems, files)
     try:
         recipe = Recipe.model_validate(copy.deepcopy(data))
     except ValidationError as e:
@@ -222,7 +295,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         problems.extend(found)
     if problems:
         raise RecipeError(sorted(problems, key=_order))
-    return LoadedRecipe(recipe, path, data, origins, list(overrides))
+    return LoadedRecipe(recipe, path, data, origins, list(overrides), files)
 
 
 def _order(p: Problem) -> tuple:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
 from recipe_runner.recipe.base import FieldError, Section
+from recipe_runner.recipe.effects import RETRAINS, RETRAINS_UNLESS_SAME_ROWS
 from recipe_runner.recipe.train import Precision
 
 
@@ -24,11 +25,11 @@ class LoggingSpec(Section):
 class LaunchSpec(Section):
     """How many processes train (through accelerate)."""
 
-    num_processes: int = Field(1, ge=1, le=1024)
+    num_processes: Annotated[int, RETRAINS_UNLESS_SAME_ROWS] = Field(1, ge=1, le=1024)
     """Training processes on this machine (one per GPU); >1 trains with DDP."""
-    num_machines: int = Field(1, ge=1, le=1024)
+    num_machines: Annotated[int, RETRAINS_UNLESS_SAME_ROWS] = Field(1, ge=1, le=1024)
     """Machines taking part; >1 needs `accelerate_config` (see docs/multi-node.md)."""
-    mixed_precision: Precision | None = None
+    mixed_precision: Annotated[Precision | None, RETRAINS] = None
     """Mixed precision for the launched processes; null: `train.mixed_precision`."""
     accelerate_config: str | None = None
     """An accelerate config file (from `accelerate config`), relative to the recipe."""
@@ -53,8 +54,9 @@ class LaunchSpec(Section):
 class OutputSpec(Section):
     """Where the run folder goes and what is published."""
 
-    dir: str | None = None
-    """The run folder, relative to the recipe's working directory; null: `runs/<name>`."""
+    dir: str | None = Field(None, min_length=1)
+    """The run folder, relative to the working directory (`~` expanded); null: `runs/<name>`. It must be
+    new, empty or a run folder, and neither hold nor sit inside the data, models or recipes."""
     push_to_hub: bool = False
     """Upload the trained ControlNet and model card to the hub at the end (token from the environment)."""
     hub_model_id: str | None = None

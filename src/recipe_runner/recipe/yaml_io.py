@@ -18,6 +18,7 @@ from recipe_runner.errors import Problem
 
 MAX_FILE_BYTES = 1 << 20
 MAX_NODES = 100_000
+MAX_DEPTH = 64  # a recipe nests 5 deep; deeper is a mistake or an attack, not a recipe
 
 Path_ = tuple[str | int, ...]
 
@@ -79,6 +80,8 @@ def parse(text: str, file: str) -> tuple[Any, dict[Path_, Origin]]:
         raise YamlError([Problem(f"invalid YAML: {msg}", file=file, line=line, column=col)]) from None
     except yaml.YAMLError as e:
         raise YamlError([Problem(f"invalid YAML: {e}", file=file)]) from None
+    except RecursionError:  # PyYAML composes nested nodes recursively
+        raise YamlError([_too_deep(file)]) from None
     finally:
         loader.dispose()
     if node is None:
@@ -88,6 +91,10 @@ def parse(text: str, file: str) -> tuple[Any, dict[Path_, Origin]]:
     if builder.problems:
         raise YamlError(builder.problems)
     return data, builder.origins
+
+
+def _too_deep(file: str) -> Problem:
+    return Problem(f"values nest more than {MAX_DEPTH} levels deep; a recipe nests a few", file=file)
 
 
 def parse_value(text: str, origin: str) -> Any:
@@ -114,6 +121,10 @@ class _Builder:
         self.problems.append(Problem(msg, path=dotted, file=o.file, line=o.line, column=o.column))
 
     def build(self, node: yaml.Node, path: Path_) -> Any:
+        if len(path) > MAX_DEPTH:
+            if not any(p.message == _too_deep(self.file).message for p in self.problems):
+                self._problem(node, _too_deep(self.file).message, path[:MAX_DEPTH])
+            return None
         self.count += 1
         if self.count > MAX_NODES:
             if self.count == MAX_NODES + 1:

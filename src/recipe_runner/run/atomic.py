@@ -46,8 +46,10 @@ def atomic_dir(target: Path, marker: str | None = COMPLETE_MARKER) -> Iterator[P
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
     try:
         yield tmp
-        if marker:
-            (tmp / marker).write_text("ok\n")
+        _as_umask_allows(tmp)
+        if marker:  # the marker lists what was written, so a folder missing part of it is not complete
+            names = sorted(p.name for p in tmp.iterdir())
+            (tmp / marker).write_text("ok\n" + "".join(f"{name}\n" for name in names))
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)
@@ -60,8 +62,25 @@ def atomic_dir(target: Path, marker: str | None = COMPLETE_MARKER) -> Iterator[P
         raise
 
 
+def _as_umask_allows(root: Path) -> None:
+    """Files as readable as any other the user makes: safetensors (and mkstemp) write 0600, which hides
+    a run's weights from the group and from a web server sharing them."""
+    mode = 0o666 & ~_umask()
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path) and os.stat(path).st_mode & 0o777 != mode:
+                os.chmod(path, mode)
+
+
 def is_complete(folder: Path, marker: str = COMPLETE_MARKER) -> bool:
-    return (folder / marker).is_file()
+    """Whether `atomic_dir` finished `folder` and everything it wrote at the top level is still there
+    (markers of older versions hold only "ok")."""
+    try:
+        lines = (folder / marker).read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return False
+    return bool(lines) and lines[0] == "ok" and all((folder / name).exists() for name in lines[1:] if name)
 
 
 def remove_stale_temporaries(parent: Path) -> None:

@@ -12,6 +12,7 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from recipe_runner.recipe.loader import resolve_against
 from recipe_runner.recipe.recipe import Recipe
 
 GIB = 2**30  # cards are sold in GiB ("24 GB"), so every "GB" here is 2**30 bytes
@@ -114,8 +115,7 @@ def model_size(recipe: Recipe, base_dir: Path | None = None) -> ModelSize:
     def local(ref: str | None) -> Path | None:
         if ref is None:
             return None
-        p = Path(ref).expanduser()
-        p = p if p.is_absolute() or base_dir is None else base_dir / p
+        p = resolve_against(base_dir, ref)
         return p if p.is_dir() else None
 
     base = local(m.base)

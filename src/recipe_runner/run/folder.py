@@ -6,10 +6,18 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+# Files only a run writes: a folder holding one of them was made by a run (the first two are written
+# once its checks pass, `.in-use` while it holds the folder).
+RUN_MARKERS = ("run.lock.json", "recipe.resolved.yaml", ".in-use")
+
 
 @dataclass(frozen=True)
 class RunFolder:
     root: Path
+
+    def made_by_a_run(self) -> bool:
+        """Whether the folder is one a run wrote (so a run may replace what is in it)."""
+        return any((self.root / name).is_file() for name in RUN_MARKERS)
 
     @property
     def resolved_recipe(self) -> Path:

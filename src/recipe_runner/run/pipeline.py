@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,16 +19,14 @@ from recipe_runner.recipe.loader import LoadedRecipe
 from recipe_runner.recipe.show import resolved_yaml
 from recipe_runner.run.atomic import remove_stale_temporaries, write_text
 from recipe_runner.run.distributed import announce, announced, follow, launched_rank
+from recipe_runner.run.events import reporter
 from recipe_runner.run.folder import RunFolder
 from recipe_runner.run.lockfile import load_run_recipe, new_lock, read_lock, write_lock
 from recipe_runner.run.plan import learning_rate_note, resolution_note
 from recipe_runner.run.resources import check_disk, check_models, warn_accelerator_memory
 from recipe_runner.run.runlog import run_console
+from recipe_runner.run.safety import ensure_run_folder
 from recipe_runner.run.stages import STAGES, RunContext
-
-
-def output_root(loaded: LoadedRecipe, output_dir: Path | None) -> Path:
-    return Path(output_dir) if output_dir is not None else Path(loaded.recipe.output_dir)
 
 
 @contextlib.contextmanager
@@ -61,35 +60,63 @@ def run_recipe(
     loaded: LoadedRecipe,
     *,
     stages: list[str] | None = None,
-    output_dir: Path | None = None,
+    output_dir: str | Path | None = None,
     resume: bool = False,
     quiet: bool = False,
     force: bool = False,
 ) -> dict[str, Any]:
     """Run the named stages (default: all enabled) in order, skipping those whose inputs are unchanged."""
-    folder = RunFolder(output_root(loaded, output_dir))
+    folder = ensure_run_folder(loaded, output_dir)  # before anything is written: exit 2 touches nothing
     rank = launched_rank()
     if rank:  # a non-zero rank of the user's `accelerate launch`: rank 0 prepares, this one joins
         return follow(folder, resume=resume)
+    created = _first_missing(folder.root)  # what to remove if an invalid input stops this run early
+    new = created is not None or not any(folder.root.iterdir())
+    ran: list[str] = []
     try:
-        return _run_stages(loaded, folder, stages, resume=resume, quiet=quiet, force=force)
+        return _run_stages(loaded, folder, stages, ran, resume=resume, quiet=quiet, force=force)
     except BaseException as e:
         if rank == 0 and not announced(folder):
             announce(folder, train=False, error=str(e) or type(e).__name__)
+        if isinstance(e, UserError) and new and not ran:
+            _remove_new_folder(folder.root, created)  # an invalid input leaves nothing behind
         raise
+
+
+def _first_missing(root: Path) -> Path | None:
+    """The outermost folder on the way to `root` that does not exist yet (None: `root` exists)."""
+    missing = None
+    for p in (root.absolute(), *root.absolute().parents):
+        if p.exists():
+            break
+        missing = p
+    return missing
+
+
+def _remove_new_folder(root: Path, created: Path | None) -> None:
+    """Undo a folder this invocation created (or filled, when it was empty) before any stage ran."""
+    if created is not None:
+        shutil.rmtree(created, ignore_errors=True)
+        return
+    for p in root.iterdir():
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
 
 
 def _run_stages(
     loaded: LoadedRecipe,
     folder: RunFolder,
     stages: list[str] | None,
+    ran: list[str],
     *,
     resume: bool,
     quiet: bool,
     force: bool,
 ) -> dict[str, Any]:
     with exclusive(folder), run_console(folder.log, quiet=quiet) as console:
-        for sub in (folder.root, folder.checkpoints):
+        for sub in (folder.root, folder.checkpoints, folder.cache):  # what a killed run left
             remove_stale_temporaries(sub)
         recipe = loaded.recipe
         previous = read_lock(folder.lock)
@@ -97,30 +124,40 @@ def _run_stages(
         if previous:
             lock["stages"] = dict(previous.get("stages") or {})
             lock["dataset"] = previous.get("dataset") or {}
-        write_text(folder.resolved_recipe, resolved_yaml(recipe, header=f"resolved from {loaded.path}"))
-        console.rule(f"[bold]{recipe.name}[/] → {folder.root}")
+        console.rule(f"[bold]{escape(recipe.name)}[/] → {escape(str(folder.root))}")
         ctx = RunContext(loaded, folder, console, previous, lock, resume=resume, force=force)
         names = stages or [n for n, s in STAGES.items() if s.enabled(ctx)]
         to_run = [n for n in names if not STAGES[n].status(ctx)[0] or (resume and n == "train")]
         check_disk(loaded, folder.root, to_run)
+        if "train" in to_run:  # optional packages and devices: before the dataset build, not after it
+            from recipe_runner.training.features import check_environment  # imports torch
+
+            check_environment(recipe)
         warn_accelerator_memory(loaded, to_run, console)
         check_models(loaded, folder, to_run, console)
         if "train" in to_run:
             for note in (resolution_note(loaded), learning_rate_note(loaded.recipe)):
                 if note is not None:
                     console.print(f"[yellow]warning:[/] {escape(note)}")
+        # Only once every check passed: the recorded recipe must be the one the outputs were made with.
+        write_text(folder.resolved_recipe, resolved_yaml(recipe, header=f"resolved from {loaded.path}"))
+        report = reporter(console)  # stage events for --json
         for name in names:
             stage = STAGES[name]
             current, why = stage.status(ctx)
+            report.stage_start(name, why)
             if current and not (resume and name == "train"):
-                console.print(f"[green]✓[/] {name}: skipped ({why})")
+                report.stage_end(name, seconds=0.0, skipped=True)
+                console.print(f"[green]✓[/] {name}: skipped ({escape(why)})")
                 ctx.results[name] = {"skipped": True, "reason": why}
                 lock["stages"][name] = {**(lock["stages"].get(name) or {}), "skipped": True, "reason": why}
                 continue
-            console.print(f"[bold cyan]▶[/] {name}: running ({why})")
+            console.print(f"[bold cyan]▶[/] {name}: running ({escape(why)})")
             started = time.perf_counter()
             result = stage.run(ctx)
+            ran.append(name)
             seconds = round(time.perf_counter() - started, 2)
+            report.stage_end(name, seconds=seconds, skipped=False)
             ctx.results[name] = {**result, "skipped": False, "seconds": seconds}
             lock["stages"][name] = {**_lockable(result), "skipped": False, "reason": why, "seconds": seconds}
             write_lock(folder.lock, lock)
@@ -142,7 +179,7 @@ def _summary(console, folder: RunFolder, results: dict[str, Any]) -> None:
     table.add_column("status")
     table.add_column("time", justify="right")
     for name, r in results.items():
-        status = f"skipped ({r.get('reason')})" if r.get("skipped") else "ran"
+        status = escape(f"skipped ({r.get('reason')})") if r.get("skipped") else "ran"
         table.add_row(name, status, "" if r.get("skipped") else f"{r.get('seconds', 0):.1f} s")
     console.print(table)
     where = [
@@ -155,7 +192,7 @@ def _summary(console, folder: RunFolder, results: dict[str, Any]) -> None:
     ]
     for label, path in where:
         if path.exists():
-            console.print(f"  {label:<11} {path}")
+            console.print(f"  {label:<11} {escape(str(path))}")
 
 
 def evaluate_run(run_dir: Path, *, quiet: bool = False) -> dict[str, Any]:

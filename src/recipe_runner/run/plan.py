@@ -21,6 +21,7 @@ import yaml
 from pydantic import ValidationError
 
 from recipe_runner.data.buckets import dataset_buckets, global_batch, small_buckets
+from recipe_runner.recipe.effects import STAGES
 from recipe_runner.recipe.loader import LoadedRecipe
 from recipe_runner.recipe.recipe import Recipe
 from recipe_runner.run.atomic import is_complete
@@ -38,9 +39,11 @@ from recipe_runner.run.estimates import (
 from recipe_runner.run.folder import RunFolder
 from recipe_runner.run.lockfile import read_lock
 from recipe_runner.run.rows import RowCount, count_rows
+from recipe_runner.run.safety import run_root
 
-# Each stage reruns when one of these stages' fields changed (see diff.stage_of).
-INVALIDATED_BY = {"dataset": {"dataset"}, "train": {"dataset", "train"}, "evaluate": {"dataset", "train"}}
+# Each stage reruns when a change invalidates it or an earlier stage (diff.stage_of, recipe/effects.py);
+# evaluation settings alone leave the scores to `recipe evaluate`: `recipe run` keeps them.
+INVALIDATED_BY = {stage: set(STAGES[: i + 1]) - {"evaluate"} for i, stage in enumerate(STAGES)}
 
 
 @dataclass
@@ -104,11 +107,6 @@ class Plan:
             "time": {**self.time.to_dict(), "estimate": True},
             "warnings": self.warnings,
         }
-
-
-def run_root(loaded: LoadedRecipe, output_dir: Path | None) -> Path:
-    """The run folder, as `recipe run` picks it (pipeline.output_root): --output-dir, else output.dir."""
-    return Path(output_dir) if output_dir is not None else Path(loaded.recipe.output_dir)
 
 
 def recorded_recipe(folder: RunFolder) -> tuple[dict | None, str]:
@@ -241,7 +239,7 @@ def training_steps(recipe: Recipe, train_rows: int | None) -> int | None:
     return t.num_epochs * math.ceil(train_rows / effective_batch(recipe))
 
 
-def make_plan(loaded: LoadedRecipe, output_dir: Path | None = None, *, trace: bool = False) -> Plan:
+def make_plan(loaded: LoadedRecipe, output_dir: str | Path | None = None, *, trace: bool = False) -> Plan:
     recipe = loaded.recipe
     folder = RunFolder(run_root(loaded, output_dir))
     stages = stage_plans(loaded, folder)

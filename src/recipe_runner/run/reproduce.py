@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
+
+from rich.markup import escape
 
 from recipe_runner.cli.output import err
 from recipe_runner.errors import UserError
@@ -60,14 +63,14 @@ def reproduce_lock(lock_path: Path, *, output_dir: Path | None = None, quiet: bo
     if lock.get("format") != LOCK_FORMAT:
         found = lock.get("format")
         raise UserError(f"{lock_path}: lock format {found} is not supported (expected {LOCK_FORMAT})")
-    original = RunFolder(lock_path.parent)
+    original = RunFolder(Path(os.path.abspath(lock_path.parent)))  # `run.lock.json` alone: the folder is `.`
     target = Path(output_dir) if output_dir else original.root.with_name(original.root.name + "-reproduce")
     if target.resolve() == original.root.resolve():
         raise UserError("reproduce must write into a new folder", hint="pass --output-dir somewhere else")
     drift = version_drift(lock.get("packages") or {})
     for line in drift:
         if not quiet:
-            err.print(f"[yellow]warning:[/] version drift: {line}")
+            err.print(f"[yellow]warning:[/] version drift: {escape(line)}")
     loaded = load_resolved(lock["recipe"], Path(lock["recipe_dir"]))
     result = run_recipe(loaded, output_dir=target, quiet=quiet)
     new_lock = read_lock(RunFolder(target).lock) or {}
@@ -81,8 +84,8 @@ def reproduce_lock(lock_path: Path, *, output_dir: Path | None = None, quiet: bo
         comparison = compare_weights(original.controlnet, RunFolder(target).controlnet)
     if not quiet:
         if comparison["identical"]:
-            err.print(f"[green]✓ weights are bit-identical[/] to {original.controlnet}")
+            err.print(f"[green]✓ weights are bit-identical[/] to {escape(str(original.controlnet))}")
         elif comparison["identical"] is False:
             detail = comparison.get("reason") or f"max abs difference {comparison.get('max_abs_diff'):.3g}"
-            err.print(f"[yellow]weights differ from the original:[/] {detail}")
+            err.print(f"[yellow]weights differ from the original:[/] {escape(detail)}")
     return {**result, "version_drift": drift, "data_drift": data_drift, "weights": comparison}

@@ -52,8 +52,10 @@ def disk_needed(loaded: LoadedRecipe, stages: list[str]) -> dict[str, float]:
             cache = latents + rows * TEXT_TOKENS * text_dim * 4
         # A checkpoint holds the ControlNet in fp32 and AdamW's two moments; one more is written before
         # the oldest is removed.
+        # With no limit every checkpoint is kept: max_steps / checkpoint_every of them, plus the final one.
         limit = recipe.train.checkpoints_total_limit
-        kept = (limit + 1) if limit else 3
+        written = recipe.train.max_steps // recipe.train.checkpoint_every + 1
+        kept = min(limit + 1, written) if limit else written
         checkpoints = size.controlnet * 4 * 3 * kept
         need["train"] = cache + checkpoints + size.controlnet * 4
     return need
@@ -73,13 +75,17 @@ def check_disk(loaded: LoadedRecipe, run_dir: Path, stages: list[str]) -> None:
     free, where = _free_bytes(run_dir)
     if total <= free:
         return
-    parts = ", ".join(f"{k} ≈ {v / GB:.1f} GB" for k, v in need.items())
+    parts = ", ".join(f"{k} ≈ {_size(v)}" for k, v in need.items())
     raise UserError(
-        f"not enough disk space for {run_dir}: the run needs ≈ {total / GB:.1f} GB ({parts}) "
-        f"but {where} has {free / GB:.1f} GB free",
+        f"not enough disk space for {run_dir}: the run needs ≈ {_size(total)} ({parts}) "
+        f"but {where} has {free / GB:.2f} GB free",
         hint="free some space, pass --output-dir on a larger disk, lower train.checkpoints_total_limit, "
         "or set dataset.max_samples",
     )
+
+
+def _size(n: float) -> str:
+    return f"{n / GB:.1f} GB" if n >= GB / 10 else f"{n / 2**20:.0f} MB"
 
 
 def warn_accelerator_memory(loaded: LoadedRecipe, stages: list[str], console: Console) -> None:

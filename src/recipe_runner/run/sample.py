@@ -7,6 +7,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
+
 from recipe_runner.data.buckets import training_size
 from recipe_runner.errors import UserError
 from recipe_runner.recipe.dataset import DatasetSpec
@@ -132,5 +134,5 @@ def sample_run(
         from recipe_runner.cli.output import err
 
         for p in paths:
-            err.print(f"[green]✓[/] {p}")
+            err.print(f"[green]✓[/] {escape(str(p))}")
     return meta

@@ -10,6 +10,7 @@ import logging
 from typing import TYPE_CHECKING
 
 import torch
+from rich.markup import escape
 
 from recipe_runner.recipe.recipe import Recipe
 from recipe_runner.training.components import Components
@@ -49,7 +50,7 @@ def warn_overlong(c: Components, prompts: list[str], console: Console | None) ->
     )
     logging.getLogger("recipe_runner").warning(message)
     if console:
-        console.print(f"[yellow]warning:[/] {message}")
+        console.print(f"[yellow]warning:[/] {escape(message)}")
 
 
 @torch.no_grad()

@@ -17,12 +17,14 @@ import numpy as np
 import torch
 from datasets import Dataset
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress
 
 import recipe_runner
 from recipe_runner.data.buckets import bucket_counts, image_sizes
 from recipe_runner.recipe.recipe import Recipe
 from recipe_runner.run.atomic import atomic_dir, is_complete
+from recipe_runner.run.events import reporter
 from recipe_runner.training.components import Components
 from recipe_runner.training.data import to_pixels
 from recipe_runner.training.encoding import encode_pixels, encode_prompts, vae_dtype, warn_overlong
@@ -132,7 +134,7 @@ def build_cache(
     cached = EncodedCache.open(folder)
     if cached is not None and len(cached.prompt_index) == len(rows):
         if console:
-            console.print(f"[dim]precomputed latents and text embeddings: reusing {folder}[/]")
+            console.print(f"[dim]precomputed latents and text embeddings: reusing {escape(str(folder))}[/]")
         return cached
     resolution = recipe.dataset.resolution
     # Square rows: one (N, C, h, w) array. Bucketed rows: flat arrays, encoded bucket by bucket.
@@ -159,6 +161,9 @@ def build_cache(
         std = np.lib.format.open_memmap(tmp / "latent_std.npy", "w+", dtype=storage, shape=latent_shape)
         images = rows.select_columns(["image"])
         task = bar.add_task("encoding images", total=len(rows))
+        report = reporter(console)  # the throttled lines of log.txt, a pipe, --json (bar is transient)
+        encoded = 0
+        report.progress("precompute", encoded, len(rows))
         for group in groups:
             for start in range(0, len(group), batch):
                 chunk = group[start : start + batch]
@@ -174,6 +179,8 @@ def build_cache(
                         mean[offsets[row] : offsets[row + 1]] = m[i].ravel()
                         std[offsets[row] : offsets[row + 1]] = s[i].ravel()
                 bar.advance(task, len(chunk))
+                encoded += len(chunk)
+                report.progress("precompute", encoded, len(rows))
         mean.flush()
         std.flush()
         if shapes is not None:

@@ -13,8 +13,11 @@ from pathlib import Path
 from types import FrameType
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+
+from recipe_runner.run.events import reporter
 
 
 class StopRequest:
@@ -64,7 +67,8 @@ class StopRequest:
 
 
 class TrainingProgress:
-    """A rich progress bar (step/total, loss, lr, it/s, ETA); silent without a console."""
+    """A rich progress bar (step/total, loss, lr, it/s, ETA), and the same figures as the run's throttled
+    progress lines (log.txt, a pipe, --json); silent without a console (ranks other than 0 have none)."""
 
     def __init__(self, console: Console | None, total: int, start: int):
         self.progress = Progress(
@@ -79,8 +83,10 @@ class TrainingProgress:
             disable=console is None,
         )
         self.task = self.progress.add_task("train", total=total, completed=start, loss="-", lr="-", speed="")
-        self.start = start
+        self.start, self.total = start, total
         self.started = time.perf_counter()
+        self.report = reporter(console)
+        self.report.progress("train", start, total, unit="step")  # starts its clock: rate and ETA
 
     def __enter__(self) -> TrainingProgress:
         self.progress.start()
@@ -99,6 +105,7 @@ class TrainingProgress:
             lr=f"{lr:.2e}",
             speed=f"{rate:.2f} it/s",
         )
+        self.report.progress("train", step, self.total, unit="step", loss=loss, lr=lr)
 
 
 def print_summary(console: Console | None, results: dict) -> None:
@@ -107,7 +114,7 @@ def print_summary(console: Console | None, results: dict) -> None:
     table = Table(title="training done", show_header=False, box=None)
     rows = [
         ("steps", f"{results['steps']} (this run: {results['steps_this_run']})"),
-        ("time", f"{results['seconds']:.1f} s of steps, {results['wall_seconds']:.1f} s in all"),
+        ("time", _time(results)),
         ("speed", f"{results['steps_per_second']:.2f} steps/s, {results['images_per_second']:.1f} images/s"),
         ("final loss", f"{results['final_loss']:.4f}" if results["final_loss"] is not None else "-"),
         ("peak memory", _memory(results)),
@@ -116,8 +123,17 @@ def print_summary(console: Console | None, results: dict) -> None:
         rows.append(("skipped steps", f"{results['skipped_steps']} (non-finite loss)"))
     rows += [(name, results["paths"][name]) for name in ("controlnet", "samples", "model_card", "logs")]
     for name, value in rows:
-        table.add_row(f"[bold]{name}", value)
+        table.add_row(f"[bold]{name}", escape(str(value)))
     console.print(table)
+
+
+def _time(results: dict) -> str:
+    """This run's time: a resumed run's steps before the resume are not in its wall clock."""
+    this_run = results.get("seconds_this_run", results["seconds"])
+    text = f"{this_run:.1f} s of steps, {results['wall_seconds']:.1f} s in all"
+    if results.get("resumed_from"):
+        text += f" (this run; {results['seconds']:.1f} s of steps since step 0)"
+    return text
 
 
 def _memory(results: dict) -> str:

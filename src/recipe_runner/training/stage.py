@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from recipe_runner.errors import RunFailed
 from recipe_runner.recipe.loader import LoadedRecipe
 from recipe_runner.run.atomic import atomic_dir
 from recipe_runner.run.folder import RunFolder
@@ -113,9 +114,11 @@ def run_training(
     session = open_session(loaded, folder, console, base=base)
     accelerator = session.accelerator
     state = _start(session, resume)
-    start_step = state.global_step
+    start_step, start_seconds = state.global_step, state.seconds
     if accelerator.is_main_process:
-        origin = f"from step {start_step}" if start_step else "from scratch"
+        controlnet = loaded.recipe.model.controlnet
+        fresh = f"fine-tuning {controlnet}" if controlnet else "from scratch"
+        origin = f"from step {start_step}" if start_step else fresh
         session.say(
             f"training {session.max_steps} steps ({origin}),"
             f" batch {session.recipe.train.batch_size} x {session.recipe.train.gradient_accumulation_steps} "
@@ -128,11 +131,18 @@ def run_training(
         torch.cuda.reset_peak_memory_stats()
     try:
         state = train_loop(session, state, profile=profile, stop_file=stop_file)
+        if state.global_step > 0 and state.skipped_steps >= state.global_step:
+            raise RunFailed(
+                f"every one of the {state.global_step} optimizer steps had a non-finite loss and was skipped "
+                "(train.nonfinite_loss: skip): the ControlNet learned nothing, so no weights are written. "
+                "Lower train.learning_rate, use bf16 instead of fp16, or check the data",
+                log=str(folder.log),
+            )
         if state.global_step % loaded.recipe.train.checkpoint_every != 0 and state.global_step > start_step:
             save_checkpoint(session, state)  # the end is always resumable (e.g. to train longer)
         validate(session, state)
         _save_controlnet(session)
-        results = _results(session, state, start_step, time.perf_counter() - wall)
+        results = _results(session, state, start_step, start_seconds, time.perf_counter() - wall)
         if accelerator.is_main_process:
             model_card.write(loaded, folder, results)
         accelerator.wait_for_everyone()
@@ -179,16 +189,18 @@ def _save_controlnet(session: Session) -> None:
     accelerator.wait_for_everyone()
 
 
-def _results(session: Session, state: LoopState, start_step: int, wall: float) -> dict:
+def _results(session: Session, state: LoopState, start_step: int, start_seconds: float, wall: float) -> dict:
     train = session.recipe.train
     images_per_step = train.batch_size * train.gradient_accumulation_steps * session.accelerator.num_processes
     steps = state.global_step - start_step
-    rate = steady_rate(state) or (steps / state.seconds if state.seconds else 0.0)
+    seconds = state.seconds - start_seconds  # state.seconds counts the runs this one resumed too
+    rate = steady_rate(state) or (steps / seconds if seconds > 0 else 0.0)
     return {
         "steps": state.global_step,
         "steps_this_run": steps,
         "resumed_from": start_step or None,
         "seconds": round(state.seconds, 3),
+        "seconds_this_run": round(seconds, 3),
         "wall_seconds": round(wall, 3),
         "steps_per_second": rate,
         "images_per_second": rate * images_per_step,
