@@ -14,7 +14,7 @@ from rich.markup import escape
 from typer.core import TyperOption
 
 from recipe_runner import __version__
-from recipe_runner.cli.output import emit_json, err, handles_errors, out, print_problems
+from recipe_runner.cli.output import emit_json, err, format_problem, handles_errors, out, print_problems
 from recipe_runner.errors import Problem, RecipeError, UserError
 
 EXAMPLES = """
@@ -90,7 +90,7 @@ def load_checked(
     `warnings` when it is given (for `recipe validate --json`)."""
     from recipe_runner.recipe.checks import check_inputs
     from recipe_runner.recipe.loader import load_recipe
-    from recipe_runner.recipe.notices import format_warning, recipe_warnings
+    from recipe_runner.recipe.notices import recipe_warnings
     from recipe_runner.recipe.preset import add_preset_hint
     from recipe_runner.run.safety import check_run_folder
 
@@ -102,7 +102,7 @@ def load_checked(
     found = recipe_warnings(loaded.data, loaded.origins, str(file), loaded.base_dir)
     if warnings is None:
         for w in found:
-            err.print(format_warning(w))
+            err.print(format_problem(w, "warning"))
     else:
         warnings.extend(found)
     problems = check_inputs(loaded) + check_run_folder(loaded, output_dir)  # the run touches no input
@@ -124,7 +124,7 @@ def validate(
     Presets (files in a folder named base/, or with a `# recipe-runner: preset` header comment) are
     checked as partial recipes: known keys and valid values, required fields may be missing.
     Warnings (e.g. a base model id that moved on the hub) are printed but do not fail."""
-    from recipe_runner.recipe.notices import format_warning, recipe_warnings
+    from recipe_runner.recipe.notices import recipe_warnings
     from recipe_runner.recipe.preset import is_preset, load_preset
 
     results = []
@@ -151,7 +151,7 @@ def validate(
         if json_:
             continue
         for w in warnings:  # printed even with --quiet: like errors, they name a line to change
-            err.print(format_warning(w))
+            err.print(format_problem(w, "warning"))
         if not entry["valid"]:
             print_problems(problems)
             err.print(

@@ -28,11 +28,14 @@ out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
-def format_problem(p: Problem) -> str:
+def format_problem(p: Problem, level: str = "error") -> str:
+    """One located problem as rich markup: `file:line:col: error: field: message`, and its hint.
+    `level` "warning" marks one that does not fail (a hub id that moved, ...)."""
     where = p.location()
     head = f"{where}: " if where else ""
     field = f"{p.path}: " if p.path else ""
-    text = f"[bold]{escape(head)}[/]error: [cyan]{escape(field)}[/]{escape(p.message)}"
+    label = "error:" if level == "error" else f"[yellow]{level}:[/]"
+    text = f"[bold]{escape(head)}[/]{label} [cyan]{escape(field)}[/]{escape(p.message)}"
     if p.hint:
         text += f"\n    [green]{escape(p.hint)}[/]"
     return text

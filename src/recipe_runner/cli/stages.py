@@ -5,6 +5,7 @@ Heavy modules (torch, diffusers, datasets) are imported inside each command.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -28,6 +29,8 @@ def _run(file: Path, overrides, output_dir, stages, *, resume=False, quiet=False
     from recipe_runner.run.pipeline import run_recipe
 
     loaded = load_checked(file, overrides, output_dir=output_dir)
+    if loaded.recipe.train.threads is not None:  # before torch loads: OpenMP reads it once, at start-up
+        os.environ["OMP_NUM_THREADS"] = str(loaded.recipe.train.threads)
     _heavy()
     with json_lines(json_) as emit:
         result = run_recipe(

@@ -10,8 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from rich.markup import escape
-
 from recipe_runner.errors import Problem
 from recipe_runner.recipe.model import MOVED_HUB_IDS
 from recipe_runner.recipe.yaml_io import Origin, Path_
@@ -61,14 +59,3 @@ def recipe_warnings(data: dict, origins: dict[Path_, Origin], file: str, base_di
             )
         )
     return found
-
-
-def format_warning(p: Problem) -> str:
-    """Rich markup for one warning, as cli/output.py's format_problem does for errors."""
-    where = p.location()
-    head = f"[bold]{escape(where)}:[/] " if where else ""
-    field = f"[cyan]{escape(p.path)}:[/] " if p.path else ""
-    text = f"{head}[yellow]warning:[/] {field}{escape(p.message)}"
-    if p.hint:
-        text += f"\n    [green]{escape(p.hint)}[/]"
-    return text

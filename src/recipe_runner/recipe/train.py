@@ -162,6 +162,9 @@ class TrainSpec(Section):
     dataloader_num_workers: Annotated[int | None, NOTHING] = Field(None, ge=0, le=64)
     """Data-loading worker processes; 0: load in the training process; null: 0 on a CPU (workers would take
     its cores from training), else up to 4 per GPU, so the next batch is decoded while the GPU steps."""
+    threads: Annotated[int | None, NOTHING] = Field(None, ge=1, le=1024)
+    """CPU threads for torch's work in each training process; null: the cores this process may use,
+    shared among the recipe's processes on this machine (OMP_NUM_THREADS, when set, wins)."""
     checkpoint_every: Annotated[int, NOTHING] = Field(500, ge=1)
     """Save a resumable checkpoint every this many optimizer steps."""
     checkpoints_total_limit: Annotated[int | None, NOTHING] = Field(None, ge=1)

@@ -14,9 +14,37 @@ import time
 from pathlib import Path
 from typing import Any
 
-from recipe_runner.errors import RunFailed
+from recipe_runner.errors import RunFailed, UserError
 from recipe_runner.run.atomic import write_text
 from recipe_runner.run.folder import RunFolder
+
+
+def check_launch(recipe_file: str) -> None:
+    """A run started by the user's `accelerate launch` trains as one run, or stops before writing.
+
+    With several processes and no GPU, accelerate forms no process group unless told to use the CPU
+    (each process would train alone, into the same folder): say so for it, as `launch.num_processes`
+    does. Asked for several processes without `--multi_gpu`, accelerate starts only one (its simple
+    launcher, which sets MASTER_ADDR for the processes it does not start): refuse with the command
+    that starts them."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch  # the stages import it anyway; only launched runs get here
+
+        if not torch.cuda.is_available():
+            os.environ["ACCELERATE_USE_CPU"] = "true"
+        return
+    if (
+        "ACCELERATE_MIXED_PRECISION" in os.environ
+        and "MASTER_ADDR" in os.environ
+        and "RANK" not in os.environ
+    ):
+        raise UserError(
+            "accelerate launch started one process although several were asked for (without --multi_gpu "
+            "it starts just one, also on a CPU)",
+            hint=f"accelerate launch --multi_gpu --num_processes N -m recipe_runner train {recipe_file} "
+            "(on a machine without a GPU too: it starts N gloo processes), or set launch.num_processes: N "
+            f"in the recipe and run `recipe run {recipe_file}`",
+        )
 
 
 def launched_rank() -> int | None:

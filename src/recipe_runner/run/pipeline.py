@@ -18,7 +18,7 @@ from recipe_runner.errors import UserError
 from recipe_runner.recipe.loader import LoadedRecipe
 from recipe_runner.recipe.show import resolved_yaml
 from recipe_runner.run.atomic import remove_stale_temporaries, write_text
-from recipe_runner.run.distributed import announce, announced, follow, launched_rank
+from recipe_runner.run.distributed import announce, announced, check_launch, follow, launched_rank
 from recipe_runner.run.events import reporter
 from recipe_runner.run.folder import RunFolder
 from recipe_runner.run.lockfile import load_run_recipe, new_lock, read_lock, write_lock
@@ -67,6 +67,7 @@ def run_recipe(
 ) -> dict[str, Any]:
     """Run the named stages (default: all enabled) in order, skipping those whose inputs are unchanged."""
     folder = ensure_run_folder(loaded, output_dir)  # before anything is written: exit 2 touches nothing
+    check_launch(str(loaded.path))
     rank = launched_rank()
     if rank:  # a non-zero rank of the user's `accelerate launch`: rank 0 prepares, this one joins
         return follow(folder, resume=resume)

@@ -10,6 +10,7 @@ import importlib
 import importlib.metadata
 import importlib.util
 import logging
+import os
 from collections.abc import Iterable
 
 import torch
@@ -87,6 +88,19 @@ def check_environment(recipe: Recipe) -> None:
             "logging.tracker: tensorboard needs the tensorboard package, which is not installed",
             hint="pip install tensorboard, or set logging.tracker: none",
         )
+
+
+def set_threads(recipe: Recipe) -> int:
+    """torch's intra-op threads for this process: `train.threads`, else OMP_NUM_THREADS when set, else
+    the cores it may use over the recipe's processes on this machine (each of N gloo processes with all
+    the cores oversubscribes them N times). Returns the count."""
+    threads = recipe.train.threads
+    if threads is None and "OMP_NUM_THREADS" not in os.environ:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = max(1, cores // recipe.launch.num_processes)
+    if threads is not None and threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
 
 
 # autocast keeps the half-precision copy of each fp32 weight it casts until the forward pass ends, for

@@ -168,6 +168,7 @@ def open_session(
     accelerator = make_accelerator(loaded, folder)
     console = console if accelerator.is_main_process else None
     features.allow_tf32(train.allow_tf32)
+    features.set_threads(recipe)
     dtype = features.weight_dtype(recipe)
     device = accelerator.device
 

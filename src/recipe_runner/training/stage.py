@@ -123,6 +123,7 @@ def run_training(
             f"training {session.max_steps} steps ({origin}),"
             f" batch {session.recipe.train.batch_size} x {session.recipe.train.gradient_accumulation_steps} "
             f"accumulated x {accelerator.num_processes} process(es), on {session.device}"
+            f"{_threads(session.device)}"
             f"{', latents and text precomputed' if session.cache is not None else ''}"
         )
     project = loaded.recipe.logging.project or loaded.recipe.name
@@ -151,6 +152,14 @@ def run_training(
             tracker.finish()
     print_summary(session.console, results)
     return results
+
+
+def _threads(device: torch.device) -> str:
+    """On a CPU, how many threads each process computes with (train.threads)."""
+    if device.type != "cpu":
+        return ""
+    n = torch.get_num_threads()
+    return f" ({n} thread{'s' if n != 1 else ''} each)"
 
 
 def _start(session: Session, resume: bool) -> LoopState:
