@@ -178,3 +178,15 @@ def test_ctrl_c_during_a_two_process_build_is_one_message(write_recipe, tmp_path
     # the workers are mapping after 3 s; Ctrl-C reaches the whole process group
     err = _interrupt_a_build(recipe, tmp_path / "run", 3.0, lambda proc: os.killpg(proc.pid, signal.SIGINT))
     assert "KeyboardInterrupt" not in err
+
+
+def test_temporaries_a_killed_precompute_left_are_removed_by_the_next_run(cli, write_recipe, tmp_path):
+    out = tmp_path / "run"
+    assert cli("build-dataset", write_recipe(BUILD), "-o", out).exit_code == 0
+    left = out / "cache" / ".0123abcd.k3j2.tmp"  # what atomic_dir names a precompute in progress
+    left.mkdir(parents=True)
+    (left / "latent_mean.npy").write_bytes(b"half")
+    theirs = out / "cache" / "notes.txt"  # not a temporary: kept
+    theirs.write_text("mine\n")
+    assert cli("build-dataset", write_recipe(BUILD), "-o", out).exit_code == 0
+    assert not left.exists() and theirs.is_file()

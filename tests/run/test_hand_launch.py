@@ -57,3 +57,24 @@ def test_train_threads_is_set_before_torch_starts_its_threads(tmp_path):
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "on cpu (1 thread each)" in (tmp_path / "out" / "log.txt").read_text()
+
+
+def test_threads_sleep_when_the_machine_is_busy_as_a_run_starts(monkeypatch, tmp_path):
+    """OMP_WAIT_POLICY: PASSIVE beside other work, untouched on an idle machine or when the user set it."""
+    import psutil
+
+    from recipe_runner.cli import stages
+    from recipe_runner.recipe.loader import load_recipe
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE)
+    loaded = load_recipe(recipe)
+    monkeypatch.setattr(stages, "sys", type("S", (), {"modules": {}})())  # as if torch were not loaded yet
+    for busy, given, expected in [(80.0, None, "PASSIVE"), (3.0, None, None), (80.0, "ACTIVE", "ACTIVE")]:
+        monkeypatch.setattr(psutil, "cpu_percent", lambda interval, busy=busy: busy)
+        if given is None:
+            monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+        else:
+            monkeypatch.setenv("OMP_WAIT_POLICY", given)
+        stages._threads_for(loaded)
+        assert os.environ.get("OMP_WAIT_POLICY") == expected, (busy, given)

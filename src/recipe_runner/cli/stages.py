@@ -6,6 +6,7 @@ Heavy modules (torch, diffusers, datasets) are imported inside each command.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -15,6 +16,27 @@ from recipe_runner.cli.app import JsonOpt, OutputDirOpt, QuietOpt, SetOpt, app, 
 from recipe_runner.cli.output import emit_json, handles_errors
 
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the newest complete checkpoint.")]
+
+
+BUSY_PERCENT = 25  # of the machine's CPU time, used by other processes as a run starts
+
+
+def _threads_for(loaded) -> None:
+    """CPU threads, set before torch loads (OpenMP reads its environment once, when it starts).
+
+    train.threads goes to OMP_NUM_THREADS. And OpenMP's idle threads spin at barriers, which is fastest
+    alone but, beside another job on the same cores, made a run 4.6-5.2x slower (sleeping threads:
+    1.4-1.7x; benchmarks/contention.py). So when other processes keep the CPU busy as a run starts,
+    its threads sleep instead (OMP_WAIT_POLICY=PASSIVE), unless the user chose a policy."""
+    if "torch" in sys.modules:  # in-process callers (tests, notebooks): too late, session.py sets threads
+        return
+    if loaded.recipe.train.threads is not None:
+        os.environ["OMP_NUM_THREADS"] = str(loaded.recipe.train.threads)
+    if "OMP_WAIT_POLICY" not in os.environ:
+        import psutil
+
+        if psutil.cpu_percent(interval=0.2) >= BUSY_PERCENT:
+            os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 
 def _heavy() -> None:
@@ -29,8 +51,7 @@ def _run(file: Path, overrides, output_dir, stages, *, resume=False, quiet=False
     from recipe_runner.run.pipeline import run_recipe
 
     loaded = load_checked(file, overrides, output_dir=output_dir)
-    if loaded.recipe.train.threads is not None:  # before torch loads: OpenMP reads it once, at start-up
-        os.environ["OMP_NUM_THREADS"] = str(loaded.recipe.train.threads)
+    _threads_for(loaded)
     _heavy()
     with json_lines(json_) as emit:
         result = run_recipe(
