@@ -60,7 +60,8 @@ def test_run_leaves_the_documented_run_folder(finished_run):
     assert {"dataset", "train", "evaluate"} <= set(lock["stages"])
     assert "hardware" in lock and "git" in lock
     card = (out / "README.md").read_text()
-    assert "base_model" in card and "## Evaluation" in card
+    # Hub metadata (a builtin base is no hub repo, so no base_model) and the evaluation
+    assert card.startswith("---\nlicense:") and "library_name: diffusers" in card and "## Evaluation" in card
 
 
 def test_controlnet_reloads_in_diffusers(finished_run):

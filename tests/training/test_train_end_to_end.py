@@ -44,8 +44,9 @@ def test_tiny_sd_trains_and_leaves_a_complete_run_folder(make_run, capsys):
     assert list(folder.logs.rglob("events.out.tfevents.*"))
 
     card = folder.model_card.read_text()
-    assert card.startswith("---\nbase_model: builtin:tiny-sd\n")
-    assert "- controlnet" in card and "library_name: diffusers" in card and "license: openrail++" in card
+    # Hub metadata: no base_model for a builtin (it is no hub repo), the builtin's license
+    assert card.startswith("---\nlicense: apache-2.0\n") and "base_model" not in card.split("---")[1]
+    assert "- controlnet" in card and "library_name: diffusers" in card and "- diffusers-training" in card
     assert "samples/step-10.png" in card and "max_steps: 10" in card
 
     controlnet = ControlNetModel.from_pretrained(folder.controlnet)

@@ -14,18 +14,14 @@ from recipe_runner.recipe.loader import LoadedRecipe
 from recipe_runner.recipe.yaml_io import Path_
 
 
-def _looks_local(ref: str) -> bool:
+def looks_local(ref: str) -> bool:
+    """Whether a model or annotator reference is meant as a folder rather than a hub id."""
     return ref.startswith((".", "/", "~")) or "\\" in ref or ref.count("/") > 1
 
 
 def resolve_path(loaded: LoadedRecipe, ref: str) -> Path:
     """A path from the recipe, absolute (`~` expanded, relative to the recipe's folder)."""
     return loaded.resolve(ref)
-
-
-def looks_local(ref: str) -> bool:
-    """Whether a model or annotator reference is meant as a folder rather than a hub id."""
-    return _looks_local(ref)
 
 
 def problem_at(loaded: LoadedRecipe, path: Path_, msg: str, hint: str | None = None) -> Problem:
@@ -48,7 +44,7 @@ def _model_ref(loaded: LoadedRecipe, path: Path_, ref: str | None, what: str) ->
         if not local.is_dir():
             return [problem_at(loaded, path, f"{what} {ref!r} is a file; expected a diffusers folder")]
         return []
-    if _looks_local(ref):
+    if looks_local(ref):
         return [problem_at(loaded, path, f"{what} folder {ref!r} not found (looked at {local})")]
     if not HUB_ID_RE.match(ref):
         return [
@@ -92,7 +88,7 @@ def check_inputs(loaded: LoadedRecipe) -> list[Problem]:
     problems += _model_ref(loaded, ("model", "controlnet"), r.model.controlnet, "controlnet")
     problems += _model_ref(loaded, ("model", "vae"), r.model.vae, "vae")
     annotator = getattr(r.condition, "annotator", None)
-    if annotator and _looks_local(annotator) and not resolve_path(loaded, annotator).is_dir():
+    if annotator and looks_local(annotator) and not resolve_path(loaded, annotator).is_dir():
         problems.append(
             problem_at(loaded, ("condition", "annotator"), f"annotator folder {annotator!r} not found")
         )

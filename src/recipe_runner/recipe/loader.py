@@ -53,10 +53,15 @@ class LoadedRecipe:
         return resolve_against(self.base_dir, ref)
 
     def origin_of(self, path: Path_) -> Origin | None:
-        for i in range(len(path), 0, -1):
-            if path[:i] in self.origins:
-                return self.origins[path[:i]]
-        return None
+        return origin_of(self.origins, path)
+
+
+def origin_of(origins: dict[Path_, Origin], path: Path_) -> Origin | None:
+    """Where the value at `path` (or the nearest mapping above it) was written."""
+    for i in range(len(path), 0, -1):
+        if path[:i] in origins:
+            return origins[path[:i]]
+    return None
 
 
 def _display(path: Path) -> str:

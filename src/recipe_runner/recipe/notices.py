@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from recipe_runner.errors import Problem
+from recipe_runner.recipe.loader import origin_of, resolve_against
 from recipe_runner.recipe.model import MOVED_HUB_IDS
 from recipe_runner.recipe.yaml_io import Origin, Path_
 
@@ -26,13 +27,6 @@ def _at(data: Any, path: Path_) -> Any:
     return data
 
 
-def _origin(origins: dict[Path_, Origin], path: Path_) -> Origin | None:
-    for i in range(len(path), 0, -1):
-        if path[:i] in origins:
-            return origins[path[:i]]
-    return None
-
-
 def recipe_warnings(data: dict, origins: dict[Path_, Origin], file: str, base_dir: Path) -> list[Problem]:
     """Every warning for merged recipe `data` (from loader.load_data), each at the file:line:col that set
     the value; `base_dir` is the recipe's folder (a local folder that happens to be named like an old id
@@ -42,10 +36,10 @@ def recipe_warnings(data: dict, origins: dict[Path_, Origin], file: str, base_di
         ref = _at(data, path)
         if not isinstance(ref, str) or ref.lower() not in MOVED_HUB_IDS:
             continue
-        if (base_dir / ref).exists():
+        if resolve_against(base_dir, ref).exists():
             continue
         new = MOVED_HUB_IDS[ref.lower()]
-        o = _origin(origins, path)
+        o = origin_of(origins, path)
         dotted = ".".join(map(str, path))
         found.append(
             Problem(

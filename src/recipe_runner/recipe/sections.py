@@ -61,8 +61,9 @@ class OutputSpec(Section):
     """Upload the trained ControlNet and model card to the hub at the end (token from the environment)."""
     hub_model_id: str | None = None
     """Hub repository for `push_to_hub`, as `owner/name`."""
-    license: str = "openrail++"
-    """License field of the model card."""
+    license: str | None = None
+    """License field of the model card; null: the base model's (creativeml-openrail-m for SD 1.x,
+    openrail++ for SD 2.x and SDXL, this project's apache-2.0 for the builtin bases)."""
 
     @model_validator(mode="after")
     def _hub(self) -> OutputSpec:

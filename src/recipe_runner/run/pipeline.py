@@ -79,8 +79,10 @@ def run_recipe(
     except BaseException as e:
         if rank == 0 and not announced(folder):
             announce(folder, train=False, error=str(e) or type(e).__name__)
-        if isinstance(e, UserError) and new and not ran:
-            _remove_new_folder(folder.root, created)  # an invalid input leaves nothing behind
+        # An invalid input leaves nothing behind; under a user's launch, the other ranks still have to
+        # read rank 0's error from the folder.
+        if isinstance(e, UserError) and new and not ran and rank is None:
+            _remove_new_folder(folder.root, created)
         raise
 
 

@@ -7,21 +7,29 @@ from pathlib import Path
 
 import yaml
 
+from recipe_runner.recipe.checks import looks_local
 from recipe_runner.recipe.loader import LoadedRecipe
 from recipe_runner.run.atomic import write_text
 from recipe_runner.run.folder import RunFolder
 
-TAGS = ["controlnet", "stable-diffusion", "recipe-runner", "diffusers"]
+# The metadata diffusers' training scripts write (save_model_card), so the Hub files and finds the card.
+TAGS = ["controlnet", "diffusers-training", "diffusers", "recipe-runner"]
+FAMILY_TAGS = {"sd1": "stable-diffusion", "sd2": "stable-diffusion", "sdxl": "stable-diffusion-xl"}
+FAMILY_LICENSES = {"sd1": "creativeml-openrail-m", "sd2": "openrail++", "sdxl": "openrail++"}
+BUILTIN_LICENSE = "apache-2.0"  # the builtin bases are this project's
 
 
 def _front_matter(loaded: LoadedRecipe) -> str:
     recipe = loaded.recipe
-    meta = {
-        "base_model": recipe.model.base,
-        "tags": TAGS + (["stable-diffusion-xl"] if recipe.model.resolved_family == "sdxl" else []),
-        "license": recipe.output.license,
-        "library_name": "diffusers",
-    }
+    base, family = recipe.model.base, recipe.model.resolved_family
+    builtin = base.startswith("builtin:")
+    meta: dict = {}
+    if not builtin and not looks_local(base) and not loaded.resolve(base).exists():
+        meta["base_model"] = base  # a hub repo id: the Hub links the card to it (never a local path)
+    meta["license"] = recipe.output.license or (BUILTIN_LICENSE if builtin else FAMILY_LICENSES[family])
+    meta["library_name"] = "diffusers"
+    meta["inference"] = True
+    meta["tags"] = [*TAGS, FAMILY_TAGS[family]]
     return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n"
 
 
