@@ -21,7 +21,6 @@ from typing import Any
 from recipe_runner.data import file_hashes
 from recipe_runner.data.file_hashes import FileHashes
 from recipe_runner.errors import UserError
-from recipe_runner.recipe.checks import resolve_path
 from recipe_runner.recipe.loader import LoadedRecipe
 
 ROW, BASE_DIR = "__row__", "__base_dir__"
@@ -99,7 +98,7 @@ def _hub(repo: str, config: str | None, split: str, revision: str | None) -> Sou
 
 def _local(loaded: LoadedRecipe, work_dir: Path) -> SourceData:
     src = loaded.recipe.dataset.source
-    root = resolve_path(loaded, src.path)
+    root = loaded.resolve(src.path)
     if not root.exists():
         raise UserError(f"dataset.source.path: {src.path!r} not found (looked at {root})")
     fmt = detect_format(root, src.format)
@@ -111,7 +110,7 @@ def _local(loaded: LoadedRecipe, work_dir: Path) -> SourceData:
         )
     if fmt == "imagefolder":
         cond_col = loaded.recipe.dataset.columns.conditioning_image or "conditioning_image"
-        cond_dir = resolve_path(loaded, src.conditioning_dir) if src.conditioning_dir else None
+        cond_dir = loaded.resolve(src.conditioning_dir) if src.conditioning_dir else None
         return _image_folder(root, cond_dir, cond_col, work_dir)
     return _data_files(root, fmt, work_dir)
 
@@ -309,7 +308,7 @@ def fingerprinted_files(loaded: LoadedRecipe) -> set[str]:
     """The files `source_fingerprint` hashes one by one (those under a source folder or conditioning_dir),
     as absolute paths: a row naming one of them needs no record of its own in `references.py`."""
     src = loaded.recipe.dataset.source
-    roots = [resolve_path(loaded, p) for p in (src.path, src.conditioning_dir) if p is not None]
+    roots = [loaded.resolve(p) for p in (src.path, src.conditioning_dir) if p is not None]
     return {str(f.absolute()) for root in roots if root.is_dir() for f in walk(root)}
 
 
@@ -332,9 +331,9 @@ def source_fingerprint(loaded: LoadedRecipe) -> dict:
         fp: dict = {
             "path": src.path,
             "format": src.format,
-            "content": _files_digest(resolve_path(loaded, src.path), hashes),
+            "content": _files_digest(loaded.resolve(src.path), hashes),
         }
         if src.conditioning_dir is not None:
             fp["conditioning_dir"] = src.conditioning_dir
-            fp["conditioning_content"] = _files_digest(resolve_path(loaded, src.conditioning_dir), hashes)
+            fp["conditioning_content"] = _files_digest(loaded.resolve(src.conditioning_dir), hashes)
     return fp

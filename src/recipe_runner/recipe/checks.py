@@ -19,11 +19,6 @@ def looks_local(ref: str) -> bool:
     return ref.startswith((".", "/", "~")) or "\\" in ref or ref.count("/") > 1
 
 
-def resolve_path(loaded: LoadedRecipe, ref: str) -> Path:
-    """A path from the recipe, absolute (`~` expanded, relative to the recipe's folder)."""
-    return loaded.resolve(ref)
-
-
 def problem_at(loaded: LoadedRecipe, path: Path_, msg: str, hint: str | None = None) -> Problem:
     o = loaded.origin_of(path)
     return Problem(
@@ -39,7 +34,7 @@ def problem_at(loaded: LoadedRecipe, path: Path_, msg: str, hint: str | None = N
 def _model_ref(loaded: LoadedRecipe, path: Path_, ref: str | None, what: str) -> list[Problem]:
     if ref is None or ref.startswith("builtin:"):
         return []
-    local = resolve_path(loaded, ref)
+    local = loaded.resolve(ref)
     if local.exists():
         if not local.is_dir():
             return [problem_at(loaded, path, f"{what} {ref!r} is a file; expected a diffusers folder")]
@@ -79,8 +74,8 @@ def check_inputs(loaded: LoadedRecipe) -> list[Problem]:
     src = r.dataset.source
     for key in ("path", "conditioning_dir"):
         ref = getattr(src, key)
-        if ref is not None and not resolve_path(loaded, ref).exists():
-            where = resolve_path(loaded, ref)
+        if ref is not None and not loaded.resolve(ref).exists():
+            where = loaded.resolve(ref)
             problems.append(
                 problem_at(loaded, ("dataset", "source", key), f"{ref!r} not found (looked at {where})")
             )
@@ -88,13 +83,13 @@ def check_inputs(loaded: LoadedRecipe) -> list[Problem]:
     problems += _model_ref(loaded, ("model", "controlnet"), r.model.controlnet, "controlnet")
     problems += _model_ref(loaded, ("model", "vae"), r.model.vae, "vae")
     annotator = getattr(r.condition, "annotator", None)
-    if annotator and looks_local(annotator) and not resolve_path(loaded, annotator).is_dir():
+    if annotator and looks_local(annotator) and not loaded.resolve(annotator).is_dir():
         problems.append(
             problem_at(loaded, ("condition", "annotator"), f"annotator folder {annotator!r} not found")
         )
     for i, image in enumerate(r.train.validation.conditioning_images):
         where = ("train", "validation", "conditioning_images", i)
-        path = resolve_path(loaded, image)
+        path = loaded.resolve(image)
         if not path.is_file():
             problems.append(
                 problem_at(loaded, where, f"conditioning image {image!r} not found (looked at {path})")
@@ -102,7 +97,7 @@ def check_inputs(loaded: LoadedRecipe) -> list[Problem]:
         elif (why := _unreadable_image(path)) is not None:  # found now, not after every training step
             problems.append(problem_at(loaded, where, f"conditioning image {image!r} cannot be read: {why}"))
     cfg = r.launch.accelerate_config
-    if cfg and not resolve_path(loaded, cfg).is_file():
+    if cfg and not loaded.resolve(cfg).is_file():
         problems.append(
             problem_at(loaded, ("launch", "accelerate_config"), f"accelerate config {cfg!r} not found")
         )

@@ -351,12 +351,11 @@ def learning_rate_note(recipe: Recipe) -> str | None:
 def resolution_note(loaded: LoadedRecipe) -> str | None:
     """A warning when dataset.resolution is far from what the base model was trained at (at half or
     double it, a UNet's own images degrade, and the ControlNet learns on top of that)."""
-    from recipe_runner.recipe.checks import resolve_path
 
     model, res = loaded.recipe.model, loaded.recipe.dataset.resolution
     if model.base.startswith("builtin:"):
         return None
-    local = resolve_path(loaded, model.base)
+    local = loaded.resolve(model.base)
     own = _folder_resolution(local) if local.is_dir() else None
     native = (own,) if own else NATIVE_RESOLUTION[model.resolved_family]
     if any(0.75 * n <= res <= 1.5 * n for n in native):

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from recipe_runner.errors import UserError
-from recipe_runner.recipe.checks import resolve_path
 from recipe_runner.recipe.loader import LoadedRecipe
 
 
@@ -39,7 +38,7 @@ def count_rows(loaded: LoadedRecipe) -> RowCount:
         return RowCount(src.num_samples, f"builtin {src.builtin}: source.num_samples")
     if src.hub is not None:
         return RowCount(None, "unknown until downloaded (hub dataset)")
-    root = resolve_path(loaded, src.path)
+    root = loaded.resolve(src.path)
     try:
         fmt = detect_format(root, src.format)
     except UserError as e:
@@ -47,7 +46,7 @@ def count_rows(loaded: LoadedRecipe) -> RowCount:
     if fmt == "imagefolder":
         meta = next((root / m for m in METADATA_FILES if (root / m).is_file()), None)
         if meta is None:
-            skip = resolve_path(loaded, src.conditioning_dir).resolve() if src.conditioning_dir else None
+            skip = loaded.resolve(src.conditioning_dir).resolve() if src.conditioning_dir else None
             images = [
                 p
                 for p in walk(root)

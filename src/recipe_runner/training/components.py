@@ -19,7 +19,6 @@ from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DCondi
 from transformers import AutoTokenizer, PretrainedConfig
 
 from recipe_runner.errors import UserError
-from recipe_runner.recipe.checks import resolve_path
 from recipe_runner.recipe.loader import LoadedRecipe
 from recipe_runner.recipe.recipe import Recipe
 
@@ -61,7 +60,7 @@ def resolve_base(loaded: LoadedRecipe, models_cache: Path) -> str:
         from recipe_runner.models.tiny import resolve_builtin
 
         return str(resolve_builtin(base.removeprefix("builtin:"), models_cache))
-    local = resolve_path(loaded, base)
+    local = loaded.resolve(base)
     if local.is_dir():
         return str(local.resolve())
     if local.exists() or base.startswith((".", "/", "~")) or base.count("/") != 1:
@@ -194,7 +193,7 @@ def _load_vae(loaded: LoadedRecipe, base: str, weights: bool = True) -> Autoenco
             return _diffusers_model(
                 AutoencoderKL, base, weights, subfolder="vae", revision=spec.revision, variant=spec.variant
             )
-    local = resolve_path(loaded, spec.vae)
+    local = loaded.resolve(spec.vae)
     ref = str(local) if local.is_dir() else spec.vae
     # A VAE repository has its config at the top; a whole pipeline folder has it in vae/.
     sub = "vae" if local.is_dir() and not (local / "config.json").is_file() else None
@@ -240,7 +239,7 @@ def load_controlnet(
                 conditioning_channels=spec.conditioning_channels,
                 conditioning_embedding_out_channels=channels,
             )
-    local = resolve_path(loaded, spec.controlnet)
+    local = loaded.resolve(spec.controlnet)
     ref = str(local) if local.is_dir() else spec.controlnet
     with _loading("model.controlnet", spec.controlnet):
         controlnet = _diffusers_model(ControlNetModel, ref, weights)

@@ -21,7 +21,6 @@ from rich.console import Console
 
 import recipe_runner
 from recipe_runner.errors import Interrupted, RunFailed, UserError
-from recipe_runner.recipe.checks import resolve_path
 from recipe_runner.recipe.loader import LoadedRecipe
 from recipe_runner.recipe.recipe import Recipe
 from recipe_runner.run.atomic import write_text
@@ -39,7 +38,7 @@ def launch_command(loaded: LoadedRecipe, folder: RunFolder, *, resume: bool) -> 
     launch = loaded.recipe.launch
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
     if launch.accelerate_config:
-        cmd += ["--config_file", str(resolve_path(loaded, launch.accelerate_config))]
+        cmd += ["--config_file", str(loaded.resolve(launch.accelerate_config))]
     # accelerate counts processes over all machines; --multi_gpu selects torch.distributed.run, which
     # also gives CPU-only machines one gloo process each (accelerate's --cpu would start just one).
     cmd += ["--multi_gpu", "--num_processes", str(launch.total_processes)]

@@ -28,7 +28,6 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from recipe_runner.data.buckets import training_size
 from recipe_runner.errors import UserError
-from recipe_runner.recipe.checks import resolve_path
 from recipe_runner.recipe.loader import LoadedRecipe
 from recipe_runner.training.components import Components
 from recipe_runner.training.lora import plain_copy
@@ -49,7 +48,7 @@ def conditions(loaded: LoadedRecipe, data: DatasetDict) -> list[Condition]:
         files = v.conditioning_images * n if len(v.conditioning_images) == 1 else v.conditioning_images
         out = []
         for prompt, ref in zip(prompts, files, strict=True):
-            path = resolve_path(loaded, ref)
+            path = loaded.resolve(ref)
             try:
                 out.append(Condition(prompt, Image.open(path).convert("RGB")))
             except OSError as e:
