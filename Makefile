@@ -23,12 +23,12 @@ demo: install
 	$(BIN)/recipe run recipes/demo.yaml
 
 test: install
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check recipe_runner tests benchmarks scripts
 	$(BIN)/python -m pytest -q
 
 lint: install
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check recipe_runner tests benchmarks scripts
+	$(BIN)/ruff format --check recipe_runner tests benchmarks scripts
 
 schema: install
 	$(BIN)/recipe schema > schemas/recipe.schema.json

@@ -35,7 +35,7 @@ dataset:
 def _build(root: Path, rows: int, resolution: int, num_proc: int, batch_size: int) -> tuple[dict, float]:
     from recipe_runner.data.build import build_dataset
     from recipe_runner.recipe.loader import load_recipe
-    from recipe_runner.run.folder import RunFolder
+    from recipe_runner.runfolder.layout import RunFolder
 
     path = root / f"recipe-{num_proc}.yaml"
     path.write_text(RECIPE.format(rows=rows, resolution=resolution, num_proc=num_proc, batch_size=batch_size))

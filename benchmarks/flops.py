@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import recipe_runner  # noqa: F401  (before diffusers: it quiets bitsandbytes' import warning)
 from recipe_runner.models.archs import ARCHS
 

@@ -15,7 +15,7 @@ if [ -d .whl ] && [ "${QUICK:-}" != 1 ]; then  # (QUICK: this machine's own pack
     .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site
 fi
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 PY=${PY:-python3}
 $PY -c "import diffusers, datasets, pydantic, accelerate, torch; print('torch', torch.__version__, \
 'cuda', torch.cuda.is_available(), 'diffusers', diffusers.__version__)" || {

@@ -22,7 +22,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "src"))
+sys.path.insert(0, str(HERE.parent))
 import torch  # noqa: E402
 from train_speed import BUILTINS as ARCH_BASES  # noqa: E402  (the same CPU-sized bases)
 from train_speed import table_head  # noqa: E402

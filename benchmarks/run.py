@@ -26,7 +26,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO))
 from train_speed import BUILTINS  # noqa: E402
 
 import recipe_runner  # noqa: E402, F401  (before diffusers: it quiets bitsandbytes' import warning)

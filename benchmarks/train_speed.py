@@ -35,7 +35,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "src"))  # a source checkout works too
+sys.path.insert(0, str(HERE.parent))  # a source checkout works too
 import recipe_runner  # noqa: E402, F401  (before diffusers: it quiets bitsandbytes' import warning)
 from recipe_runner.models.archs import ARCHS  # noqa: E402
 
@@ -152,7 +152,7 @@ class Bench:
         return load_recipe(self.root / "recipe.yaml", self.overrides(mode))
 
     def folder(self, mode: str):
-        from recipe_runner.run.folder import RunFolder
+        from recipe_runner.runfolder.layout import RunFolder
 
         loaded = self.recipe(mode)
         folder = RunFolder(Path(tempfile.mkdtemp(prefix=f"run-{mode}-", dir=self.root)))
@@ -356,7 +356,7 @@ def _main(argv: list[str] | None) -> dict:
 
     import torch
 
-    from recipe_runner.models.archs import build_random_pipeline
+    from recipe_runner.families.offline import build_random_pipeline
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -462,7 +462,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--check-images", type=int, default=16, help="images --check generates")
     parser.add_argument("--ship", type=Path, metavar="FOLDER", help="copy FOLDER (fp16 UNet/VAE) to --dest")
     parser.add_argument(
-        "--dest", type=Path, default=Path(__file__).parents[1] / "src/recipe_runner/assets/shapes-sd"
+        "--dest", type=Path, default=Path(__file__).parents[1] / "recipe_runner/assets/shapes-sd"
     )
     args = parser.parse_args(argv)
     args.argv = argv

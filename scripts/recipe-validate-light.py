@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""`recipe validate` from this checkout's src/, for the `recipe-validate-light` pre-commit hook.
+"""`recipe validate` from this checkout, for the `recipe-validate-light` pre-commit hook.
 
 pre-commit runs it with the python3 on PATH, which needs only the recipe layer's four packages
 (pip install pydantic pyyaml typer rich): recipe-runner itself is not installed, so neither is torch.
@@ -27,7 +27,7 @@ def main() -> int:
             "(or use the recipe-validate hook with recipe-runner installed)\n"
         )
         return 2
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from recipe_runner.cli import app
 
     try:

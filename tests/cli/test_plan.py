@@ -86,7 +86,7 @@ def test_cached_dataset_then_changed_threshold(cli, write_recipe, tmp_path):
 
 def test_trained_run_is_cached_until_learning_rate_changes(cli, write_recipe, tmp_path):
     from recipe_runner.recipe.loader import load_recipe
-    from recipe_runner.run.folder import RunFolder
+    from recipe_runner.runfolder.layout import RunFolder
     from recipe_runner.training.keys import built_dataset_fingerprint, training_cache_key
 
     recipe = write_recipe(RECIPE)

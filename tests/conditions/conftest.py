@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-SRC = Path(__file__).resolve().parents[2] / "src"  # put on PYTHONPATH for subprocesses
+SRC = Path(__file__).resolve().parents[2]  # the checkout, put on PYTHONPATH for subprocesses
 
 
 _connect = socket.socket.connect

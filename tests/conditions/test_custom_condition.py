@@ -195,7 +195,7 @@ def test_editing_the_function_rebuilds_the_dataset(recipe_dir: Path) -> None:
     import datasets
 
     from recipe_runner.data.build import build_dataset, dataset_cache_key, dataset_status
-    from recipe_runner.run.folder import RunFolder
+    from recipe_runner.runfolder.layout import RunFolder
 
     _module(recipe_dir, "conds_edited", "from PIL import ImageOps\n\ndef make(image):\n    return image\n")
     folder = RunFolder(recipe_dir / "run")

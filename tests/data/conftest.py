@@ -33,7 +33,7 @@ def recipe(tmp_path: Path) -> Callable[..., Any]:
 
 @pytest.fixture
 def folder(tmp_path: Path) -> Any:
-    from recipe_runner.run.folder import RunFolder
+    from recipe_runner.runfolder.layout import RunFolder
 
     return RunFolder(tmp_path / "run")
 

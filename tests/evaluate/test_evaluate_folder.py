@@ -14,7 +14,7 @@ from recipe_runner.errors import UserError
 from recipe_runner.evaluate import evaluate_folder
 from recipe_runner.evaluate.report import CARD_HEADING, header_height, update_model_card
 from recipe_runner.recipe.loader import LoadedRecipe, load_recipe
-from recipe_runner.run.folder import RunFolder
+from recipe_runner.runfolder.layout import RunFolder
 
 RES = 64
 HOLDOUT = 4
@@ -200,7 +200,7 @@ def test_sdxl_base_uses_the_sdxl_pipelines(tmp_path: Path):
 
 
 def test_auto_reference_extracts_from_the_image_when_the_data_ships_its_conditions(tmp_path: Path, tiny_base):
-    from recipe_runner.evaluate.run import reference_for
+    from recipe_runner.evaluate.stage import reference_for
 
     computed = write_recipe(tmp_path, tiny_base)
     assert reference_for(computed) == "conditioning_image"

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from recipe_runner.recipe.columns import check_columns
+from recipe_runner.data.columns import check_columns
 from recipe_runner.recipe.loader import load_recipe
 
 ROWS = [{"picture": f"img/{i}.png", "text": f"prompt {i}", "kind": "a"} for i in range(2)]
@@ -401,7 +401,7 @@ def test_validate_of_local_data_imports_no_torch_nor_datasets(tmp_path):
 
 
 def test_a_folder_too_large_to_walk_is_left_to_the_build(tmp_path, monkeypatch):
-    from recipe_runner.recipe import columns
+    from recipe_runner.data import columns
 
     _images(tmp_path / "many", ["0.png", "1.png", "2.png"])
     path = tmp_path / "recipe.yaml"

@@ -21,8 +21,8 @@ from recipe_runner.recipe.effects import STAGES, Effect, RecipeField, effect_of,
 from recipe_runner.recipe.loader import LoadedRecipe, load_recipe
 from recipe_runner.recipe.recipe import Recipe
 from recipe_runner.run.diff import diff_recipes
-from recipe_runner.run.folder import RunFolder
 from recipe_runner.run.plan import stage_plans
+from recipe_runner.runfolder.layout import RunFolder
 from recipe_runner.training.keys import changed_fields, comparable, resume_fields, training_cache_key
 
 BASE = {

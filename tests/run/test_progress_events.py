@@ -12,7 +12,7 @@ import sys
 import pytest
 from rich.console import Console
 
-from recipe_runner.run.events import ENV, NULL, Reporter, json_lines, progress_seconds, reporter
+from recipe_runner.runfolder.events import ENV, NULL, Reporter, json_lines, progress_seconds, reporter
 
 RECIPE = """\
 name: progress
@@ -163,7 +163,7 @@ class _Terminal(io.StringIO):
 def test_on_a_terminal_the_log_keeps_what_is_printed_and_not_the_bar(monkeypatch, tmp_path):
     from rich.progress import Progress
 
-    from recipe_runner.run.runlog import run_console
+    from recipe_runner.runfolder.log import run_console
 
     for name in ("FORCE_COLOR", "TTY_COMPATIBLE", "TERM"):
         monkeypatch.delenv(name, raising=False)

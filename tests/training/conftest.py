@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from recipe_runner.recipe.loader import LoadedRecipe, load_recipe
-from recipe_runner.run.folder import RunFolder
+from recipe_runner.runfolder.layout import RunFolder
 
 RESOLUTION = 64
 

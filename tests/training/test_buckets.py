@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from recipe_runner.families import stable_diffusion as sd_family
 from recipe_runner.training import step as step_module
 from recipe_runner.training import train_controlnet
 from recipe_runner.training.data import BatchPlan, BucketPlan
@@ -128,13 +129,13 @@ def test_bucketed_precompute_gives_the_reference_loss(make_run, bucketed_data, m
 
 def test_sdxl_size_conditioning_is_the_bucket_size(make_run, bucketed_data, monkeypatch):
     sizes = []
-    add_time_ids = step_module.add_time_ids
+    add_time_ids = sd_family.add_time_ids
 
     def recording(recipe, batch, device, dtype, size=None):
         sizes.append(size)
         return add_time_ids(recipe, batch, device, dtype, size)
 
-    monkeypatch.setattr(step_module, "add_time_ids", recording)
+    monkeypatch.setattr(sd_family, "add_time_ids", recording)
     loaded, folder = make_run(
         *BUCKETS, "train.max_steps=4", "model.base=builtin:tiny-sdxl", name="sdxl", data=bucketed_data
     )

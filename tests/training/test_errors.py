@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from recipe_runner.errors import RunFailed, UserError
+from recipe_runner.families.loading import resolve_base
 from recipe_runner.training import prepare_training, step, train_controlnet
-from recipe_runner.training.components import resolve_base
 
 
 def test_missing_base_folder_is_a_user_error(make_run, tmp_path):

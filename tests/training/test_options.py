@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from recipe_runner.errors import UserError
+from recipe_runner.families.loading import load_components, resolve_base
 from recipe_runner.training import features, train_controlnet
-from recipe_runner.training.components import load_components, resolve_base
 from recipe_runner.training.keys import resume_fields
 
 

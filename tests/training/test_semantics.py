@@ -11,8 +11,8 @@ import torch
 from diffusers import DDPMScheduler
 from safetensors.torch import load_file
 
+from recipe_runner.families.loading import resolve_base
 from recipe_runner.training import step, train_controlnet
-from recipe_runner.training.components import resolve_base
 
 
 def _record_prompts(monkeypatch: pytest.MonkeyPatch) -> list[str]:

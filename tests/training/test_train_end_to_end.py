@@ -10,8 +10,8 @@ from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
 from rich.console import Console
 
 from recipe_runner.data.builtin_shapes import make_sample
+from recipe_runner.families.loading import resolve_base
 from recipe_runner.training import train_controlnet
-from recipe_runner.training.components import resolve_base
 
 
 def test_tiny_sd_trains_and_leaves_a_complete_run_folder(make_run, capsys):

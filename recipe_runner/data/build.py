@@ -1,0 +1,412 @@
+"""The dataset stage: source rows -> processed rows -> `dataset/` (data/, preview.png, report.json).
+
+The whole `dataset/` folder is written to a temporary sibling and renamed into place, so a failed or
+interrupted build leaves the previous dataset (or none) and never half of one. A build is skipped when
+`cache_key.dataset_status` says the built one is current: the same cache key, and every file the rows
+named by path as the build recorded it (`referenced_files.json`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import hashlib
+import json
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rich.markup import escape
+
+from recipe_runner.data import references
+from recipe_runner.data.buckets import (
+    bucket_counts,
+    dataset_buckets,
+    global_batch,
+    image_sizes,
+    small_buckets,
+)
+from recipe_runner.data.cache_key import (
+    DATASET_CODE_VERSION,
+    computes_condition,
+    current_report,
+    dataset_cache_key,
+    dataset_status,
+    digest,
+    key_inputs,
+)
+from recipe_runner.data.sources import BASE_DIR, ROW, SourceData, fingerprinted_files, load_source
+from recipe_runner.errors import UserError
+from recipe_runner.recipe.loader import LoadedRecipe
+from recipe_runner.runfolder.atomic import atomic_dir, write_text
+from recipe_runner.runfolder.layout import RunFolder
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from recipe_runner.data.process import RowPlan
+    from recipe_runner.recipe.dataset import DatasetSpec
+
+# The cache's names stay importable from here, where callers have always found them.
+__all__ = [
+    "DATASET_CODE_VERSION",
+    "build_dataset",
+    "computes_condition",
+    "dataset_cache_key",
+    "dataset_status",
+    "key_inputs",
+]
+_EXAMPLES = 5
+
+
+def build_dataset(
+    loaded: LoadedRecipe, folder: RunFolder, *, console: Console | None = None, force: bool = False
+) -> dict:
+    """Build the recipe's dataset into `folder.dataset` unless an identical build is there; the report."""
+    inputs = key_inputs(loaded)
+    old = None if force else current_report(loaded, folder, inputs)[0]
+    if old is not None:
+        if console is not None:
+            console.print(
+                f"dataset: unchanged, using {escape(str(folder.dataset))} ({_rows(old)} rows)", soft_wrap=True
+            )
+        return {**old, "cached": True}
+    import datasets
+
+    datasets.disable_progress_bars()
+    start = time.perf_counter()
+    with atomic_dir(folder.dataset) as tmp:
+        report = _build(loaded, tmp, inputs, console, start)
+        report["path"] = str(folder.dataset_data)
+        write_text(tmp / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    if console is not None:
+        _summary(console, report, folder, loaded)
+    return report
+
+
+def _build(loaded: LoadedRecipe, tmp: Path, inputs: dict, console: Console | None, start: float) -> dict:
+    import datasets
+
+    from recipe_runner.data import preview
+    from recipe_runner.data.process import BOOKKEEPING, DROP, FILE, NOTES, RowError
+
+    spec, key = loaded.recipe.dataset, digest(inputs)
+    work = tmp / ".work"  # datasets' cache files: on the run folder's disk, removed before the rename
+    try:
+        source = load_source(loaded, work)
+        plan = _row_plan(loaded, source)
+        condition = None
+        if plan.conditioning_column is None:
+            from recipe_runner.conditions import build_condition
+
+            condition = build_condition(loaded.recipe.condition, base_dir=loaded.base_dir)
+        order = _order(len(source.dataset), spec, plan.seed)
+        refs = None
+        if spec.source.path is not None:  # hub and builtin sources name no local files
+            columns = [c for c in (plan.image_column, plan.conditioning_column) if c is not None]
+            paths = references.referenced_paths(source.dataset.data, columns, order, BASE_DIR)
+            refs = references.record(tmp, paths, covered=fingerprinted_files(loaded))  # stat before reading
+        ds = _prepare(source, plan, order)
+        try:
+            out = _map(ds, plan, condition, spec, key, work, console)
+        except RowError as e:  # raised in a worker; plain args so that it survives the trip back
+            raise UserError(f"dataset: {e.args[0]}", hint=e.args[1]) from None
+        rows, drops, files, notes = (out.data.column(c).to_pylist() for c in (ROW, DROP, FILE, NOTES))
+        kept = [i for i, d in enumerate(drops) if not d]
+        dropped = _tally(rows, files, drops, notes)  # a dropped row's notes say why in detail
+        warnings = _tally(rows, files, [n if not d else "" for n, d in zip(notes, drops, strict=True)])
+        _check_rows(len(kept), len(drops), dropped, spec.holdout, source)
+        final = out.select(kept).remove_columns(list(BOOKKEEPING))
+        n_train = len(final) - spec.holdout
+        splits = {"train": final.select(range(n_train))}
+        if spec.holdout:
+            splits["holdout"] = final.select(range(n_train, len(final)))
+        datasets.DatasetDict(splits).save_to_disk(str(tmp / "data"))
+        buckets = bucket_counts(image_sizes(splits["train"])) if spec.buckets.enabled else None
+        preview.write_preview(splits["train"], tmp / "preview.png")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    seconds = time.perf_counter() - start
+    return {
+        "cached": False,
+        "cache_key": key,
+        "key_inputs": inputs,
+        "source": source.description,
+        "source_fingerprint": digest(inputs["source"]),
+        "data_sha256": _data_digest(tmp / "data"),
+        "referenced_files": refs,
+        "columns": {
+            "image": plan.image_column,
+            "conditioning_image": plan.conditioning_column or f"computed: {loaded.recipe.condition.type}",
+            "prompt": plan.prompt_column
+            if plan.prompt_template is None
+            else f"template: {plan.prompt_template}",
+        },
+        "resolution": spec.resolution,
+        **({"buckets": buckets} if buckets is not None else {}),
+        "rows_in": len(source.dataset),
+        "rows_processed": len(drops),
+        "rows_out": {name: len(split) for name, split in splits.items()},
+        "rows_dropped": len(drops) - len(kept),
+        "dropped": dropped,
+        "warnings": warnings,
+        "seconds": round(seconds, 3),
+        "rows_per_second": round(len(drops) / seconds, 1),
+        "num_proc": spec.num_proc,
+        "batch_size": spec.batch_size,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _row_plan(loaded: LoadedRecipe, source: SourceData) -> RowPlan:
+    """The column mapping checked against the source's columns, as settings for the workers."""
+    from recipe_runner.data.process import RowPlan, template_fields
+
+    spec, cols = loaded.recipe.dataset, source.columns
+    cond = spec.columns.conditioning_image or ("conditioning_image" if spec.source.conditioning_dir else None)
+    _need(cols, spec.columns.image, "dataset.columns.image", source)
+    if cond is not None:
+        _need(cols, cond, "dataset.columns.conditioning_image", source)
+    if spec.prompt is not None:
+        try:
+            fields = template_fields(spec.prompt)
+        except ValueError as e:
+            raise UserError(
+                f"dataset.prompt: {spec.prompt!r} is not a valid template: {e}",
+                hint="write {{ and }} for literal braces",
+            ) from None
+        for name in fields:
+            _need(cols, name, f"dataset.prompt: placeholder {{{name}}}", source)
+    else:
+        _need(cols, spec.columns.prompt, "dataset.columns.prompt", source)
+    f = spec.filters
+    return RowPlan(
+        resolution=spec.resolution,
+        crop=spec.crop,
+        seed=loaded.recipe.seed,
+        min_size=f.min_size,
+        on_bad_image=f.on_bad_image,
+        image_column=spec.columns.image,
+        conditioning_column=cond,
+        prompt_column=None if spec.prompt is not None else spec.columns.prompt,
+        prompt_template=spec.prompt,
+        builtin=source.builtin,
+        drop_blank=f.on_blank_conditioning == "drop",
+        buckets=tuple(dataset_buckets(spec)),
+    )
+
+
+def _need(columns: list[str], name: str | None, field: str, source: SourceData) -> None:
+    if name in columns:
+        return
+    close = difflib.get_close_matches(str(name), columns, n=1)
+    raise UserError(
+        f"{field}: no column {name!r} in {source.description} (columns: {', '.join(columns)})",
+        hint=f"did you mean {close[0]!r}?" if close else "name one of the columns above",
+    )
+
+
+def _order(n: int, spec: DatasetSpec, seed: int) -> Any:
+    """The source rows to build, in order: shuffled (or not) and cut to max_samples."""
+    import numpy as np
+
+    order = np.random.default_rng(seed).permutation(n) if spec.shuffle else np.arange(n)
+    return order[: spec.max_samples]
+
+
+def _prepare(source: SourceData, plan: RowPlan, order: Any) -> Any:
+    """The rows in `order`, needed columns only, images left undecoded, text as bytes."""
+    import datasets
+
+    from recipe_runner.data.process import template_fields
+
+    ds = source.dataset
+    if source.builtin is None:
+        images = {plan.image_column, plan.conditioning_column} - {None}
+        texts = set(template_fields(plan.prompt_template)) if plan.prompt_template else {plan.prompt_column}
+        ds = ds.select_columns([c for c in ds.column_names if c in images | texts or c in (ROW, BASE_DIR)])
+        for name, feature in ds.features.items():
+            if isinstance(feature, datasets.Image):  # opened row by row, so one bad file drops one row
+                ds = ds.cast_column(name, datasets.Image(decode=False))
+            elif name in texts - images and getattr(feature, "dtype", None) in ("string", "large_string"):
+                # Files from other tools can hold invalid UTF-8 in string columns, and reading those
+                # raises; as bytes they are decoded with replacement (and counted) by the workers.
+                ds = ds.cast_column(name, datasets.Value(feature.dtype.replace("string", "binary")))
+    return ds.select(order)
+
+
+def _map(
+    ds: Any, plan: RowPlan, condition: Any, spec: DatasetSpec, key: str, work: Path, console: Console | None
+) -> Any:
+    from recipe_runner.data.process import RowProcessor, output_features
+
+    num_proc = min(spec.num_proc, len(ds))
+    with _progress(console, len(ds), work) as pdir, _interrupts_stay_interrupts():
+        return ds.map(
+            RowProcessor(plan, condition, pdir),
+            batched=True,
+            batch_size=spec.batch_size,
+            writer_batch_size=spec.batch_size,  # images are big: write every batch, not every 1,000 rows
+            num_proc=num_proc if num_proc > 1 else None,
+            remove_columns=ds.column_names,
+            features=output_features(),
+            cache_file_name=str(work / "rows.arrow"),
+            new_fingerprint=key[:40],  # skips hashing the condition object; the cache key says it all
+        )
+
+
+@contextlib.contextmanager
+def _interrupts_stay_interrupts() -> Iterator[None]:
+    """Ctrl-C or SIGTERM during a `num_proc` map: datasets' pool clean-up can raise its own error (a
+    multiprocess TimeoutError) while handling the KeyboardInterrupt; the user asked to stop, so stop."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:
+        cause: BaseException | None = e
+        while cause is not None and not isinstance(cause, KeyboardInterrupt):
+            cause = cause.__context__
+        if cause is None:
+            raise
+        raise cause from None
+
+
+@contextlib.contextmanager
+def _progress(console: Console | None, total: int, work: Path) -> Iterator[str | None]:
+    """A rich progress bar fed by the workers' row counts (files in a folder: works across processes),
+    and the same count as the run's throttled progress lines (log.txt, a pipe, --json)."""
+    if console is None:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from recipe_runner.data.process import rows_done
+    from recipe_runner.runfolder.events import reporter
+
+    report = reporter(console)
+    report.progress("dataset", 0, total)  # starts its clock: rate and ETA
+
+    pdir = work / "progress"
+    pdir.mkdir(parents=True, exist_ok=True)
+    rate = TextColumn("{task.fields[rate]}")
+    with Progress(
+        TextColumn("dataset"), BarColumn(), MofNCompleteColumn(), rate, TimeRemainingColumn(), console=console
+    ) as bar:
+        task = bar.add_task("rows", total=total, rate="")
+        stop = threading.Event()
+
+        def poll() -> None:
+            while not stop.wait(0.25):
+                speed, done = bar.tasks[task].speed, rows_done(str(pdir))
+                bar.update(task, completed=done, rate=f"{speed:,.1f} rows/s" if speed else "")
+                report.progress("dataset", done, total)
+
+        thread = threading.Thread(target=poll, daemon=True)
+        thread.start()
+        try:
+            yield str(pdir)
+        finally:
+            stop.set()
+            thread.join()
+            done = rows_done(str(pdir))
+            bar.update(task, completed=done)
+            report.progress("dataset", done, total)
+
+
+def _tally(rows: list[int], files: list[str], labels: list[str], details: list[str] | None = None) -> dict:
+    """{label: {count, examples: [{row, file[, detail]}]}} over the non-empty labels ("a|b" holds two)."""
+    out: dict[str, dict] = {}
+    for i, (row, file, label) in enumerate(zip(rows, files, labels, strict=True)):
+        for name in filter(None, label.split("|")):
+            entry = out.setdefault(name, {"count": 0, "examples": []})
+            entry["count"] += 1
+            if len(entry["examples"]) < _EXAMPLES:
+                example = {"row": row, "file": file}
+                entry["examples"].append(
+                    {**example, "detail": details[i]} if details and details[i] else example
+                )
+    return out
+
+
+def _check_rows(kept: int, processed: int, dropped: dict, holdout: int, source: SourceData) -> None:
+    if kept == 0:
+        reasons = "; ".join(
+            f"{reason}: {d['count']} (e.g. row {d['examples'][0]['row']} {d['examples'][0]['file']})".rstrip()
+            for reason, d in dropped.items()
+        )
+        raise UserError(
+            f"dataset: no rows left from {source.description}: all {processed} rows were dropped ({reasons})",
+            hint="fix the files named above, or relax dataset.filters",
+        )
+    if kept <= holdout:
+        raise UserError(
+            f"dataset: only {kept} rows left after filtering, but dataset.holdout is {holdout}",
+            hint="lower dataset.holdout, or add rows",
+        )
+
+
+def _data_digest(data: Path) -> str:
+    """sha256 of the built arrow files: equal for equal rows (the build is deterministic)."""
+    h = hashlib.sha256()
+    for f in sorted(data.rglob("*.arrow")):
+        h.update(f.relative_to(data).as_posix().encode() + b"\0")
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _rows(report: dict) -> int:
+    return sum((report.get("rows_out") or {}).values())
+
+
+def _summary(console: Console, report: dict, folder: RunFolder, loaded: LoadedRecipe) -> None:
+    out = ", ".join(f"{n} {split}" for split, n in report["rows_out"].items())
+    dropped = report["rows_dropped"]
+    why = "; ".join(f"{k}: {v['count']}" for k, v in report["dropped"].items())
+    console.print(
+        escape(
+            f"dataset: {out} rows from {report['source']}"
+            + (f", {dropped} dropped ({why})" if dropped else "")
+            + f" in {report['seconds']:.1f} s ({report['rows_per_second']} rows/s) -> {folder.dataset}"
+        ),
+        soft_wrap=True,  # keep the path in one piece
+        highlight=False,
+    )
+    if report.get("buckets"):
+        shares = ", ".join(f"{size} {n}" for size, n in report["buckets"].items())
+        console.print(f"  aspect-ratio buckets (train rows): {shares}", highlight=False)
+        if (few := small_buckets(report["buckets"], global_batch(loaded.recipe))) is not None:
+            console.print(f"[yellow]warning:[/] {escape(few)}", highlight=False)
+    for note, entry in report.get("warnings", {}).items():
+        first = entry["examples"][0]
+        example = f"e.g. row {first['row']}" + (f" {first['file']}" if first["file"] else "")
+        rows = f"{entry['count']} row{'' if entry['count'] == 1 else 's'}"
+        console.print(escape(f"  {rows}: {note} ({example})"), highlight=False, soft_wrap=True)
+    from recipe_runner.data.process import BLANK
+
+    kept = sum(report["rows_out"].values())
+    blanks = report.get("warnings", {}).get(BLANK, {}).get("count", 0)
+    if blanks and blanks >= 0.05 * kept:
+        console.print(f"[yellow]warning:[/] {escape(_blank_hint(loaded, blanks, kept))}", highlight=False)
+
+
+def _blank_hint(loaded: LoadedRecipe, blanks: int, kept: int) -> str:
+    """Why a share of conditioning images came out blank, and what to change."""
+    cond = loaded.recipe.condition
+    share = f"{blanks} of {kept} conditioning images ({blanks / kept:.0%}) are one flat colour"
+    if not computes_condition(loaded):
+        cause = "check that dataset.columns.conditioning_image (or conditioning_dir) holds the conditions"
+    elif cond.type == "canny":
+        cause = (
+            f"the canny condition found no edges in them: lower its thresholds "
+            f"({cond.low_threshold}/{cond.high_threshold})"
+        )
+    else:
+        cause = f"the {cond.type} condition found nothing in them: check its settings"
+    return f"{share}: {cause}, or set dataset.filters.on_blank_conditioning: drop"

@@ -1,0 +1,74 @@
+"""The whole recipe: the single source of truth for defaults, descriptions and cross-field checks."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Annotated
+
+from pydantic import Field, model_validator
+
+from recipe_runner.recipe.base import FieldError, Section
+from recipe_runner.recipe.condition import CannyCondition, Condition
+from recipe_runner.recipe.dataset import DatasetSpec
+from recipe_runner.recipe.marks import NOTHING, REBUILDS, REEVALUATES, RETRAINS, Effect
+from recipe_runner.recipe.model import ModelSpec
+from recipe_runner.recipe.sections import EvaluateSpec, LaunchSpec, LoggingSpec, OutputSpec
+from recipe_runner.recipe.train import TrainSpec
+
+
+class Recipe(Section):
+    """A recipe-runner recipe: how one ControlNet is trained."""
+
+    extends: Annotated[str | list[str] | None, NOTHING] = None
+    """Recipe file(s) this one builds on, relative to this file; mappings merge deeply, lists replace."""
+    name: Annotated[str, NOTHING] = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=96)
+    """Name of the run (letters, digits, `.`, `_`, `-`); the default run folder is `runs/<name>`."""
+    description: Annotated[str, NOTHING] = ""
+    """Free text: what this recipe trains and why."""
+    seed: Annotated[int, Effect("dataset", resumable=False)] = Field(0, ge=0, le=2**32 - 1)
+    """Seed for data order, noise, timesteps and initialisation."""
+    condition: Annotated[Condition, REBUILDS] = Field(default_factory=CannyCondition)
+    """How conditioning images are made when the data has none (and re-extracted by `evaluate`)."""
+    dataset: Annotated[DatasetSpec, REBUILDS]
+    """The training data."""
+    model: Annotated[ModelSpec, RETRAINS] = Field(default_factory=ModelSpec)
+    """Base model and ControlNet."""
+    train: Annotated[TrainSpec, RETRAINS] = Field(default_factory=TrainSpec)
+    """Training hyperparameters."""
+    logging: Annotated[LoggingSpec, NOTHING] = Field(default_factory=LoggingSpec)
+    """Metrics tracking."""
+    launch: Annotated[LaunchSpec, NOTHING] = Field(default_factory=LaunchSpec)
+    """Processes and machines."""
+    evaluate: Annotated[EvaluateSpec, REEVALUATES] = Field(default_factory=EvaluateSpec)
+    """Condition-fidelity evaluation."""
+    output: Annotated[OutputSpec, NOTHING] = Field(default_factory=OutputSpec)
+    """The run folder and publishing."""
+
+    @model_validator(mode="after")
+    def _cross_section(self) -> Recipe:
+        family = self.model.resolved_family
+        if self.train.micro_conditioning is not None and family != "sdxl":
+            raise FieldError(
+                ("train", "micro_conditioning"),
+                f"train.micro_conditioning applies only to SDXL bases, but model.base {self.model.base!r} is "
+                f"{family}; remove it or set model.family: sdxl",
+            )
+        if self.evaluate.enabled and self.dataset.holdout == 0:
+            raise FieldError(
+                ("evaluate", "enabled"), "evaluate.enabled needs held-out rows: set dataset.holdout (e.g. 16)"
+            )
+        return self
+
+    @property
+    def output_dir(self) -> str:
+        return self.output.dir or f"runs/{self.name}"
+
+    def resolved_dict(self) -> dict:
+        """The resolved recipe as plain data (`extends` already applied, so it is dropped)."""
+        return self.model_dump(mode="json", exclude={"extends"})
+
+    def content_hash(self) -> str:
+        """Hash of the resolved recipe, stable across key order and formatting."""
+        blob = json.dumps(self.resolved_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()

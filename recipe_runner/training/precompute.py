@@ -1,0 +1,211 @@
+"""The precompute cache: VAE latent distributions and text embeddings of every train row, computed once.
+
+Steps then run only the UNet and the ControlNet. Arrays are .npy files opened with mmap (a big dataset's
+latents need not fit in RAM) under `cache/<key>/`, where the key hashes everything they depend on; a
+folder only gets its final name once complete (runfolder/atomic.py), so a killed precompute is redone.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import Dataset
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import Progress
+
+import recipe_runner
+from recipe_runner.data.buckets import bucket_counts, image_sizes
+from recipe_runner.families import Components
+from recipe_runner.recipe.recipe import Recipe
+from recipe_runner.runfolder.atomic import atomic_dir, is_complete
+from recipe_runner.runfolder.events import reporter
+from recipe_runner.training.data import to_pixels
+from recipe_runner.training.encoding import encode_pixels, encode_prompts, vae_dtype, warn_overlong
+from recipe_runner.training.keys import TRAINING_CODE_VERSION, sha256_json
+
+CACHE_FORMAT = 1
+_PROMPT_BATCH = 64
+
+
+def _files_identity(folder: Path, subfolders: list[str]) -> list:
+    """Names, sizes and mtimes of a local model's weights and configs: a rebuilt model gets a new key."""
+    out = []
+    for sub in subfolders:
+        for p in sorted((folder / sub).glob("*")) if (folder / sub).is_dir() else []:
+            if p.is_file():
+                out.append([f"{sub}/{p.name}", p.stat().st_size, p.stat().st_mtime_ns])
+    return out
+
+
+def precompute_key(recipe: Recipe, base: str, dataset_fingerprint: str, dtype: torch.dtype) -> str:
+    spec = recipe.model
+    parts = ["vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"]
+    identity: dict[str, Any] = {"base": spec.base, "revision": spec.revision, "variant": spec.variant}
+    if Path(base).is_dir():
+        identity["files"] = _files_identity(Path(base), parts)
+    if spec.vae is not None:
+        identity["vae"] = spec.vae
+        if Path(spec.vae).is_dir():
+            identity["vae_files"] = _files_identity(Path(spec.vae), [".", "vae"])
+    return sha256_json(
+        {
+            "format": CACHE_FORMAT,
+            "model": identity,
+            "family": spec.resolved_family,
+            "resolution": recipe.dataset.resolution,
+            # Bucketed rows are stored flat (another layout); off, left out so older caches stay valid.
+            **({"layout": "flat"} if recipe.dataset.buckets.enabled else {}),
+            "dataset": dataset_fingerprint,
+            "dtype": str(dtype),
+            "code": [recipe_runner.__version__, TRAINING_CODE_VERSION],
+        }
+    )[:24]
+
+
+@dataclass
+class EncodedCache:
+    """Row r's latents are N(latent_mean[r], latent_std[r]); its prompt's embedding is
+    prompt_embeds[prompt_index[r]]; index 0 is the empty prompt."""
+
+    folder: Path
+    latent_mean: np.ndarray
+    latent_std: np.ndarray
+    prompt_embeds: np.ndarray
+    prompt_index: np.ndarray
+    pooled: np.ndarray | None
+    # Bucketed rows have latents of several shapes: then the latent arrays are flat, and row r's are
+    # [latent_offsets[r] : latent_offsets[r + 1]] reshaped to latent_shapes[r].
+    latent_offsets: np.ndarray | None = None
+    latent_shapes: np.ndarray | None = None
+
+    EMPTY = 0
+
+    def latents(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(mean, std) of these rows, stacked: (len(rows), C, h, w), contiguous in memory."""
+        if self.latent_offsets is None:
+            return np.ascontiguousarray(self.latent_mean[rows]), np.ascontiguousarray(self.latent_std[rows])
+        o, shapes = self.latent_offsets, self.latent_shapes
+        assert shapes is not None
+
+        def take(flat: np.ndarray) -> np.ndarray:
+            return np.stack([flat[o[r] : o[r + 1]].reshape(shapes[r]) for r in rows])
+
+        return take(self.latent_mean), take(self.latent_std)
+
+    @classmethod
+    def open(cls, folder: Path) -> EncodedCache | None:
+        if not is_complete(folder):
+            return None
+        load = lambda name: np.load(folder / f"{name}.npy", mmap_mode="r")  # noqa: E731
+        optional = lambda name: load(name) if (folder / f"{name}.npy").is_file() else None  # noqa: E731
+        return cls(
+            folder,
+            load("latent_mean"),
+            load("latent_std"),
+            load("prompt_embeds"),
+            load("prompt_index"),
+            optional("pooled"),
+            optional("latent_offsets"),
+            optional("latent_shapes"),
+        )
+
+
+def _storage(dtype: torch.dtype) -> np.dtype:
+    # numpy has no bfloat16; bf16 values are stored as float32, which holds them exactly.
+    return np.dtype(np.float16) if dtype == torch.float16 else np.dtype(np.float32)
+
+
+def build_cache(
+    c: Components,
+    recipe: Recipe,
+    rows: Dataset,
+    folder: Path,
+    weight_dtype: torch.dtype,
+    console: Console | None = None,
+) -> EncodedCache:
+    """Encode every row of `rows` with the (already placed) VAE and text encoders into `folder`."""
+    cached = EncodedCache.open(folder)
+    if cached is not None and len(cached.prompt_index) == len(rows):
+        if console:
+            console.print(f"[dim]precomputed latents and text embeddings: reusing {escape(str(folder))}[/]")
+        return cached
+    resolution = recipe.dataset.resolution
+    # Square rows: one (N, C, h, w) array. Bucketed rows: flat arrays, encoded bucket by bucket.
+    sizes = image_sizes(rows) if recipe.dataset.buckets.enabled else None
+    shapes = [c.latent_shape(h, w) for w, h in sizes] if sizes is not None else None
+    if shapes is None:
+        latent_shape: tuple[int, ...] = (len(rows), *c.latent_shape(resolution))
+        groups = [list(range(len(rows)))]
+    else:
+        offsets = np.concatenate([[0], np.cumsum([math.prod(s) for s in shapes])]).astype(np.int64)
+        latent_shape = (int(offsets[-1]),)
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for row, size in enumerate(sizes or []):
+            by_size.setdefault(size, []).append(row)
+        groups = list(by_size.values())
+    prompts = list(rows["prompt"])
+    unique = list(dict.fromkeys(["", *prompts]))  # the empty prompt first: EncodedCache.EMPTY
+    where = {p: i for i, p in enumerate(unique)}
+    warn_overlong(c, unique, console)
+    batch = max(1, recipe.train.batch_size)
+    storage = _storage(weight_dtype)
+    with atomic_dir(folder) as tmp, Progress(console=console, disable=console is None, transient=True) as bar:
+        mean = np.lib.format.open_memmap(tmp / "latent_mean.npy", "w+", dtype=storage, shape=latent_shape)
+        std = np.lib.format.open_memmap(tmp / "latent_std.npy", "w+", dtype=storage, shape=latent_shape)
+        images = rows.select_columns(["image"])
+        task = bar.add_task("encoding images", total=len(rows))
+        report = reporter(console)  # the throttled lines of log.txt, a pipe, --json (bar is transient)
+        encoded = 0
+        report.progress("precompute", encoded, len(rows))
+        for group in groups:
+            for start in range(0, len(group), batch):
+                chunk = group[start : start + batch]
+                fit = None if shapes is not None else resolution  # bucketed rows keep their size
+                pixels = torch.stack([to_pixels(im, fit) for im in images[chunk]["image"]])
+                m, s = encode_pixels(c, pixels.to(dtype=vae_dtype(recipe, weight_dtype)))
+                # Cast to the training dtype first, as a step in reference mode sees it.
+                m, s = (x.to(weight_dtype).float().cpu().numpy() for x in (m, s))
+                if shapes is None:
+                    mean[chunk[0] : chunk[-1] + 1], std[chunk[0] : chunk[-1] + 1] = m, s
+                else:
+                    for i, row in enumerate(chunk):
+                        mean[offsets[row] : offsets[row + 1]] = m[i].ravel()
+                        std[offsets[row] : offsets[row + 1]] = s[i].ravel()
+                bar.advance(task, len(chunk))
+                encoded += len(chunk)
+                report.progress("precompute", encoded, len(rows))
+        mean.flush()
+        std.flush()
+        if shapes is not None:
+            np.save(tmp / "latent_offsets.npy", offsets)
+            np.save(tmp / "latent_shapes.npy", np.array(shapes, dtype=np.int64))
+        task = bar.add_task("encoding prompts", total=len(unique))
+        embeds, pooled = [], []
+        for start in range(0, len(unique), _PROMPT_BATCH):
+            e, p = encode_prompts(c, unique[start : start + _PROMPT_BATCH])
+            embeds.append(e.float().cpu().numpy().astype(storage))
+            if p is not None:
+                pooled.append(p.float().cpu().numpy().astype(storage))
+            bar.advance(task, min(_PROMPT_BATCH, len(unique) - start))
+        np.save(tmp / "prompt_embeds.npy", np.concatenate(embeds))
+        if pooled:
+            np.save(tmp / "pooled.npy", np.concatenate(pooled))
+        np.save(tmp / "prompt_index.npy", np.array([where[p] for p in prompts], dtype=np.int32))
+        meta = {"rows": len(rows), "unique_prompts": len(unique), "latent_shape": latent_shape[1:]}
+        if sizes is not None:
+            meta["buckets"] = bucket_counts(sizes)
+        (tmp / "meta.json").write_text(json.dumps({**meta, "dtype": str(weight_dtype)}, indent=2))
+    if console:
+        console.print(
+            f"[dim]precomputed {len(rows)} latents and {len(unique)} distinct prompts into {folder}[/]"
+        )
+    cache = EncodedCache.open(folder)
+    assert cache is not None
+    return cache

@@ -1,0 +1,151 @@
+"""One micro-step's inputs, randomness and loss, with the semantics of diffusers' train_controlnet.py.
+
+Randomness is drawn per sample from a generator seeded by (seed, micro-step, global position in the
+batch), on the CPU: the same sample gets the same noise whatever the process count, device or
+resume point.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers.training_utils import compute_snr
+
+from recipe_runner.families import Components
+from recipe_runner.recipe.recipe import Recipe
+from recipe_runner.training.encoding import encode_pixels, encode_prompts, sample_latents
+from recipe_runner.training.keys import derive_seed
+from recipe_runner.training.precompute import EncodedCache
+
+
+@dataclass
+class Draws:
+    """Per-sample random choices of one micro-step."""
+
+    empty_prompt: torch.Tensor  # (b,) bool: replace the prompt with ""
+    timesteps: torch.Tensor  # (b,) long in [0, num_train_timesteps)
+    latent_noise: torch.Tensor  # (b, C, h, w): latents = mean + std * latent_noise
+    noise: torch.Tensor  # (b, C, h, w): the noise the model learns to predict
+    offset: torch.Tensor | None = None  # (b, C, 1, 1): train.noise_offset's per-channel constants
+
+
+def draw(
+    seed: int,
+    micro_step: int,
+    positions: list[int],
+    latent_shape: tuple[int, ...],
+    num_timesteps: int,
+    empty_ratio: float,
+    *,
+    offset: bool = False,
+) -> Draws:
+    empty, steps, latent_noise, noise, offsets = [], [], [], [], []
+    for position in positions:
+        g = torch.Generator().manual_seed(derive_seed(seed, "sample", micro_step, position))
+        empty.append(bool(torch.rand((), generator=g) < empty_ratio))
+        steps.append(torch.randint(0, num_timesteps, (1,), generator=g))
+        latent_noise.append(torch.randn(latent_shape, generator=g))
+        noise.append(torch.randn(latent_shape, generator=g))
+        if offset:  # drawn last, so that the draws before it are those of a run without offset noise
+            offsets.append(torch.randn((latent_shape[0], 1, 1), generator=g))
+    return Draws(
+        torch.tensor(empty),
+        torch.cat(steps).long(),
+        torch.stack(latent_noise),
+        torch.stack(noise),
+        torch.stack(offsets) if offset else None,
+    )
+
+
+@dataclass
+class StepInputs:
+    """What the denoiser sees, before noise: latent distribution, text and conditioning image."""
+
+    latent_mean: torch.Tensor
+    latent_std: torch.Tensor
+    prompt_embeds: torch.Tensor
+    pooled: torch.Tensor | None
+    conditioning: torch.Tensor
+
+
+def inputs_from_cache(
+    cache: EncodedCache, batch: dict, draws: Draws, device: torch.device, dtype: torch.dtype
+) -> StepInputs:
+    rows = batch["index"].numpy()
+    prompt = np.where(draws.empty_prompt.numpy(), EncodedCache.EMPTY, cache.prompt_index[rows])
+
+    def take(array: np.ndarray, index: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array[index])).to(device, dtype, non_blocking=True)
+
+    mean, std = cache.latents(rows)
+    return StepInputs(
+        torch.from_numpy(mean).to(device, dtype, non_blocking=True),
+        torch.from_numpy(std).to(device, dtype, non_blocking=True),
+        take(cache.prompt_embeds, prompt),
+        take(cache.pooled, prompt) if cache.pooled is not None else None,
+        batch["conditioning"].to(device, non_blocking=True),
+    )
+
+
+def inputs_by_encoding(
+    c: Components, batch: dict, draws: Draws, device: torch.device, dtype: torch.dtype
+) -> StepInputs:
+    """Reference mode: run the VAE and the text encoder(s) on this batch."""
+    prompts = [
+        "" if empty else p for p, empty in zip(batch["prompt"], draws.empty_prompt.tolist(), strict=True)
+    ]
+    mean, std = encode_pixels(c, batch["pixels"])
+    embeds, pooled = encode_prompts(c, prompts)
+    return StepInputs(
+        mean.to(device, dtype),
+        std.to(device, dtype),
+        embeds.to(device, dtype),
+        pooled.to(device, dtype) if pooled is not None else None,
+        batch["conditioning"].to(device, non_blocking=True),
+    )
+
+
+def diffusion_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """MSE in fp32 (tests replace this to inject a NaN)."""
+    return F.mse_loss(prediction.float(), target.float(), reduction="mean")
+
+
+def controlnet_loss(
+    c: Components,
+    controlnet: torch.nn.Module,
+    inputs: StepInputs,
+    draws: Draws,
+    recipe: Recipe,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Noise the latents at random timesteps and score the denoiser+ControlNet's prediction."""
+    assert c.denoiser is not None
+    device = inputs.latent_mean.device
+    latents = sample_latents(c, inputs.latent_mean, inputs.latent_std, draws.latent_noise).to(dtype)
+    noise = draws.noise
+    if draws.offset is not None:
+        noise = noise + recipe.train.noise_offset * draws.offset  # as diffusers' scripts: noise += offset
+    noise = noise.to(device, dtype)
+    timesteps = draws.timesteps.to(device)
+    noisy, target = c.family.noisy_and_target(c, latents, noise, timesteps)
+    prediction = c.family.predict(c, controlnet, noisy, timesteps, inputs, recipe, dtype)
+    if recipe.train.snr_gamma is None:
+        return diffusion_loss(prediction, target)
+    return min_snr_loss(prediction, target, c, timesteps, recipe.train.snr_gamma)
+
+
+def min_snr_loss(
+    prediction: torch.Tensor, target: torch.Tensor, c: Components, timesteps: torch.Tensor, gamma: float
+) -> torch.Tensor:
+    """Per-sample MSE weighted by min(SNR, gamma) / SNR (v-prediction: / (SNR + 1)), then averaged: the
+    weighting of diffusers' train_text_to_image.py with --snr_gamma."""
+    snr = compute_snr(c.noise_scheduler, timesteps).float()
+    weight = torch.clamp(snr, max=gamma) / (snr if c.prediction_type == "epsilon" else snr + 1)
+    weight = torch.where(snr == 0, 1.0, weight)  # a zero-terminal-SNR schedule's last step: 0 / 0
+    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(
+        dim=list(range(1, prediction.ndim))
+    )
+    return (per_sample * weight).mean()

@@ -1,1 +1,0 @@
-"""Run orchestration: the run folder, stages, lock file, plan, diff and reproduce."""
