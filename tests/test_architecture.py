@@ -60,5 +60,6 @@ def test_every_recipe_family_name_has_one_family_object():
     assert set(FAMILIES) == set(get_args(Family))
     assert all(f.name == name for name, f in FAMILIES.items())
     assert set(BUILTIN_MODELS.values()) <= set(FAMILIES)
-    assert {f.offline_arch for f in FAMILIES.values()} <= set(ARCHS)
-    assert all(FAMILIES[ARCHS[f.offline_arch].family] is f for f in FAMILIES.values())
+    offline = [f for f in FAMILIES.values() if f.offline_arch is not None]  # SD3: none yet
+    assert {f.offline_arch for f in offline} <= set(ARCHS)
+    assert all(FAMILIES[ARCHS[f.offline_arch].family] is f for f in offline)

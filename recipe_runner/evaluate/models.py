@@ -34,19 +34,20 @@ def load_base_pipelines(
 
     `controlnet` defaults to the run's final weights; the family picks the pipeline classes.
     """
-    from diffusers import AutoencoderKL, ControlNetModel
+    from diffusers import AutoencoderKL
 
     model = loaded.recipe.model
     device, dtype = inference_device()
     family = family_of(loaded.recipe)
     base_cls, control_cls = family.pipeline_classes()
     kwargs: dict[str, Any] = {"torch_dtype": dtype, "revision": model.revision, "variant": model.variant}
+    base = resolve_base(loaded, folder)
+    kwargs.update(family.pipeline_load_kwargs(loaded, base))
     if model.vae:
         local_vae = loaded.resolve(model.vae)
         kwargs["vae"] = AutoencoderKL.from_pretrained(
             str(local_vae) if local_vae.is_dir() else model.vae, torch_dtype=dtype
         )
-    base = resolve_base(loaded, folder)
     try:
         base_pipe = base_cls.from_pretrained(base, **kwargs)
     except OSError as e:
@@ -54,7 +55,9 @@ def load_base_pipelines(
             f"model.base: could not load {base!r} as a {family.pipeline_name} pipeline ({e})",
             hint="check the id or folder, your network, or set model.family",
         ) from None
-    weights = ControlNetModel.from_pretrained(str(controlnet or folder.controlnet), torch_dtype=dtype)
+    weights = family.controlnet_class().from_pretrained(
+        str(controlnet or folder.controlnet), torch_dtype=dtype
+    )
     # from_pipe shares the base's modules: one copy of the UNet, VAE and text encoders in memory.
     control_pipe = control_cls.from_pipe(base_pipe, controlnet=weights)
     for pipe in (base_pipe, control_pipe):

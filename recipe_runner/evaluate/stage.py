@@ -27,13 +27,24 @@ from recipe_runner.errors import UserError
 from recipe_runner.evaluate.metrics import metrics_for
 from recipe_runner.evaluate.models import inference_device, load_base_pipelines
 from recipe_runner.evaluate.shapes import shape_iou
+from recipe_runner.families import family_of
 from recipe_runner.recipe.loader import LoadedRecipe
 from recipe_runner.recipe.sections import EvaluateSpec
 from recipe_runner.runfolder.atomic import atomic_dir, is_complete
 from recipe_runner.runfolder.layout import RunFolder
 
 
-def _generate(pipe: Any, row: dict[str, Any], spec: EvaluateSpec, seed: int, control: bool) -> Image.Image:
+def _image_argument(image: Image.Image) -> dict[str, Any]:
+    return {"image": image}
+
+
+def _generate(
+    pipe: Any,
+    row: dict[str, Any],
+    spec: EvaluateSpec,
+    seed: int,
+    control: Callable[[Image.Image], dict[str, Any]] | None,
+) -> Image.Image:
     cond = row["conditioning_image"].convert("RGB")
     # A CPU generator gives the same starting noise on every device, and the same for base and ControlNet.
     kwargs: dict[str, Any] = {
@@ -44,8 +55,8 @@ def _generate(pipe: Any, row: dict[str, Any], spec: EvaluateSpec, seed: int, con
         "width": cond.width,
         "height": cond.height,
     }
-    if control:
-        kwargs["image"] = cond
+    if control is not None:  # the ControlNet pipeline: its conditioning image
+        kwargs.update(control(cond))
     with torch.inference_mode():
         return pipe(**kwargs).images[0]
 
@@ -71,6 +82,7 @@ def evaluate_pipeline(
     shapes: bool = False,
     reference: str = "conditioning_image",
     on_row: Callable[[], Any] | None = None,
+    control_kwargs: Callable[[Image.Image], dict[str, Any]] = _image_argument,
 ) -> dict[str, Any]:
     """Score `pipe` (a ControlNet pipeline) and optionally `base_pipe` (the same base without it).
 
@@ -79,7 +91,8 @@ def evaluate_pipeline(
     is re-extracted from every generated image with `condition` and compared, by the metric for the
     condition's type, with the row's conditioning image, or with `reference="image"` with the condition
     extracted from the row's image; `shapes` adds the shape-mask IoU of the builtin shapes data.
-    `on_row()` is called after each row (for progress).
+    `on_row()` is called after each row (for progress). `control_kwargs(image)`: the ControlNet
+    pipeline's arguments for a conditioning image (the family's `sampling_kwargs`).
 
     Returns {"rows": [{index, prompt, ours, baseline?}], "mean": {"ours", "baseline"?}, "images":
     {"condition", "ours", "baseline"?}}; "images" holds PIL images, so drop it before writing JSON.
@@ -89,7 +102,10 @@ def evaluate_pipeline(
     grid_size = getattr(getattr(condition, "cfg", None), "grid_size", None)
     if grid_size is not None:
         settings["grid_size"] = grid_size
-    runs = {"ours": (pipe, True), **({"baseline": (base_pipe, False)} if base_pipe is not None else {})}
+    runs = {
+        "ours": (pipe, control_kwargs),
+        **({"baseline": (base_pipe, None)} if base_pipe is not None else {}),
+    }
 
     scored: list[dict[str, Any]] = []
     images: dict[str, list[Image.Image]] = {"condition": [], **{who: [] for who in runs}}
@@ -205,6 +221,7 @@ def evaluate_folder(
             shapes=shapes,
             reference=reference,
             on_row=advance,
+            control_kwargs=family_of(recipe).sampling_kwargs,
         )
 
     images = out.pop("images")

@@ -92,13 +92,14 @@ class ModelFamily:
     tokenizer_folders: tuple[str, ...]  # a diffusers pipeline folder's subfolders
     text_encoder_folders: tuple[str, ...]
     native_resolutions: tuple[int, ...]  # what its bases were trained at (px)
-    offline_arch: str  # models/archs.py's full-size architecture, when a hub id's configs are not here
+    offline_arch: str | None  # models/archs.py's full-size architecture, when a hub id's configs are not here
     hub_tag: str  # the Hub tag a model card of this family carries
     license: str  # the license of the family's reference bases (a model card's default)
     figures: Figures
     pooled_text: bool = False  # its text encoding has a pooled embedding too (cached beside the tokens')
     supports_micro_conditioning: bool = False  # train.micro_conditioning (SDXL's size/crop inputs)
     vae_upcast: bool = False  # the VAE stays in fp32 under mixed precision unless model.vae replaces it
+    vae_in_step: bool = False  # the step itself runs the VAE (on the conditioning image), precompute or not
 
     # --- loading -----------------------------------------------------------------------------------
     def check_folder(self, recipe: Recipe, folder: Path) -> None:
@@ -116,9 +117,21 @@ class ModelFamily:
         """A ControlNet initialised from `c`'s denoiser (`model.controlnet: null`)."""
         raise NotImplementedError
 
+    def controlnet_class(self) -> type:
+        """The diffusers class of its ControlNets (to load trained weights)."""
+        raise NotImplementedError
+
+    def check_scheduler(self, recipe: Recipe, c: Components) -> None:
+        """A UserError when the base's noise scheduler is one this family cannot train with."""
+        raise NotImplementedError
+
     # --- encoding ----------------------------------------------------------------------------------
     def encode_prompts(self, c: Components, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Text embeddings (batch, tokens, width) and the pooled embeddings (None if it has none)."""
+        raise NotImplementedError
+
+    def text_shape(self, c: Components) -> tuple[int, int, int | None]:
+        """(tokens, width, pooled width or None) of `encode_prompts`' output, without running it."""
         raise NotImplementedError
 
     def vae_dtype(self, recipe: Recipe, weight_dtype: torch.dtype) -> torch.dtype:
@@ -127,10 +140,19 @@ class ModelFamily:
         return torch.float32 if self.vae_upcast and recipe.model.vae is None else weight_dtype
 
     # --- the training step -------------------------------------------------------------------------
+    def timestep_sampler(self, recipe: Recipe, num_timesteps: int) -> Any:
+        """A function of a sample's torch.Generator that draws its timestep (index), shape (1,)."""
+        raise NotImplementedError
+
     def noisy_and_target(
-        self, c: Components, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+        self,
+        c: Components,
+        latents: torch.Tensor,
+        noise: torch.Tensor,
+        timesteps: torch.Tensor,
+        recipe: Recipe,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The denoiser's noisy input at `timesteps`, and what it should predict."""
+        """The denoiser's noisy input at `timesteps` (as drawn), and what it should predict."""
         raise NotImplementedError
 
     def predict(
@@ -146,10 +168,26 @@ class ModelFamily:
         """The denoiser's prediction, steered by the ControlNet (`inputs`: training.step.StepInputs)."""
         raise NotImplementedError
 
+    def loss_weights(self, c: Components, timesteps: torch.Tensor, recipe: Recipe) -> torch.Tensor | None:
+        """Per-sample loss weights (batch,), or None for the plain mean squared error."""
+        raise NotImplementedError
+
     # --- sampling ----------------------------------------------------------------------------------
+    def sampling_scheduler(self, c: Components) -> Any:
+        """The scheduler validation samples with, from the training scheduler's config."""
+        raise NotImplementedError
+
+    def sampling_kwargs(self, image: Any) -> dict[str, Any]:
+        """The ControlNet pipeline's call arguments for a conditioning image."""
+        return {"image": image}
+
     def pipeline(self, c: Components, controlnet: Any, vae: Any, scheduler: Any) -> Any:
         """A diffusers ControlNet pipeline over the components already in memory."""
         raise NotImplementedError
+
+    def pipeline_load_kwargs(self, loaded: LoadedRecipe, base: str) -> dict[str, Any]:
+        """Extra `from_pretrained` arguments for loading `base` as a pipeline."""
+        return {}
 
     def pipeline_classes(self) -> tuple[type, type]:
         """(base pipeline, ControlNet pipeline) classes for loading a base for inference."""

@@ -163,7 +163,24 @@ class StableDiffusion(ModelFamily):
                 conditioning_embedding_out_channels=channels,
             )
 
+    def controlnet_class(self) -> type:
+        from diffusers import ControlNetModel
+
+        return ControlNetModel
+
+    def check_scheduler(self, recipe: Recipe, c: Components) -> None:
+        if c.prediction_type not in ("epsilon", "v_prediction"):
+            raise UserError(
+                f"the noise scheduler of {recipe.model.base!r} predicts {c.prediction_type!r}; "
+                "ControlNet training supports epsilon and v_prediction"
+            )
+
     # --- encoding ----------------------------------------------------------------------------------
+    def text_shape(self, c: Components) -> tuple[int, int, int | None]:
+        width = sum(e.config.hidden_size for e in c.text_encoders)
+        pooled = c.text_encoders[-1].config.hidden_size if self.pooled_text else None
+        return c.tokenizers[0].model_max_length, width, pooled
+
     def encode_prompts(self, c: Components, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         # SD 1.x/2.x: the last hidden state, no attention mask (as the reference).
         device = c.text_encoders[0].device
@@ -171,14 +188,32 @@ class StableDiffusion(ModelFamily):
         return c.text_encoders[0](ids, return_dict=False)[0], None
 
     # --- the training step -------------------------------------------------------------------------
+    def timestep_sampler(self, recipe: Recipe, num_timesteps: int) -> Any:
+        import torch
+
+        return lambda g: torch.randint(0, num_timesteps, (1,), generator=g)  # uniform, as the reference
+
     def noisy_and_target(
-        self, c: Components, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+        self,
+        c: Components,
+        latents: torch.Tensor,
+        noise: torch.Tensor,
+        timesteps: torch.Tensor,
+        recipe: Recipe,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         noisy = c.noise_scheduler.add_noise(latents, noise, timesteps)
         if c.prediction_type == "epsilon":
             return noisy, noise
         # v_prediction (checked when the session starts)
         return noisy, c.noise_scheduler.get_velocity(latents, noise, timesteps)
+
+    def loss_weights(self, c: Components, timesteps: torch.Tensor, recipe: Recipe) -> torch.Tensor | None:
+        """train.snr_gamma: min(SNR, gamma) / SNR (v-prediction: / (SNR + 1)), the weighting of diffusers'
+        train_text_to_image.py with --snr_gamma; None: the reference's plain mean."""
+        gamma = recipe.train.snr_gamma
+        return (
+            None if gamma is None else min_snr_weights(c.noise_scheduler, c.prediction_type, timesteps, gamma)
+        )
 
     def added_conditions(
         self, c: Components, inputs: Any, noisy: torch.Tensor, recipe: Recipe, dtype: torch.dtype
@@ -216,6 +251,11 @@ class StableDiffusion(ModelFamily):
         )[0]
 
     # --- sampling ----------------------------------------------------------------------------------
+    def sampling_scheduler(self, c: Components) -> Any:
+        from diffusers import UniPCMultistepScheduler
+
+        return UniPCMultistepScheduler.from_config(c.noise_scheduler.config)
+
     def pipeline_parts(self, tokenizers: list, encoders: list, unet: Any, vae: Any) -> dict[str, Any]:
         """The keyword arguments its diffusers pipelines share (with or without a ControlNet)."""
         return {
@@ -337,6 +377,18 @@ def add_time_ids(
     crop = tuple(micro.crops_coords_top_left) if micro is not None else (0, 0)
     ids = torch.tensor([list(size + crop + size)], dtype=dtype, device=device)
     return ids.repeat(batch, 1)
+
+
+def min_snr_weights(
+    scheduler: Any, prediction_type: str, timesteps: torch.Tensor, gamma: float
+) -> torch.Tensor:
+    """min(SNR, gamma) / SNR for epsilon, / (SNR + 1) for v-prediction, per sample."""
+    import torch
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(scheduler, timesteps).float()
+    weight = torch.clamp(snr, max=gamma) / (snr if prediction_type == "epsilon" else snr + 1)
+    return torch.where(snr == 0, 1.0, weight)  # a zero-terminal-SNR schedule's last step: 0 / 0
 
 
 def _check_fits(name: str, base: str, controlnet: Any, unet: Any, vae_scale_factor: int) -> None:

@@ -1,4 +1,4 @@
-"""Builtin tiny Stable Diffusion / SDXL models, random-initialised and built offline.
+"""Builtin tiny Stable Diffusion / SDXL / SD3 models, random-initialised and built offline.
 
 They have the real architectures at toy sizes (like diffusers' own tests), so the whole training
 path (text encoding, VAE latents, UNet + ControlNet, schedulers, saving, pipelines) runs on a CPU
@@ -20,6 +20,9 @@ from diffusers import (
     AutoencoderKL,
     DDPMScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
@@ -51,7 +54,7 @@ def _tokenizer(folder: Path) -> CLIPTokenizer:
     return CLIPTokenizer.from_pretrained(folder)
 
 
-def _save(pipe: StableDiffusionPipeline | StableDiffusionXLPipeline, out_dir: Path) -> None:
+def _save(pipe, out_dir: Path) -> None:
     pipe.save_pretrained(out_dir, safe_serialization=True)
     # Re-write the tokenizers from scratch: transformers 5 saves load-time kwargs such as
     # local_files_only into tokenizer_config.json; our four files are all CLIPTokenizer needs.
@@ -80,18 +83,18 @@ def _text_config(tokenizer: CLIPTokenizer, **sizes: int) -> CLIPTextConfig:
     )
 
 
-def _vae(seed: int, *, scaling_factor: float, force_upcast: bool) -> AutoencoderKL:
+def _vae(seed: int, *, scaling_factor: float, force_upcast: bool, **kwargs) -> AutoencoderKL:
     torch.manual_seed(seed)
     return AutoencoderKL(
         block_out_channels=(32, 32, 64, 64),
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
         layers_per_block=1,
         norm_num_groups=32,
         sample_size=_LATENT_SIZE * 8,
         scaling_factor=scaling_factor,
         force_upcast=force_upcast,
+        **{"latent_channels": 4, **kwargs},
     )
 
 
@@ -183,6 +186,47 @@ def build_tiny_sdxl(out_dir: Path, *, seed: int = 0) -> Path:
     return out_dir
 
 
+def build_tiny_sd3(out_dir: Path, *, seed: int = 0) -> Path:
+    """Write a random-initialised tiny SD3 folder: two CLIP encoders with projections (no T5: SD3 runs
+    without it), an MMDiT transformer, a 16-channel VAE with SD3's shift and scale, flow-matching noise."""
+    out_dir = Path(out_dir)
+    tokenizer = _tokenizer(out_dir / "tokenizer")
+    tokenizer_2 = _tokenizer(out_dir / "tokenizer_2")
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModelWithProjection(_text_config(tokenizer))
+    torch.manual_seed(seed + 1)
+    text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer_2))
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=_LATENT_SIZE,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=3,  # a ControlNet copies all but the last (which outputs no text stream)
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=64,  # the T5 width; the CLIP embeddings (32 + 32) are padded to it
+        caption_projection_dim=16,
+        pooled_projection_dim=text_encoder.config.projection_dim + text_encoder_2.config.projection_dim,
+        pos_embed_max_size=16,  # up to 256 px at this VAE's 8x
+    )
+    # SD3's VAE: 16 latent channels, latents = (mean - shift_factor) * scaling_factor.
+    vae = _vae(seed, scaling_factor=1.5305, force_upcast=False, latent_channels=16, shift_factor=0.0609)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+    _save(pipe, out_dir)
+    return out_dir
+
+
 def build_shapes_sd(out_dir: Path, *, seed: int = 0) -> Path:
     """The small pretrained base shipped for the shapes demo (see docs/shapes-base.md), in fp32."""
     from recipe_runner.models.shapes_base import write_shapes_sd
@@ -193,6 +237,7 @@ def build_shapes_sd(out_dir: Path, *, seed: int = 0) -> Path:
 BUILTIN_MODELS: dict[str, Callable[..., Path]] = {
     "tiny-sd": build_tiny_sd,
     "tiny-sdxl": build_tiny_sdxl,
+    "tiny-sd3": build_tiny_sd3,
     "shapes-sd": build_shapes_sd,
 }
 

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 
 from recipe_runner.recipe.base import Section
+from recipe_runner.recipe.marks import RETRAINS_IF_SET
 
-Family = Literal["sd1", "sd2", "sdxl"]
-BUILTIN_MODELS: dict[str, Family] = {"tiny-sd": "sd1", "tiny-sdxl": "sdxl", "shapes-sd": "sd1"}
+Family = Literal["sd1", "sd2", "sdxl", "sd3"]
+BUILTIN_MODELS: dict[str, Family] = {
+    "tiny-sd": "sd1",
+    "tiny-sdxl": "sdxl",
+    "shapes-sd": "sd1",
+    "tiny-sd3": "sd3",
+}
 DEFAULT_BASE = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 # Hub repositories that were removed and re-published under another id (diffusers moved every reference):
 # old recipes still load and map to the same family and offline architecture, but `recipe validate` and
@@ -27,6 +33,8 @@ def guess_family(base: str) -> Family:
     if base.startswith("builtin:"):
         return BUILTIN_MODELS.get(base.removeprefix("builtin:"), "sd1")
     low = base.lower()
+    if "stable-diffusion-3" in low or "sd3" in low or "sd-3" in low:
+        return "sd3"
     if "xl" in low:
         return "sdxl"
     if "stable-diffusion-2" in low or "sd2" in low or "sd-2" in low:
@@ -39,9 +47,10 @@ class ModelSpec(Section):
 
     base: str = DEFAULT_BASE
     """The base model: a hub id, a local diffusers folder, or `builtin:tiny-sd` / `builtin:tiny-sdxl` /
-    `builtin:shapes-sd` (offline models for tests and the demo)."""
+    `builtin:tiny-sd3` / `builtin:shapes-sd` (offline models for tests and the demo)."""
     family: Family | None = None
-    """Model family; null: guessed from `base` (names containing `xl` are SDXL)."""
+    """Model family: `sd1`, `sd2`, `sdxl` or `sd3` (SD 3 and 3.5); null: guessed from `base` (names
+    containing `stable-diffusion-3` or `sd3` are SD3, those containing `xl` SDXL)."""
     revision: str | None = None
     """Git revision of the base model on the hub; pin it for reproducible runs."""
     variant: str | None = None
@@ -52,6 +61,14 @@ class ModelSpec(Section):
     """A VAE to use instead of the base's, e.g. `madebyollin/sdxl-vae-fp16-fix` for SDXL in fp16."""
     conditioning_channels: int = Field(3, ge=1, le=16)
     """Channels of the conditioning image the ControlNet takes."""
+    controlnet_layers: Annotated[int | None, RETRAINS_IF_SET] = Field(None, ge=1)
+    """SD3 only: how many of the transformer's blocks a new ControlNet copies (diffusers'
+    `SD3ControlNetModel.from_transformer`); null: 12, as diffusers' train_controlnet_sd3.py, or every
+    block of a transformer with fewer."""
+    t5: Annotated[bool, RETRAINS_IF_SET] = True
+    """SD3 only: encode prompts with the base's T5 encoder too (4.7B parameters, on the CPU while
+    training with the precompute cache); false: leave it out, its tokens are zeros, as diffusers' SD3
+    pipeline does without it (prompts are then read by the two CLIP encoders alone)."""
 
     @property
     def resolved_family(self) -> Family:

@@ -16,6 +16,24 @@ from recipe_runner.recipe.model import ModelSpec
 from recipe_runner.recipe.sections import EvaluateSpec, LaunchSpec, LoggingSpec, OutputSpec
 from recipe_runner.recipe.train import TrainSpec
 
+# What SD3 bases refuse, and why (`recipe plan` offers none of these as a memory saver for them).
+NOT_FOR_SD3: dict[tuple[str, str], str] = {
+    ("train", "lora"): "train.lora targets the UNet ControlNet's layers",
+    ("train", "fp8_base"): "train.fp8_base is measured and tested for UNets only",
+    ("train", "snr_gamma"): "Min-SNR weighting is for DDPM noise; SD3 flow matching weights its loss with "
+    "train.flow_matching.weighting_scheme",
+    ("train", "attention"): "eager attention would replace SD3's joint attention processors",
+    (
+        "model",
+        "conditioning_channels",
+    ): "an SD3 ControlNet takes the VAE latents of an RGB conditioning image",
+}
+
+
+def refused_options(family: str) -> set[str]:
+    """The dotted options a family refuses (set to anything but their default)."""
+    return {".".join(path) for path in NOT_FOR_SD3} if family == "sd3" else set()
+
 
 class Recipe(Section):
     """A recipe-runner recipe: how one ControlNet is trained."""
@@ -54,11 +72,40 @@ class Recipe(Section):
                 f"train.micro_conditioning applies only to SDXL bases, but model.base {self.model.base!r} is "
                 f"{family}; remove it or set model.family: sdxl",
             )
+        self._family_options(family)
         if self.evaluate.enabled and self.dataset.holdout == 0:
             raise FieldError(
                 ("evaluate", "enabled"), "evaluate.enabled needs held-out rows: set dataset.holdout (e.g. 16)"
             )
         return self
+
+    def _family_options(self, family: str) -> None:
+        """Options that exist for some families only (families/ implements them)."""
+        t, m = self.train, self.model
+        if family != "sd3":
+            sd3_only = {
+                ("train", "flow_matching"): t.flow_matching is not None,
+                ("model", "controlnet_layers"): m.controlnet_layers is not None,
+                ("model", "t5"): not m.t5,
+            }
+            for path, is_set in sd3_only.items():
+                if is_set:
+                    raise FieldError(
+                        path,
+                        f"{'.'.join(path)} applies only to SD3 bases, but model.base {m.base!r} is {family}; "
+                        "remove it or set model.family: sd3",
+                    )
+            return
+        used = {
+            ("train", "lora"): t.lora is not None,
+            ("train", "fp8_base"): t.fp8_base,
+            ("train", "snr_gamma"): t.snr_gamma is not None,
+            ("train", "attention"): t.attention == "eager",
+            ("model", "conditioning_channels"): m.conditioning_channels != 3,
+        }
+        for path, why in NOT_FOR_SD3.items():
+            if used[path]:
+                raise FieldError(path, f"not for SD3 bases: {why}; remove it")
 
     @property
     def output_dir(self) -> str:

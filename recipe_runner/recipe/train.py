@@ -55,6 +55,25 @@ class MicroConditioning(Section):
     """Crop coordinates (top, left) given to SDXL during training."""
 
 
+class FlowMatching(Section):
+    """Flow-matching families (SD3): how training timesteps are drawn and the loss weighted, with the
+    options and defaults of diffusers' train_controlnet_sd3.py."""
+
+    weighting_scheme: Literal["logit_normal", "mode", "cosmap", "sigma_sqrt", "none"] = "logit_normal"
+    """`logit_normal` and `mode` draw timesteps from that density (SD3's paper: logit-normal favours the
+    middle of the schedule); `cosmap` and `sigma_sqrt` draw them uniformly and weight the loss; `none`:
+    uniform, unweighted."""
+    logit_mean: float = 0.0
+    """Mean of the logit-normal density."""
+    logit_std: float = Field(1.0, gt=0)
+    """Standard deviation of the logit-normal density."""
+    mode_scale: float = 1.29
+    """Scale of the `mode` density."""
+    precondition_outputs: bool = True
+    """Precondition the transformer's output as EDM does (prediction × -sigma + noisy input, against the
+    clean latents as target); false: it predicts the velocity noise - latents."""
+
+
 class LoraSpec(Section):
     """Train a low-rank adapter (LoRA) of the ControlNet instead of all its weights, as Stability's
     Control-LoRA and kohya's ControlNet-LLLite do: the copied encoder stays frozen in the compute
@@ -175,6 +194,8 @@ class TrainSpec(Section):
     """Sample grids during training."""
     micro_conditioning: MicroConditioning | None = None
     """SDXL only: size and crop conditioning."""
+    flow_matching: Annotated[FlowMatching | None, RETRAINS_IF_SET] = None
+    """SD3 only: timestep sampling and loss weighting; null: diffusers' SD3 script's defaults."""
 
     @model_validator(mode="after")
     def _length(self) -> TrainSpec:

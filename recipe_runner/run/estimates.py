@@ -14,7 +14,7 @@ from pathlib import Path
 
 from recipe_runner.families import FAMILIES, ModelSize
 from recipe_runner.recipe.loader import resolve_against
-from recipe_runner.recipe.recipe import Recipe
+from recipe_runner.recipe.recipe import Recipe, refused_options
 
 GIB = 2**30  # cards are sold in GiB ("24 GB"), so every "GB" here is 2**30 bytes
 CARD_SIZES_GB = (8, 12, 16, 24, 40, 80)
@@ -32,6 +32,7 @@ BUILTIN_SIZES = {
     "tiny-sd": ModelSize(1.43e6, 1.09e6, 1.03e6, 0.04e6, "builtin:tiny-sd (counted)"),
     "tiny-sdxl": ModelSize(1.98e6, 1.38e6, 1.03e6, 0.08e6, "builtin:tiny-sdxl (counted)"),
     "shapes-sd": ModelSize(1.43e6, 1.09e6, 1.03e6, 0.04e6, "builtin:shapes-sd (tiny-sd sized)"),
+    "tiny-sd3": ModelSize(0.035e6, 0.029e6, 1.05e6, 0.08e6, "builtin:tiny-sd3 (counted)"),
 }
 # Activations of one image at 512 px, GiB, by (half precision, gradient checkpointing): ControlNet under
 # autocast and the frozen UNet in the half dtype, SDPA attention (traced; see the families' figures).
@@ -212,6 +213,7 @@ def memory_savers(recipe: Recipe, base_dir: Path | None = None) -> tuple[list[st
     """Options that would lower the estimate and are not in use yet, each with what it alone saves, and
     the recipe with all of them."""
     t = recipe.train
+    refused = refused_options(recipe.model.resolved_family)
     found: list[tuple[str, dict]] = []
     if not t.gradient_checkpointing:
         found.append(("train.gradient_checkpointing: true (≈ 30% slower)", {"gradient_checkpointing": True}))
@@ -231,7 +233,7 @@ def memory_savers(recipe: Recipe, base_dir: Path | None = None) -> tuple[list[st
         found.append(
             ("train.precompute: true (VAE and text encoders off the accelerator)", {"precompute": True})
         )
-    if not t.fp8_base and not t.compile:  # (fp8_base and compile do not combine)
+    if not t.fp8_base and not t.compile and "train.fp8_base" not in refused:  # (fp8 and compile do not mix)
         found.append(
             (
                 "train.fp8_base: true (the frozen UNet in fp8; a little speed and fidelity; needs "
@@ -239,7 +241,7 @@ def memory_savers(recipe: Recipe, base_dir: Path | None = None) -> tuple[list[st
                 {"fp8_base": True},
             )
         )
-    if t.lora is None:
+    if t.lora is None and "train.lora" not in refused:
         from recipe_runner.recipe.train import LoraSpec
 
         found.append(

@@ -12,6 +12,7 @@ from rich.markup import escape
 
 from recipe_runner.data.buckets import training_size
 from recipe_runner.errors import UserError
+from recipe_runner.families import family_of
 from recipe_runner.recipe.dataset import DatasetSpec
 from recipe_runner.recipe.loader import LoadedRecipe
 from recipe_runner.run.lockfile import load_run_recipe
@@ -100,7 +101,7 @@ def sample_run(
     for file, image in zip(files, conditions, strict=True):
         images = pipe(
             prompt,
-            image=image,
+            **family_of(loaded.recipe).sampling_kwargs(image),
             num_inference_steps=steps,
             guidance_scale=guidance_scale,
             controlnet_conditioning_scale=conditioning_scale,

@@ -219,6 +219,7 @@ def train_loop(
     c, device, dtype = session.components, session.device, session.weight_dtype
     accelerator.step = state.micro_step  # accelerate's accumulation counter (not reset at epoch ends)
     timesteps = c.noise_scheduler.config.num_train_timesteps
+    sample_timestep = c.family.timestep_sampler(recipe, timesteps)
     total_micro = session.max_steps * train.gradient_accumulation_steps
     timer = PhaseTimer(profile)
     group_loss = torch.zeros((), device=device)  # summed on the device: no sync per micro-step
@@ -242,6 +243,7 @@ def train_loop(
                     timesteps,
                     train.empty_prompt_ratio,
                     offset=train.noise_offset > 0,
+                    sample_timestep=sample_timestep,
                 )
             with accelerator.accumulate(session.controlnet):
                 with timer("encode"):

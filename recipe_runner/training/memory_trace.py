@@ -169,9 +169,9 @@ def recipe_components(loaded: LoadedRecipe, folder: Path) -> tuple[Components, s
     try:
         return load_components(loaded, base, weights=False), f"the configs of {loaded.recipe.model.base}"
     except UserError as error:
-        if Path(base).is_dir():
-            raise
         arch = family_of(loaded.recipe).offline_arch
+        if Path(base).is_dir() or arch is None:  # a local folder's own error; no offline architecture
+            raise
         return arch_components(loaded, arch, folder), (
             f"the {arch} architecture (models/archs.py): {loaded.recipe.model.base}'s configs could not be "
             f"read: {error.message.split(': ', 1)[-1]}"
@@ -190,7 +190,7 @@ def trace(
     from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
     from recipe_runner.training import features
-    from recipe_runner.training.encoding import place_encoders
+    from recipe_runner.training.encoding import move, place_encoders, vae_dtype
     from recipe_runner.training.session import place_models
     from recipe_runner.training.step import StepInputs, controlnet_loss, draw, inputs_by_encoding
 
@@ -209,6 +209,9 @@ def trace(
     if not train.precompute:  # reference mode: the encoders stay on the accelerator
         place_encoders(c, recipe, "meta", dtype)
         on_device += [c.vae, *c.text_encoders]
+    elif c.family.vae_in_step:  # it encodes the conditioning image at each step
+        move(c.vae.requires_grad_(False), "meta", vae_dtype(recipe, dtype))
+        on_device.append(c.vae)
 
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     for model in on_device:
@@ -232,8 +235,7 @@ def trace(
     b, res = train.batch_size, recipe.dataset.resolution
     width, height = size or (res, res)  # (width, height): an aspect-ratio bucket's, or the square
     shape = c.latent_shape(height, width)
-    text_width = sum(e.config.hidden_size for e in c.text_encoders)
-    tokens = c.tokenizers[0].model_max_length
+    tokens, text_width, pooled = c.family.text_shape(c)
     micro_steps = min(train.gradient_accumulation_steps, 2)
     timesteps = c.noise_scheduler.config.num_train_timesteps
     with fake_mode, live, cuda_autocast_policy():
@@ -241,12 +243,17 @@ def trace(
             for micro in range(micro_steps):
                 with unset_fake_temporarily():
                     draws = draw(
-                        recipe.seed, step * micro_steps + micro, list(range(b)), shape, timesteps, 0.0
+                        recipe.seed,
+                        step * micro_steps + micro,
+                        list(range(b)),
+                        shape,
+                        timesteps,
+                        0.0,
+                        sample_timestep=c.family.timestep_sampler(recipe, timesteps),
                     )
                 cond = torch.zeros(b, recipe.model.conditioning_channels, height, width)
                 with live.phase("inputs"):
                     if train.precompute:
-                        pooled = c.text_encoders[-1].config.hidden_size if c.family.pooled_text else None
                         inputs = StepInputs(
                             torch.zeros(b, *shape, dtype=dtype),
                             torch.zeros(b, *shape, dtype=dtype),

@@ -46,7 +46,15 @@ def _files_identity(folder: Path, subfolders: list[str]) -> list:
 
 def precompute_key(recipe: Recipe, base: str, dataset_fingerprint: str, dtype: torch.dtype) -> str:
     spec = recipe.model
-    parts = ["vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"]
+    parts = [
+        "vae",
+        "text_encoder",
+        "text_encoder_2",
+        "tokenizer",
+        "tokenizer_2",
+        "text_encoder_3",
+        "tokenizer_3",
+    ]
     identity: dict[str, Any] = {"base": spec.base, "revision": spec.revision, "variant": spec.variant}
     if Path(base).is_dir():
         identity["files"] = _files_identity(Path(base), parts)

@@ -21,7 +21,6 @@ from datasets import DatasetDict
 from diffusers.optimization import get_scheduler
 from rich.console import Console
 
-from recipe_runner.errors import UserError
 from recipe_runner.families import Components
 from recipe_runner.families.loading import load_components, resolve_base
 from recipe_runner.recipe.loader import LoadedRecipe
@@ -30,7 +29,7 @@ from recipe_runner.runfolder.layout import RunFolder
 from recipe_runner.training import features
 from recipe_runner.training.data import BatchPlan, batch_plan, load_rows
 from recipe_runner.training.ema import ControlNetEMA, make_ema
-from recipe_runner.training.encoding import move, place_encoders, warn_overlong
+from recipe_runner.training.encoding import move, place_encoders, vae_dtype, warn_overlong
 from recipe_runner.training.keys import built_dataset_fingerprint, effective_precision, resume_fields
 from recipe_runner.training.lora import trainable
 from recipe_runner.training.precompute import EncodedCache, build_cache, precompute_key
@@ -77,7 +76,7 @@ class Session:
         try:
             yield
         finally:
-            place_encoders(self.components, self.recipe, "cpu", self.weight_dtype)
+            park_encoders(self.components, self.recipe, self.device, self.weight_dtype)
             torch.cuda.empty_cache()
 
 
@@ -132,6 +131,14 @@ def ensure_cache(
             torch.cuda.empty_cache()
 
 
+def park_encoders(c: Components, recipe: Recipe, device: torch.device, dtype: torch.dtype) -> None:
+    """With a precompute cache the text encoders wait on the CPU, and the VAE too unless the family's
+    step runs it (SD3 encodes the conditioning image at each step)."""
+    place_encoders(c, recipe, "cpu", dtype)
+    if c.family.vae_in_step:
+        move(c.vae, device, vae_dtype(recipe, dtype))
+
+
 def place_models(
     recipe: Recipe, c: Components, device: torch.device | str, dtype: torch.dtype
 ) -> torch.nn.Module:
@@ -177,15 +184,11 @@ def open_session(
         data = load_rows(folder.dataset_data, recipe)
         base = base or resolve_base(loaded, folder.models_cache)
         c = load_components(loaded, base)
-        if c.prediction_type not in ("epsilon", "v_prediction"):
-            raise UserError(
-                f"the noise scheduler of {recipe.model.base!r} predicts {c.prediction_type!r}; "
-                "ControlNet training supports epsilon and v_prediction"
-            )
+        c.family.check_scheduler(recipe, c)
         cache = None
         if train.precompute:
             cache = ensure_cache(loaded, folder, c, base, data["train"], device, dtype, console)
-            place_encoders(c, recipe, "cpu", dtype)
+            park_encoders(c, recipe, device, dtype)
         else:  # reference mode: prompts are encoded (and truncated) at each step
             place_encoders(c, recipe, device, dtype)
             if accelerator.is_main_process:

@@ -7,14 +7,15 @@ resume point.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers.training_utils import compute_snr
 
 from recipe_runner.families import Components
+from recipe_runner.families.stable_diffusion import min_snr_weights
 from recipe_runner.recipe.recipe import Recipe
 from recipe_runner.training.encoding import encode_pixels, encode_prompts, sample_latents
 from recipe_runner.training.keys import derive_seed
@@ -41,12 +42,16 @@ def draw(
     empty_ratio: float,
     *,
     offset: bool = False,
+    sample_timestep: Callable[[torch.Generator], torch.Tensor] | None = None,
 ) -> Draws:
+    """`sample_timestep`: the family's draw (ModelFamily.timestep_sampler); None: uniform indices."""
+    if sample_timestep is None:
+        sample_timestep = lambda g: torch.randint(0, num_timesteps, (1,), generator=g)  # noqa: E731
     empty, steps, latent_noise, noise, offsets = [], [], [], [], []
     for position in positions:
         g = torch.Generator().manual_seed(derive_seed(seed, "sample", micro_step, position))
         empty.append(bool(torch.rand((), generator=g) < empty_ratio))
-        steps.append(torch.randint(0, num_timesteps, (1,), generator=g))
+        steps.append(sample_timestep(g))
         latent_noise.append(torch.randn(latent_shape, generator=g))
         noise.append(torch.randn(latent_shape, generator=g))
         if offset:  # drawn last, so that the draws before it are those of a run without offset noise
@@ -130,11 +135,20 @@ def controlnet_loss(
         noise = noise + recipe.train.noise_offset * draws.offset  # as diffusers' scripts: noise += offset
     noise = noise.to(device, dtype)
     timesteps = draws.timesteps.to(device)
-    noisy, target = c.family.noisy_and_target(c, latents, noise, timesteps)
+    noisy, target = c.family.noisy_and_target(c, latents, noise, timesteps, recipe)
     prediction = c.family.predict(c, controlnet, noisy, timesteps, inputs, recipe, dtype)
-    if recipe.train.snr_gamma is None:
+    weights = c.family.loss_weights(c, timesteps, recipe)
+    if weights is None:
         return diffusion_loss(prediction, target)
-    return min_snr_loss(prediction, target, c, timesteps, recipe.train.snr_gamma)
+    return weighted_loss(prediction, target, weights)
+
+
+def weighted_loss(prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Per-sample MSE times its weight (train.snr_gamma's Min-SNR, SD3's cosmap ...), then averaged."""
+    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(
+        dim=list(range(1, prediction.ndim))
+    )
+    return (per_sample * weights.to(per_sample.device)).mean()
 
 
 def min_snr_loss(
@@ -142,10 +156,5 @@ def min_snr_loss(
 ) -> torch.Tensor:
     """Per-sample MSE weighted by min(SNR, gamma) / SNR (v-prediction: / (SNR + 1)), then averaged: the
     weighting of diffusers' train_text_to_image.py with --snr_gamma."""
-    snr = compute_snr(c.noise_scheduler, timesteps).float()
-    weight = torch.clamp(snr, max=gamma) / (snr if c.prediction_type == "epsilon" else snr + 1)
-    weight = torch.where(snr == 0, 1.0, weight)  # a zero-terminal-SNR schedule's last step: 0 / 0
-    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(
-        dim=list(range(1, prediction.ndim))
-    )
-    return (per_sample * weight).mean()
+    weights = min_snr_weights(c.noise_scheduler, c.prediction_type, timesteps, gamma)
+    return weighted_loss(prediction, target, weights)

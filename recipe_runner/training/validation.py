@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from datasets import DatasetDict
-from diffusers import AutoencoderKL, ControlNetModel, UniPCMultistepScheduler
+from diffusers import AutoencoderKL, ControlNetModel
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from recipe_runner.data.buckets import training_size
@@ -60,8 +60,7 @@ def validation_pairs(loaded: LoadedRecipe, data: DatasetDict) -> list[Validation
 
 def build_pipeline(c: Components, controlnet: ControlNetModel, vae: AutoencoderKL | None = None):
     """The family's ControlNet pipeline sharing the training components (nothing is reloaded)."""
-    scheduler = UniPCMultistepScheduler.from_config(c.noise_scheduler.config)
-    pipe = c.family.pipeline(c, controlnet, vae or c.vae, scheduler)
+    pipe = c.family.pipeline(c, controlnet, vae or c.vae, c.family.sampling_scheduler(c))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -101,7 +100,7 @@ def generate(
             width, height = training_size(loaded.recipe.dataset, cond.image.size)
             result = pipe(
                 cond.prompt,
-                image=cond.image,
+                **c.family.sampling_kwargs(cond.image),
                 num_inference_steps=v.num_inference_steps,
                 guidance_scale=v.guidance_scale,
                 num_images_per_prompt=v.num_images,
@@ -143,6 +142,7 @@ def evaluate_now(
             recipe.seed,
             shapes=recipe.dataset.source.builtin == "shapes",
             reference=reference_for(loaded),
+            control_kwargs=c.family.sampling_kwargs,
         )
     return out["mean"]["ours"]
 

@@ -1,0 +1,310 @@
+"""Stable Diffusion 3 and 3.5: an MMDiT transformer with flow-matching noise, as diffusers'
+train_controlnet_sd3.py.
+
+Text: CLIP-L and CLIP-G (penultimate layers side by side, padded to T5's width) followed by T5's tokens,
+and both CLIPs' pooled outputs; without a T5 encoder (SD3 runs without it) its tokens are zeros, as in
+diffusers' pipeline. Latents: 16 channels, `(mean - shift_factor) * scaling_factor`, and the ControlNet
+takes the conditioning image as such latents too (diffusers issues #11867, #11917: the control latents
+missed the shift). Timesteps are drawn by `train.flow_matching`'s scheme. torch and diffusers are
+imported inside the methods: `recipe plan` reads this module's figures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from recipe_runner.errors import UserError
+from recipe_runner.families.base import Components, Figures, ModelFamily, ModelSize
+from recipe_runner.families.stable_diffusion import token_ids
+
+if TYPE_CHECKING:
+    import torch
+
+    from recipe_runner.recipe.loader import LoadedRecipe
+    from recipe_runner.recipe.recipe import Recipe
+
+# T5 tokens per prompt: diffusers' train_controlnet_sd3.py trains with 77 (its --max_sequence_length);
+# sampling passes the same, so that validation sees what training did (the pipeline's default is 256).
+T5_TOKENS = 77
+DEFAULT_CONTROLNET_LAYERS = 12  # train_controlnet_sd3.py's default
+
+
+def _flow(recipe: Recipe) -> Any:
+    from recipe_runner.recipe.train import FlowMatching
+
+    return recipe.train.flow_matching or FlowMatching()
+
+
+class StableDiffusion3(ModelFamily):
+    name = "sd3"
+    label = "Stable Diffusion 3"
+    pipeline_name = "Stable Diffusion 3"
+    tokenizer_folders = ("tokenizer", "tokenizer_2", "tokenizer_3")
+    text_encoder_folders = ("text_encoder", "text_encoder_2", "text_encoder_3")
+    native_resolutions = (1024,)
+    offline_arch = None
+    hub_tag = "sd3"
+    license = "other"  # the Stability AI Community License
+    pooled_text = True
+    vae_in_step = True  # the conditioning image is encoded to latents at each step
+    figures = Figures(
+        # SD 3 Medium's MMDiT (2B), a 12-block ControlNet (about half of its 24 blocks), the 16-channel
+        # VAE, CLIP-L + CLIP-G (T5-XXL's 4.7B stay on the CPU with the precompute cache).
+        ModelSize(2.03e9, 1.1e9, 84e6, 818e6, "SD3 Medium sizes: MMDiT 2B, 12-block ControlNet ~1.1B"),
+        # Not traced yet: SDXL's figures stand in (a 2-3B denoiser at 1024 px).
+        {(True, False): 1.62, (True, True): 0.17, (False, False): 3.01, (False, True): 0.44},
+        lora_params_per_rank=0,  # train.lora is refused for SD3
+        lora_full_params=0,
+        images_per_s_at_512=3.0,  # not measured: SDXL's
+        text_width=4096,
+    )
+
+    # --- loading -----------------------------------------------------------------------------------
+    def check_folder(self, recipe: Recipe, folder: Path) -> None:
+        from recipe_runner.families.parts import missing_parts
+
+        if (folder / "unet").is_dir():
+            raise UserError(
+                f"model.base {recipe.model.base!r} looks like a Stable Diffusion 1.x/2.x/XL model (it has "
+                "unet/), but the recipe trains an SD3 ControlNet",
+                hint="use an SD3 base (e.g. stabilityai/stable-diffusion-3.5-medium), or set model.family",
+            )
+        need = ["transformer", "scheduler", "tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2"]
+        missing_parts(recipe, folder, need + ([] if recipe.model.vae else ["vae"]))
+
+    def load(
+        self, loaded: LoadedRecipe, base: str, *, denoiser: bool, controlnet: bool, weights: bool
+    ) -> Components:
+        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+        from transformers import AutoTokenizer
+
+        from recipe_runner.families.parts import diffusers_model, load_vae, loading, text_encoder
+
+        spec = loaded.recipe.model
+        common = {"revision": spec.revision}
+        with loading("model.base", base):
+            parts = 3 if self._uses_t5(loaded, base) else 2
+            tokenizers = [
+                AutoTokenizer.from_pretrained(base, subfolder=sub, **common)
+                for sub in self.tokenizer_folders[:parts]
+            ]
+            encoders = [text_encoder(base, sub, spec, weights) for sub in self.text_encoder_folders[:parts]]
+            scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(base, subfolder="scheduler", **common)
+            kind = SD3Transformer2DModel
+            config = kind.load_config(base, subfolder="transformer", **common)
+            transformer = (
+                diffusers_model(kind, base, weights, subfolder="transformer", variant=spec.variant, **common)
+                if denoiser
+                else None
+            )
+        vae = load_vae(loaded, base, AutoencoderKL, weights)
+        c = Components(self, tokenizers, encoders, vae, scheduler, transformer)
+        # The T5 width the CLIP embeddings are padded to, also known when the transformer is not loaded.
+        c.extra["joint_attention_dim"] = config["joint_attention_dim"]
+        if transformer is not None and controlnet:
+            c.controlnet = self.load_controlnet(loaded, c, weights=weights)
+        return c
+
+    @staticmethod
+    def _uses_t5(loaded: LoadedRecipe, base: str) -> bool:
+        """model.t5, and the base has its T5 encoder (a local folder may leave it out; hub bases have it)."""
+        folder = Path(base)
+        return loaded.recipe.model.t5 and (not folder.is_dir() or (folder / "text_encoder_3").is_dir())
+
+    def load_controlnet(self, loaded: LoadedRecipe, c: Components, *, weights: bool = True) -> Any:
+        from diffusers import SD3ControlNetModel
+
+        from recipe_runner.families.parts import diffusers_model, loading
+
+        spec = loaded.recipe.model
+        if spec.controlnet is None:
+            return self.new_controlnet(loaded, c, weights=weights)
+        local = loaded.resolve(spec.controlnet)
+        ref = str(local) if local.is_dir() else spec.controlnet
+        with loading("model.controlnet", spec.controlnet):
+            return diffusers_model(SD3ControlNetModel, ref, weights)
+
+    def new_controlnet(self, loaded: LoadedRecipe, c: Components, *, weights: bool = True) -> Any:
+        import torch
+        from diffusers import SD3ControlNetModel
+
+        blocks = c.denoiser.config.num_layers
+        # The transformer's last block outputs no text stream, so a ControlNet copies at most the others.
+        layers = loaded.recipe.model.controlnet_layers or min(DEFAULT_CONTROLNET_LAYERS, blocks - 1)
+        if layers >= blocks:
+            raise UserError(
+                f"model.controlnet_layers {layers}: the transformer of {loaded.recipe.model.base!r} has "
+                f"{blocks} blocks, and a ControlNet copies at most {blocks - 1}",
+                hint=f"set model.controlnet_layers to {blocks - 1} or fewer (12: diffusers' default)",
+            )
+        torch.manual_seed(loaded.recipe.seed)  # its zero-initialised parts aside, the same on every rank
+        with contextlib.nullcontext() if weights else torch.device("meta"):
+            return SD3ControlNetModel.from_transformer(
+                c.denoiser,
+                num_layers=layers,
+                num_extra_conditioning_channels=0,
+                load_weights_from_transformer=weights,
+            )
+
+    def check_scheduler(self, recipe: Recipe, c: Components) -> None:
+        return None  # flow matching: the velocity target is the family's
+
+    # --- encoding ----------------------------------------------------------------------------------
+    def encode_prompts(self, c: Components, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        import torch
+        import torch.nn.functional as F
+
+        device = c.text_encoders[0].device
+        hidden, pooled = [], []
+        for tokenizer, encoder in zip(c.tokenizers[:2], c.text_encoders[:2], strict=True):
+            out = encoder(token_ids(tokenizer, prompts).to(device), output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+            pooled.append(out[0])
+        clip = torch.cat(hidden, dim=-1)
+        if len(c.text_encoders) > 2:
+            ids = c.tokenizers[2](
+                prompts,
+                padding="max_length",
+                max_length=T5_TOKENS,
+                truncation=True,
+                add_special_tokens=True,
+                return_tensors="pt",
+            ).input_ids
+            t5 = c.text_encoders[2](ids.to(device))[0]
+        else:
+            width = c.extra["joint_attention_dim"]
+            t5 = torch.zeros(len(prompts), T5_TOKENS, width, device=device, dtype=clip.dtype)
+        clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+        return torch.cat([clip.to(t5.dtype), t5], dim=-2), torch.cat(pooled, dim=-1)
+
+    def text_shape(self, c: Components) -> tuple[int, int, int | None]:
+        tokens = c.tokenizers[0].model_max_length + T5_TOKENS
+        pooled = sum(e.config.projection_dim for e in c.text_encoders[:2])
+        return tokens, c.extra["joint_attention_dim"], pooled
+
+    def control_latents(self, c: Components, conditioning: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The conditioning image ([0, 1]) as the ControlNet takes it: VAE latents, shifted and scaled like
+        the image latents. The distribution's mean, not a sample: the same input at every step."""
+        import torch
+
+        with torch.no_grad():
+            pixels = (conditioning * 2 - 1).to(c.vae.device, c.vae.dtype)
+            mean = c.vae.encode(pixels).latent_dist.mean
+            shift = c.vae.config.shift_factor or 0.0
+            return ((mean - shift) * c.vae.config.scaling_factor).to(dtype)
+
+    # --- the training step -------------------------------------------------------------------------
+    def timestep_sampler(self, recipe: Recipe, num_timesteps: int) -> Any:
+        """Draws a timestep index from the recipe's density, with the step's per-sample generator (as
+        diffusers' compute_density_for_timestep_sampling, which draws from the global generator)."""
+        import torch
+
+        flow = _flow(recipe)
+
+        def sample(g: torch.Generator) -> torch.Tensor:
+            if flow.weighting_scheme == "logit_normal":
+                u = torch.sigmoid(flow.logit_mean + flow.logit_std * torch.randn((1,), generator=g))
+            else:
+                u = torch.rand((1,), generator=g)
+                if flow.weighting_scheme == "mode":
+                    u = 1 - u - flow.mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
+            return (u * num_timesteps).long().clamp(0, num_timesteps - 1)
+
+        return sample
+
+    def _sigmas(self, c: Components, indices: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        sigmas = c.noise_scheduler.sigmas[indices.cpu()].to(like.device, like.dtype)
+        return sigmas.reshape(-1, *([1] * (like.ndim - 1)))
+
+    def noisy_and_target(
+        self,
+        c: Components,
+        latents: torch.Tensor,
+        noise: torch.Tensor,
+        timesteps: torch.Tensor,
+        recipe: Recipe,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        sigmas = self._sigmas(c, timesteps, latents)
+        noisy = (1.0 - sigmas) * latents + sigmas * noise  # z_t = (1 - t) x + t z_1
+        return noisy, latents if _flow(recipe).precondition_outputs else noise - latents
+
+    def predict(
+        self,
+        c: Components,
+        controlnet: Any,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        inputs: Any,
+        recipe: Recipe,
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        t = c.noise_scheduler.timesteps[timesteps.cpu()].to(noisy.device)
+        common = {
+            "hidden_states": noisy,
+            "timestep": t,
+            "encoder_hidden_states": inputs.prompt_embeds,
+            "pooled_projections": inputs.pooled,
+            "return_dict": False,
+        }
+        control = self.control_latents(c, inputs.conditioning, dtype)
+        blocks = controlnet(controlnet_cond=control, **common)[0]
+        prediction = c.denoiser(block_controlnet_hidden_states=[b.to(dtype) for b in blocks], **common)[0]
+        if _flow(recipe).precondition_outputs:  # EDM's preconditioning (section 5 of 2206.00364)
+            prediction = prediction * -self._sigmas(c, timesteps, noisy) + noisy
+        return prediction
+
+    def loss_weights(self, c: Components, timesteps: torch.Tensor, recipe: Recipe) -> torch.Tensor | None:
+        scheme = _flow(recipe).weighting_scheme
+        if scheme not in ("cosmap", "sigma_sqrt"):  # the others weigh by how they draw timesteps
+            return None
+        from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+        sigmas = c.noise_scheduler.sigmas[timesteps.cpu()].float()
+        return compute_loss_weighting_for_sd3(weighting_scheme=scheme, sigmas=sigmas).flatten()
+
+    # --- sampling ----------------------------------------------------------------------------------
+    def sampling_scheduler(self, c: Components) -> Any:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler.from_config(c.noise_scheduler.config)
+
+    def sampling_kwargs(self, image: Any) -> dict[str, Any]:
+        return {"control_image": image, "max_sequence_length": T5_TOKENS}
+
+    def pipeline_parts(self, tokenizers: list, encoders: list, denoiser: Any, vae: Any) -> dict[str, Any]:
+        t5 = len(encoders) > 2
+        return {
+            "transformer": denoiser,
+            "vae": vae,
+            "text_encoder": encoders[0],
+            "tokenizer": tokenizers[0],
+            "text_encoder_2": encoders[1],
+            "tokenizer_2": tokenizers[1],
+            "text_encoder_3": encoders[2] if t5 else None,
+            "tokenizer_3": tokenizers[2] if t5 else None,
+        }
+
+    def pipeline(self, c: Components, controlnet: Any, vae: Any, scheduler: Any) -> Any:
+        from diffusers import StableDiffusion3ControlNetPipeline
+
+        parts = self.pipeline_parts(c.tokenizers, c.text_encoders, c.denoiser, vae)
+        return StableDiffusion3ControlNetPipeline(**parts, controlnet=controlnet, scheduler=scheduler)
+
+    def pipeline_classes(self) -> tuple[type, type]:
+        from diffusers import StableDiffusion3ControlNetPipeline, StableDiffusion3Pipeline
+
+        return StableDiffusion3Pipeline, StableDiffusion3ControlNetPipeline
+
+    def controlnet_class(self) -> type:
+        from diffusers import SD3ControlNetModel
+
+        return SD3ControlNetModel
+
+    def pipeline_load_kwargs(self, loaded: LoadedRecipe, base: str) -> dict[str, Any]:
+        return {} if self._uses_t5(loaded, base) else {"text_encoder_3": None, "tokenizer_3": None}
+
+
+SD3 = StableDiffusion3()
