@@ -140,7 +140,7 @@ def test_interrupted_build_never_looks_complete(tmp_path: Path, monkeypatch: pyt
 
 def test_unknown_builtin_is_a_user_error(tmp_path: Path):
     with pytest.raises(UserError) as info:
-        resolve_builtin("tiny-sd3", tmp_path)
-    assert "tiny-sd3" in info.value.message
+        resolve_builtin("tiny-sd9", tmp_path)
+    assert "tiny-sd9" in info.value.message
     assert "tiny-sd" in info.value.hint and "tiny-sdxl" in info.value.hint
-    assert not (tmp_path / "tiny-sd3").exists()
+    assert not (tmp_path / "tiny-sd9").exists()
