@@ -112,7 +112,9 @@ def test_several_processes_stop_quietly_with_a_checkpoint(write_recipe, tmp_path
     """A terminal's Ctrl-C signals the whole foreground group; torch's launcher then printed its own
     traceback. Now only our one message is printed, and every process is gone."""
     recipe = write_recipe(
-        RECIPE.replace("checkpoint_every: 100000", "checkpoint_every: 20") + "launch: {num_processes: 2}\n"
+        # Two checkpoints kept: the disk check counts every one a run may write (5000 here, 61 GB).
+        RECIPE.replace("checkpoint_every: 100000", "checkpoint_every: 20\n  checkpoints_total_limit: 2")
+        + "launch: {num_processes: 2}\n"
     )
     out = tmp_path / "run"
     with _run_in_own_group(recipe, out, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
