@@ -335,7 +335,7 @@ def _print_plan(p: Any) -> None:
     m = p.memory
     facts.add_row(
         "memory (estimate)",
-        f"≈ {m.total_gb:.1f} GB per process: frozen UNet {m.frozen_unet_gb:.1f} + ControlNet weights/"
+        f"≈ {m.total_gb:.1f} GB per process: frozen {m.denoiser} {m.frozen_unet_gb:.1f} + ControlNet weights/"
         f"optimizer {m.controlnet_training_gb:.1f} + gradients {m.gradients_gb:.1f} + VAE/text encoders "
         f"{m.vae_text_encoders_gb:.1f} + activations {m.activations_gb:.1f} + overhead {m.overhead_gb:.1f}"
         f"\n[dim]{escape(m.sizes.source)}{'' if p.traced else '; --trace for the exact peak'}[/]",

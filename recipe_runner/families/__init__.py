@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from recipe_runner.families.base import Components, Figures, ModelFamily, ModelSize
+from recipe_runner.families.flux import FLUX
 from recipe_runner.families.sd3 import SD3
 from recipe_runner.families.stable_diffusion import SD1, SD2, SDXL
 
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
     from recipe_runner.recipe.recipe import Recipe
 
 # Keys are the recipe's `model.family` names (recipe/model.py's Family; a test keeps the two equal).
-FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (SD1, SD2, SDXL, SD3)}
+FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (SD1, SD2, SDXL, SD3, FLUX)}
 
 
 def family_of(recipe: Recipe) -> ModelFamily:

@@ -89,6 +89,8 @@ class ModelFamily:
     name: str  # the recipe's model.family
     label: str  # for messages: "Stable Diffusion 1.x"
     pipeline_name: str  # for messages: "could not load ... as a Stable Diffusion pipeline"
+    denoiser_name: str = "UNet"  # what the ControlNet steers, for messages
+    denoiser_folder: str = "unet"  # its subfolder in a diffusers pipeline folder
     tokenizer_folders: tuple[str, ...]  # a diffusers pipeline folder's subfolders
     text_encoder_folders: tuple[str, ...]
     native_resolutions: tuple[int, ...]  # what its bases were trained at (px)

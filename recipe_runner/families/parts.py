@@ -43,6 +43,28 @@ def missing_parts(recipe: Any, folder: Path, need: list[str]) -> None:
         )
 
 
+def transformer_class(folder: Path) -> str | None:
+    """The class a local base's transformer/config.json names (None: it has none, or it cannot be read)."""
+    import json
+
+    try:
+        return json.loads((folder / "transformer" / "config.json").read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def wrong_transformer(recipe: Any, folder: Path, family: str, wanted: str) -> None:
+    """A UserError when a local base is a UNet model, or its transformer is not the family's."""
+    found = transformer_class(folder)
+    if (folder / "unet").is_dir() or (found is not None and found != wanted):
+        what = "a UNet (unet/)" if (folder / "unet").is_dir() else f"a {found}"
+        raise UserError(
+            f"model.base {recipe.model.base!r} has {what}, but the recipe trains a {family} ControlNet "
+            f"(a {wanted})",
+            hint="use a base of that family, or set model.family to the base's",
+        )
+
+
 def _text_encoder_class(base: str, subfolder: str, revision: str | None) -> type:
     config, _ = PretrainedConfig.get_config_dict(base, subfolder=subfolder, revision=revision)
     names = config.get("architectures") or ["CLIPTextModel"]

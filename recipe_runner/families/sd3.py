@@ -12,12 +12,12 @@ imported inside the methods: `recipe plan` reads this module's figures.
 from __future__ import annotations
 
 import contextlib
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from recipe_runner.errors import UserError
-from recipe_runner.families.base import Components, Figures, ModelFamily, ModelSize
+from recipe_runner.families.base import Components, Figures, ModelSize
+from recipe_runner.families.flow import FlowMatchingFamily
 from recipe_runner.families.stable_diffusion import token_ids
 
 if TYPE_CHECKING:
@@ -32,13 +32,7 @@ T5_TOKENS = 77
 DEFAULT_CONTROLNET_LAYERS = 12  # train_controlnet_sd3.py's default
 
 
-def _flow(recipe: Recipe) -> Any:
-    from recipe_runner.recipe.train import FlowMatching
-
-    return recipe.train.flow_matching or FlowMatching()
-
-
-class StableDiffusion3(ModelFamily):
+class StableDiffusion3(FlowMatchingFamily):
     name = "sd3"
     label = "Stable Diffusion 3"
     pipeline_name = "Stable Diffusion 3"
@@ -48,8 +42,7 @@ class StableDiffusion3(ModelFamily):
     offline_arch = None
     hub_tag = "sd3"
     license = "other"  # the Stability AI Community License
-    pooled_text = True
-    vae_in_step = True  # the conditioning image is encoded to latents at each step
+    precondition_by_default = True  # train_controlnet_sd3.py's --precondition_outputs 1
     figures = Figures(
         # SD 3 Medium's MMDiT (2B), a 12-block ControlNet (about half of its 24 blocks), the 16-channel
         # VAE, CLIP-L + CLIP-G (T5-XXL's 4.7B stay on the CPU with the precompute cache).
@@ -64,14 +57,9 @@ class StableDiffusion3(ModelFamily):
 
     # --- loading -----------------------------------------------------------------------------------
     def check_folder(self, recipe: Recipe, folder: Path) -> None:
-        from recipe_runner.families.parts import missing_parts
+        from recipe_runner.families.parts import missing_parts, wrong_transformer
 
-        if (folder / "unet").is_dir():
-            raise UserError(
-                f"model.base {recipe.model.base!r} looks like a Stable Diffusion 1.x/2.x/XL model (it has "
-                "unet/), but the recipe trains an SD3 ControlNet",
-                hint="use an SD3 base (e.g. stabilityai/stable-diffusion-3.5-medium), or set model.family",
-            )
+        wrong_transformer(recipe, folder, "SD3", "SD3Transformer2DModel")
         need = ["transformer", "scheduler", "tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2"]
         missing_parts(recipe, folder, need + ([] if recipe.model.vae else ["vae"]))
 
@@ -149,9 +137,6 @@ class StableDiffusion3(ModelFamily):
                 load_weights_from_transformer=weights,
             )
 
-    def check_scheduler(self, recipe: Recipe, c: Components) -> None:
-        return None  # flow matching: the velocity target is the family's
-
     # --- encoding ----------------------------------------------------------------------------------
     def encode_prompts(self, c: Components, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         import torch
@@ -185,52 +170,7 @@ class StableDiffusion3(ModelFamily):
         pooled = sum(e.config.projection_dim for e in c.text_encoders[:2])
         return tokens, c.extra["joint_attention_dim"], pooled
 
-    def control_latents(self, c: Components, conditioning: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """The conditioning image ([0, 1]) as the ControlNet takes it: VAE latents, shifted and scaled like
-        the image latents. The distribution's mean, not a sample: the same input at every step."""
-        import torch
-
-        with torch.no_grad():
-            pixels = (conditioning * 2 - 1).to(c.vae.device, c.vae.dtype)
-            mean = c.vae.encode(pixels).latent_dist.mean
-            shift = c.vae.config.shift_factor or 0.0
-            return ((mean - shift) * c.vae.config.scaling_factor).to(dtype)
-
     # --- the training step -------------------------------------------------------------------------
-    def timestep_sampler(self, recipe: Recipe, num_timesteps: int) -> Any:
-        """Draws a timestep index from the recipe's density, with the step's per-sample generator (as
-        diffusers' compute_density_for_timestep_sampling, which draws from the global generator)."""
-        import torch
-
-        flow = _flow(recipe)
-
-        def sample(g: torch.Generator) -> torch.Tensor:
-            if flow.weighting_scheme == "logit_normal":
-                u = torch.sigmoid(flow.logit_mean + flow.logit_std * torch.randn((1,), generator=g))
-            else:
-                u = torch.rand((1,), generator=g)
-                if flow.weighting_scheme == "mode":
-                    u = 1 - u - flow.mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
-            return (u * num_timesteps).long().clamp(0, num_timesteps - 1)
-
-        return sample
-
-    def _sigmas(self, c: Components, indices: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        sigmas = c.noise_scheduler.sigmas[indices.cpu()].to(like.device, like.dtype)
-        return sigmas.reshape(-1, *([1] * (like.ndim - 1)))
-
-    def noisy_and_target(
-        self,
-        c: Components,
-        latents: torch.Tensor,
-        noise: torch.Tensor,
-        timesteps: torch.Tensor,
-        recipe: Recipe,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        sigmas = self._sigmas(c, timesteps, latents)
-        noisy = (1.0 - sigmas) * latents + sigmas * noise  # z_t = (1 - t) x + t z_1
-        return noisy, latents if _flow(recipe).precondition_outputs else noise - latents
-
     def predict(
         self,
         c: Components,
@@ -252,24 +192,7 @@ class StableDiffusion3(ModelFamily):
         control = self.control_latents(c, inputs.conditioning, dtype)
         blocks = controlnet(controlnet_cond=control, **common)[0]
         prediction = c.denoiser(block_controlnet_hidden_states=[b.to(dtype) for b in blocks], **common)[0]
-        if _flow(recipe).precondition_outputs:  # EDM's preconditioning (section 5 of 2206.00364)
-            prediction = prediction * -self._sigmas(c, timesteps, noisy) + noisy
-        return prediction
-
-    def loss_weights(self, c: Components, timesteps: torch.Tensor, recipe: Recipe) -> torch.Tensor | None:
-        scheme = _flow(recipe).weighting_scheme
-        if scheme not in ("cosmap", "sigma_sqrt"):  # the others weigh by how they draw timesteps
-            return None
-        from diffusers.training_utils import compute_loss_weighting_for_sd3
-
-        sigmas = c.noise_scheduler.sigmas[timesteps.cpu()].float()
-        return compute_loss_weighting_for_sd3(weighting_scheme=scheme, sigmas=sigmas).flatten()
-
-    # --- sampling ----------------------------------------------------------------------------------
-    def sampling_scheduler(self, c: Components) -> Any:
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        return FlowMatchEulerDiscreteScheduler.from_config(c.noise_scheduler.config)
+        return self.precondition(c, prediction, noisy, timesteps, recipe)
 
     def sampling_kwargs(self, image: Any) -> dict[str, Any]:
         return {"control_image": image, "max_sequence_length": T5_TOKENS}

@@ -1,4 +1,4 @@
-"""Builtin tiny Stable Diffusion / SDXL / SD3 models, random-initialised and built offline.
+"""Builtin tiny Stable Diffusion / SDXL / SD3 / FLUX.1 models, random-initialised and built offline.
 
 They have the real architectures at toy sizes (like diffusers' own tests), so the whole training
 path (text encoding, VAE latents, UNet + ControlNet, schedulers, saving, pipelines) runs on a CPU
@@ -21,13 +21,22 @@ from diffusers import (
     DDPMScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+)
 
 from recipe_runner.errors import UserError
 from recipe_runner.models.tokenizer import write_tiny_clip_tokenizer
@@ -227,6 +236,45 @@ def build_tiny_sd3(out_dir: Path, *, seed: int = 0) -> Path:
     return out_dir
 
 
+def build_tiny_flux(out_dir: Path, *, seed: int = 0) -> Path:
+    """Write a random-initialised tiny FLUX.1-dev-like folder: CLIP-L (pooled) and a T5 encoder (with the
+    tiny CLIP tokenizer, so nothing is downloaded), a double- and single-stream transformer with a
+    guidance embedding, a 16-channel VAE with Flux's shift and scale, flow-matching noise."""
+    out_dir = Path(out_dir)
+    tokenizer = _tokenizer(out_dir / "tokenizer")
+    tokenizer_2 = _tokenizer(out_dir / "tokenizer_2")
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(_text_config(tokenizer))
+    torch.manual_seed(seed + 1)
+    config = T5Config(vocab_size=len(tokenizer_2), d_model=64, d_kv=8, d_ff=64, num_layers=1, num_heads=2)
+    text_encoder_2 = T5EncoderModel(config)
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=64,  # 16 latent channels in 2x2 patches
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=64,  # the T5 width
+        pooled_projection_dim=text_encoder.config.hidden_size,
+        guidance_embeds=True,
+        axes_dims_rope=(2, 2, 4),  # sums to attention_head_dim
+    )
+    vae = _vae(seed, scaling_factor=0.3611, force_upcast=False, latent_channels=16, shift_factor=0.1159)
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
+    )
+    _save(pipe, out_dir)
+    return out_dir
+
+
 def build_shapes_sd(out_dir: Path, *, seed: int = 0) -> Path:
     """The small pretrained base shipped for the shapes demo (see docs/shapes-base.md), in fp32."""
     from recipe_runner.models.shapes_base import write_shapes_sd
@@ -238,6 +286,7 @@ BUILTIN_MODELS: dict[str, Callable[..., Path]] = {
     "tiny-sd": build_tiny_sd,
     "tiny-sdxl": build_tiny_sdxl,
     "tiny-sd3": build_tiny_sd3,
+    "tiny-flux": build_tiny_flux,
     "shapes-sd": build_shapes_sd,
 }
 

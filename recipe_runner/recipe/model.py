@@ -9,12 +9,13 @@ from pydantic import Field, field_validator
 from recipe_runner.recipe.base import Section
 from recipe_runner.recipe.marks import RETRAINS_IF_SET
 
-Family = Literal["sd1", "sd2", "sdxl", "sd3"]
+Family = Literal["sd1", "sd2", "sdxl", "sd3", "flux"]
 BUILTIN_MODELS: dict[str, Family] = {
     "tiny-sd": "sd1",
     "tiny-sdxl": "sdxl",
     "shapes-sd": "sd1",
     "tiny-sd3": "sd3",
+    "tiny-flux": "flux",
 }
 DEFAULT_BASE = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 # Hub repositories that were removed and re-published under another id (diffusers moved every reference):
@@ -33,6 +34,8 @@ def guess_family(base: str) -> Family:
     if base.startswith("builtin:"):
         return BUILTIN_MODELS.get(base.removeprefix("builtin:"), "sd1")
     low = base.lower()
+    if "flux" in low:
+        return "flux"
     if "stable-diffusion-3" in low or "sd3" in low or "sd-3" in low:
         return "sd3"
     if "xl" in low:
@@ -47,10 +50,11 @@ class ModelSpec(Section):
 
     base: str = DEFAULT_BASE
     """The base model: a hub id, a local diffusers folder, or `builtin:tiny-sd` / `builtin:tiny-sdxl` /
-    `builtin:tiny-sd3` / `builtin:shapes-sd` (offline models for tests and the demo)."""
+    `builtin:tiny-sd3` / `builtin:tiny-flux` / `builtin:shapes-sd` (offline models for tests and the
+    demo)."""
     family: Family | None = None
-    """Model family: `sd1`, `sd2`, `sdxl` or `sd3` (SD 3 and 3.5); null: guessed from `base` (names
-    containing `stable-diffusion-3` or `sd3` are SD3, those containing `xl` SDXL)."""
+    """Model family: `sd1`, `sd2`, `sdxl`, `sd3` (SD 3 and 3.5) or `flux` (FLUX.1); null: guessed from
+    `base` (names containing `flux` are FLUX.1, `stable-diffusion-3` or `sd3` SD3, `xl` SDXL)."""
     revision: str | None = None
     """Git revision of the base model on the hub; pin it for reproducible runs."""
     variant: str | None = None
@@ -62,9 +66,13 @@ class ModelSpec(Section):
     conditioning_channels: int = Field(3, ge=1, le=16)
     """Channels of the conditioning image the ControlNet takes."""
     controlnet_layers: Annotated[int | None, RETRAINS_IF_SET] = Field(None, ge=1)
-    """SD3 only: how many of the transformer's blocks a new ControlNet copies (diffusers'
-    `SD3ControlNetModel.from_transformer`); null: 12, as diffusers' train_controlnet_sd3.py, or every
-    block of a transformer with fewer."""
+    """SD3 and FLUX.1 only: how many of the transformer's blocks a new ControlNet copies (FLUX.1: its
+    double-stream blocks); null: the reference scripts' defaults, 12 for SD3 (or every block but the
+    last of a smaller transformer) and 4 for FLUX.1."""
+    controlnet_single_layers: Annotated[int | None, RETRAINS_IF_SET] = Field(None, ge=0)
+    """FLUX.1 only: how many single-stream blocks a new ControlNet copies. null: 4, the default of
+    diffusers' train_controlnet_flux.py (what a run of it without flags trains, so that our runs compare
+    with it; FluxControlNetModel's own default is 10 and its README's example 0)."""
     t5: Annotated[bool, RETRAINS_IF_SET] = True
     """SD3 only: encode prompts with the base's T5 encoder too (4.7B parameters, on the CPU while
     training with the precompute cache); false: leave it out, its tokens are zeros, as diffusers' SD3

@@ -16,23 +16,21 @@ from recipe_runner.recipe.model import ModelSpec
 from recipe_runner.recipe.sections import EvaluateSpec, LaunchSpec, LoggingSpec, OutputSpec
 from recipe_runner.recipe.train import TrainSpec
 
-# What SD3 bases refuse, and why (`recipe plan` offers none of these as a memory saver for them).
-NOT_FOR_SD3: dict[tuple[str, str], str] = {
+FLOW_FAMILIES = ("sd3", "flux")  # flow-matching transformers (families/flow.py)
+# What the flow-matching families refuse, and why (`recipe plan` offers none as a memory saver for them).
+NOT_FOR_FLOW: dict[tuple[str, str], str] = {
     ("train", "lora"): "train.lora targets the UNet ControlNet's layers",
     ("train", "fp8_base"): "train.fp8_base is measured and tested for UNets only",
-    ("train", "snr_gamma"): "Min-SNR weighting is for DDPM noise; SD3 flow matching weights its loss with "
+    ("train", "snr_gamma"): "Min-SNR weighting is for DDPM noise; flow matching weights its loss with "
     "train.flow_matching.weighting_scheme",
-    ("train", "attention"): "eager attention would replace SD3's joint attention processors",
-    (
-        "model",
-        "conditioning_channels",
-    ): "an SD3 ControlNet takes the VAE latents of an RGB conditioning image",
+    ("train", "attention"): "eager attention would replace the transformer's joint attention processors",
+    ("model", "conditioning_channels"): "its ControlNet takes the VAE latents of an RGB conditioning image",
 }
 
 
 def refused_options(family: str) -> set[str]:
     """The dotted options a family refuses (set to anything but their default)."""
-    return {".".join(path) for path in NOT_FOR_SD3} if family == "sd3" else set()
+    return {".".join(path) for path in NOT_FOR_FLOW} if family in FLOW_FAMILIES else set()
 
 
 class Recipe(Section):
@@ -82,20 +80,35 @@ class Recipe(Section):
     def _family_options(self, family: str) -> None:
         """Options that exist for some families only (families/ implements them)."""
         t, m = self.train, self.model
-        if family != "sd3":
-            sd3_only = {
-                ("train", "flow_matching"): t.flow_matching is not None,
-                ("model", "controlnet_layers"): m.controlnet_layers is not None,
-                ("model", "t5"): not m.t5,
-            }
-            for path, is_set in sd3_only.items():
-                if is_set:
-                    raise FieldError(
-                        path,
-                        f"{'.'.join(path)} applies only to SD3 bases, but model.base {m.base!r} is {family}; "
-                        "remove it or set model.family: sd3",
-                    )
+        only = {
+            ("train", "flow_matching"): (t.flow_matching is not None, ("sd3", "flux"), "SD3 and FLUX.1"),
+            ("model", "controlnet_layers"): (
+                m.controlnet_layers is not None,
+                ("sd3", "flux"),
+                "SD3 and FLUX.1",
+            ),
+            ("model", "controlnet_single_layers"): (
+                m.controlnet_single_layers is not None,
+                ("flux",),
+                "FLUX.1",
+            ),
+            ("model", "t5"): (not m.t5, ("sd3",), "SD3 (FLUX.1 needs its T5)"),
+        }
+        for path, (is_set, families, which) in only.items():
+            if is_set and family not in families:
+                raise FieldError(
+                    path,
+                    f"{'.'.join(path)} applies only to {which} bases, but model.base {m.base!r} is {family}; "
+                    f"remove it or set model.family: {families[0]}",
+                )
+        if family not in FLOW_FAMILIES:
             return
+        if self.dataset.resolution % 16:
+            raise FieldError(
+                ("dataset", "resolution"),
+                f"{self.dataset.resolution} is no multiple of 16: {family} transformers take latents in 2x2 "
+                f"patches of the VAE's 8x; use {self.dataset.resolution // 16 * 16 or 16}",
+            )
         used = {
             ("train", "lora"): t.lora is not None,
             ("train", "fp8_base"): t.fp8_base,
@@ -103,9 +116,9 @@ class Recipe(Section):
             ("train", "attention"): t.attention == "eager",
             ("model", "conditioning_channels"): m.conditioning_channels != 3,
         }
-        for path, why in NOT_FOR_SD3.items():
+        for path, why in NOT_FOR_FLOW.items():
             if used[path]:
-                raise FieldError(path, f"not for SD3 bases: {why}; remove it")
+                raise FieldError(path, f"not for SD3 and FLUX.1 bases: {why}; remove it")
 
     @property
     def output_dir(self) -> str:

@@ -56,8 +56,8 @@ class MicroConditioning(Section):
 
 
 class FlowMatching(Section):
-    """Flow-matching families (SD3): how training timesteps are drawn and the loss weighted, with the
-    options and defaults of diffusers' train_controlnet_sd3.py."""
+    """Flow-matching families (SD3, FLUX.1): how training timesteps are drawn and the loss weighted, with
+    the options and defaults of diffusers' train_controlnet_sd3.py and train_controlnet_flux.py."""
 
     weighting_scheme: Literal["logit_normal", "mode", "cosmap", "sigma_sqrt", "none"] = "logit_normal"
     """`logit_normal` and `mode` draw timesteps from that density (SD3's paper: logit-normal favours the
@@ -69,9 +69,13 @@ class FlowMatching(Section):
     """Standard deviation of the logit-normal density."""
     mode_scale: float = 1.29
     """Scale of the `mode` density."""
-    precondition_outputs: bool = True
+    precondition_outputs: bool | None = None
     """Precondition the transformer's output as EDM does (prediction × -sigma + noisy input, against the
-    clean latents as target); false: it predicts the velocity noise - latents."""
+    clean latents as target); false: it predicts the velocity noise - latents. null: as the family's
+    reference script: true for SD3, false for FLUX.1."""
+    guidance_scale: float = Field(3.5, ge=0)
+    """FLUX.1 bases with a guidance embedding (FLUX.1-dev): the guidance value the transformer is given
+    while training (train_controlnet_flux.py's --guidance_scale); bases without one ignore it."""
 
 
 class LoraSpec(Section):
@@ -195,7 +199,8 @@ class TrainSpec(Section):
     micro_conditioning: MicroConditioning | None = None
     """SDXL only: size and crop conditioning."""
     flow_matching: Annotated[FlowMatching | None, RETRAINS_IF_SET] = None
-    """SD3 only: timestep sampling and loss weighting; null: diffusers' SD3 script's defaults."""
+    """SD3 and FLUX.1 only: timestep sampling, loss weighting, Flux's guidance; null: the defaults of
+    diffusers' SD3 and Flux ControlNet scripts."""
 
     @model_validator(mode="after")
     def _length(self) -> TrainSpec:

@@ -33,6 +33,7 @@ BUILTIN_SIZES = {
     "tiny-sdxl": ModelSize(1.98e6, 1.38e6, 1.03e6, 0.08e6, "builtin:tiny-sdxl (counted)"),
     "shapes-sd": ModelSize(1.43e6, 1.09e6, 1.03e6, 0.04e6, "builtin:shapes-sd (tiny-sd sized)"),
     "tiny-sd3": ModelSize(0.035e6, 0.029e6, 1.05e6, 0.08e6, "builtin:tiny-sd3 (counted)"),
+    "tiny-flux": ModelSize(0.05e6, 0.05e6, 1.05e6, 0.1e6, "builtin:tiny-flux (approximate)"),
 }
 # Activations of one image at 512 px, GiB, by (half precision, gradient checkpointing): ControlNet under
 # autocast and the frozen UNet in the half dtype, SDPA attention (traced; see the families' figures).
@@ -91,19 +92,20 @@ def model_size(recipe: Recipe, base_dir: Path | None = None) -> ModelSize:
     base = local(m.base)
     if base is None:
         return table
+    denoiser = FAMILIES[family].denoiser_folder
     count = {
         name: _safetensors_params(base / name, m.variant)
-        for name in ("unet", "vae", *FAMILIES[family].text_encoder_folders)
+        for name in (denoiser, "vae", *FAMILIES[family].text_encoder_folders)
     }
-    if count["unet"] is None:
+    if count[denoiser] is None:
         return table
     cn_folder = local(m.controlnet)
     controlnet = _safetensors_params(cn_folder, m.variant) if cn_folder else None
-    # A ControlNet copies the UNet's encoder: keep the family's ControlNet/UNet ratio when not counted.
-    controlnet = controlnet or count["unet"] * table.controlnet / table.unet
+    # A ControlNet copies part of the denoiser: keep the family's ControlNet/denoiser ratio when not counted.
+    controlnet = controlnet or count[denoiser] * table.controlnet / table.unet
     text = sum(count[name] or 0 for name in FAMILIES[family].text_encoder_folders)
     return ModelSize(
-        count["unet"],
+        count[denoiser],
         controlnet,
         count["vae"] or table.vae,
         text or table.text_encoders,
@@ -126,6 +128,7 @@ class MemoryEstimate:
     activations_gb: float  # saved for backward, with autocast's weight copies, at the peak
     overhead_gb: float
     sizes: ModelSize
+    denoiser: str = "UNet"  # what the frozen weights are: the family's UNet or transformer
 
     @property
     def total_gb(self) -> float:
@@ -198,6 +201,7 @@ def estimate_memory(recipe: Recipe, base_dir: Path | None = None) -> MemoryEstim
         act_at_peak,
         OVERHEAD_GB,
         sizes,
+        FAMILIES[recipe.model.resolved_family].denoiser_name,
     )
 
 

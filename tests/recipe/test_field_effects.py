@@ -43,6 +43,7 @@ CONTEXT: dict[str, dict[str, Any]] = {
     "train.micro_conditioning.": {"model.base": "builtin:tiny-sdxl", "train.micro_conditioning": {}},
     "model.controlnet_layers": {"model.base": "builtin:tiny-sd3"},
     "model.t5": {"model.base": "builtin:tiny-sd3"},
+    "model.controlnet_single_layers": {"model.base": "builtin:tiny-flux"},
     "train.flow_matching": {"model.base": "builtin:tiny-sd3"},
     "train.flow_matching.": {"model.base": "builtin:tiny-sd3", "train.flow_matching": {}},
     "train.ema_offload": {"train.ema_decay": 0.99},

@@ -1,0 +1,113 @@
+"""What the flow-matching transformer families (SD3, FLUX.1) share: timesteps drawn by
+`train.flow_matching`'s scheme, z_t = (1 - sigma) x + sigma noise, the loss weighting, control latents
+made with the VAE's shift and scale, and the flow-matching sampler.
+
+torch and diffusers are imported inside the methods: `recipe plan` reads the families' figures.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+from recipe_runner.families.base import Components, ModelFamily
+
+if TYPE_CHECKING:
+    import torch
+
+    from recipe_runner.recipe.recipe import Recipe
+
+
+def flow_settings(recipe: Recipe) -> Any:
+    from recipe_runner.recipe.train import FlowMatching
+
+    return recipe.train.flow_matching or FlowMatching()
+
+
+class FlowMatchingFamily(ModelFamily):
+    denoiser_name = "transformer"
+    denoiser_folder = "transformer"
+    pooled_text = True
+    vae_in_step = True  # the conditioning image is encoded to latents at each step
+    precondition_by_default: bool  # train.flow_matching.precondition_outputs: null means this
+
+    def preconditions(self, recipe: Recipe) -> bool:
+        chosen = flow_settings(recipe).precondition_outputs
+        return self.precondition_by_default if chosen is None else chosen
+
+    def check_scheduler(self, recipe: Recipe, c: Components) -> None:
+        return None  # flow matching: the target is the family's, not the scheduler's
+
+    def control_latents(self, c: Components, conditioning: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The conditioning image ([0, 1]) as the ControlNet takes it: VAE latents, shifted and scaled like
+        the image latents (diffusers issues #11867, #11917: the control latents missed the shift). The
+        distribution's mean, not a sample: the same input at every step."""
+        import torch
+
+        with torch.no_grad():
+            pixels = (conditioning * 2 - 1).to(c.vae.device, c.vae.dtype)
+            mean = c.vae.encode(pixels).latent_dist.mean
+            shift = c.vae.config.shift_factor or 0.0
+            return ((mean - shift) * c.vae.config.scaling_factor).to(dtype)
+
+    def timestep_sampler(self, recipe: Recipe, num_timesteps: int) -> Any:
+        """Draws a timestep index from the recipe's density, with the step's per-sample generator (as
+        diffusers' compute_density_for_timestep_sampling, which draws from the global generator)."""
+        import torch
+
+        flow = flow_settings(recipe)
+
+        def sample(g: torch.Generator) -> torch.Tensor:
+            if flow.weighting_scheme == "logit_normal":
+                u = torch.sigmoid(flow.logit_mean + flow.logit_std * torch.randn((1,), generator=g))
+            else:
+                u = torch.rand((1,), generator=g)
+                if flow.weighting_scheme == "mode":
+                    u = 1 - u - flow.mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
+            return (u * num_timesteps).long().clamp(0, num_timesteps - 1)
+
+        return sample
+
+    def sigmas(self, c: Components, indices: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """The drawn indices' sigmas, shaped to broadcast over `like`."""
+        sigmas = c.noise_scheduler.sigmas[indices.cpu()].to(like.device, like.dtype)
+        return sigmas.reshape(-1, *([1] * (like.ndim - 1)))
+
+    def noisy_and_target(
+        self,
+        c: Components,
+        latents: torch.Tensor,
+        noise: torch.Tensor,
+        timesteps: torch.Tensor,
+        recipe: Recipe,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        sigmas = self.sigmas(c, timesteps, latents)
+        noisy = (1.0 - sigmas) * latents + sigmas * noise  # z_t = (1 - t) x + t z_1
+        return noisy, latents if self.preconditions(recipe) else noise - latents
+
+    def precondition(
+        self,
+        c: Components,
+        prediction: torch.Tensor,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        recipe: Recipe,
+    ) -> torch.Tensor:
+        """EDM's preconditioning (section 5 of 2206.00364), when on: -sigma * output + z_t."""
+        if not self.preconditions(recipe):
+            return prediction
+        return prediction * -self.sigmas(c, timesteps, noisy) + noisy
+
+    def loss_weights(self, c: Components, timesteps: torch.Tensor, recipe: Recipe) -> torch.Tensor | None:
+        scheme = flow_settings(recipe).weighting_scheme
+        if scheme not in ("cosmap", "sigma_sqrt"):  # the others weigh by how they draw timesteps
+            return None
+        from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+        sigmas = c.noise_scheduler.sigmas[timesteps.cpu()].float()
+        return compute_loss_weighting_for_sd3(weighting_scheme=scheme, sigmas=sigmas).flatten()
+
+    def sampling_scheduler(self, c: Components) -> Any:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler.from_config(c.noise_scheduler.config)
