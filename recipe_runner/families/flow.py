@@ -28,7 +28,7 @@ class FlowMatchingFamily(ModelFamily):
     denoiser_name = "transformer"
     denoiser_folder = "transformer"
     pooled_text = True
-    vae_in_step = True  # the conditioning image is encoded to latents at each step
+    vae_in_step = True  # the conditioning image is encoded to latents (once, with the precompute cache)
     precondition_by_default: bool  # train.flow_matching.precondition_outputs: null means this
 
     def preconditions(self, recipe: Recipe) -> bool:
@@ -49,6 +49,12 @@ class FlowMatchingFamily(ModelFamily):
             mean = c.vae.encode(pixels).latent_dist.mean
             shift = c.vae.config.shift_factor or 0.0
             return ((mean - shift) * c.vae.config.scaling_factor).to(dtype)
+
+    def step_control(self, c: Components, inputs: Any, dtype: torch.dtype) -> torch.Tensor:
+        """This step's control latents: from the precompute cache, or encoded now (reference mode)."""
+        if inputs.control_latents is not None:
+            return inputs.control_latents.to(dtype)
+        return self.control_latents(c, inputs.conditioning, dtype)
 
     def timestep_sampler(self, recipe: Recipe, num_timesteps: int) -> Any:
         """Draws a timestep index from the recipe's density, with the step's per-sample generator (as

@@ -192,7 +192,7 @@ class Flux(FlowMatchingFamily):
             "img_ids": FluxControlNetPipeline._prepare_latent_image_ids(b, h // 2, w // 2, device, dtype),
             "return_dict": False,
         }
-        control = _pack(self.control_latents(c, inputs.conditioning, dtype))
+        control = _pack(self.step_control(c, inputs, dtype))
         blocks, single_blocks = controlnet(controlnet_cond=control, **common)
         packed = c.denoiser(
             controlnet_block_samples=[s.to(dtype) for s in blocks] if blocks is not None else None,

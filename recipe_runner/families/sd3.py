@@ -189,7 +189,7 @@ class StableDiffusion3(FlowMatchingFamily):
             "pooled_projections": inputs.pooled,
             "return_dict": False,
         }
-        control = self.control_latents(c, inputs.conditioning, dtype)
+        control = self.step_control(c, inputs, dtype)
         blocks = controlnet(controlnet_cond=control, **common)[0]
         prediction = c.denoiser(block_controlnet_hidden_states=[b.to(dtype) for b in blocks], **common)[0]
         return self.precondition(c, prediction, noisy, timesteps, recipe)

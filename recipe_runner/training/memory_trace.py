@@ -190,7 +190,7 @@ def trace(
     from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
     from recipe_runner.training import features
-    from recipe_runner.training.encoding import move, place_encoders, vae_dtype
+    from recipe_runner.training.encoding import place_encoders
     from recipe_runner.training.session import place_models
     from recipe_runner.training.step import StepInputs, controlnet_loss, draw, inputs_by_encoding
 
@@ -209,9 +209,6 @@ def trace(
     if not train.precompute:  # reference mode: the encoders stay on the accelerator
         place_encoders(c, recipe, "meta", dtype)
         on_device += [c.vae, *c.text_encoders]
-    elif c.family.vae_in_step:  # it encodes the conditioning image at each step
-        move(c.vae.requires_grad_(False), "meta", vae_dtype(recipe, dtype))
-        on_device.append(c.vae)
 
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     for model in on_device:
@@ -260,6 +257,7 @@ def trace(
                             torch.zeros(b, tokens, text_width, dtype=dtype),
                             torch.zeros(b, pooled, dtype=dtype) if pooled else None,
                             cond,
+                            torch.zeros(b, *shape, dtype=dtype) if c.family.vae_in_step else None,
                         )
                     else:
                         batch = {

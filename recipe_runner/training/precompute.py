@@ -22,11 +22,11 @@ from rich.progress import Progress
 
 import recipe_runner
 from recipe_runner.data.buckets import bucket_counts, image_sizes
-from recipe_runner.families import Components
+from recipe_runner.families import Components, family_of
 from recipe_runner.recipe.recipe import Recipe
 from recipe_runner.runfolder.atomic import atomic_dir, is_complete
 from recipe_runner.runfolder.events import reporter
-from recipe_runner.training.data import to_pixels
+from recipe_runner.training.data import to_conditioning, to_pixels
 from recipe_runner.training.encoding import encode_pixels, encode_prompts, vae_dtype, warn_overlong
 from recipe_runner.training.keys import TRAINING_CODE_VERSION, sha256_json
 
@@ -70,6 +70,8 @@ def precompute_key(recipe: Recipe, base: str, dataset_fingerprint: str, dtype: t
             "resolution": recipe.dataset.resolution,
             # Bucketed rows are stored flat (another layout); off, left out so older caches stay valid.
             **({"layout": "flat"} if recipe.dataset.buckets.enabled else {}),
+            # Families whose ControlNet takes latents get the conditioning images' latents too.
+            **({"control_latents": True} if family_of(recipe).vae_in_step else {}),
             "dataset": dataset_fingerprint,
             "dtype": str(dtype),
             "code": [recipe_runner.__version__, TRAINING_CODE_VERSION],
@@ -80,7 +82,8 @@ def precompute_key(recipe: Recipe, base: str, dataset_fingerprint: str, dtype: t
 @dataclass
 class EncodedCache:
     """Row r's latents are N(latent_mean[r], latent_std[r]); its prompt's embedding is
-    prompt_embeds[prompt_index[r]]; index 0 is the empty prompt."""
+    prompt_embeds[prompt_index[r]]; index 0 is the empty prompt. For the families whose ControlNet
+    takes latents (SD3, FLUX.1), control_latents[r] are those of its conditioning image."""
 
     folder: Path
     latent_mean: np.ndarray
@@ -92,20 +95,26 @@ class EncodedCache:
     # [latent_offsets[r] : latent_offsets[r + 1]] reshaped to latent_shapes[r].
     latent_offsets: np.ndarray | None = None
     latent_shapes: np.ndarray | None = None
+    control_latents: np.ndarray | None = None  # laid out as latent_mean
 
     EMPTY = 0
 
     def latents(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(mean, std) of these rows, stacked: (len(rows), C, h, w), contiguous in memory."""
+        return self._take(self.latent_mean, rows), self._take(self.latent_std, rows)
+
+    def controls(self, rows: np.ndarray) -> np.ndarray | None:
+        """The conditioning images' latents of these rows, stacked (None: this family has none)."""
+        if self.control_latents is None:
+            return None
+        return self._take(self.control_latents, rows)
+
+    def _take(self, array: np.ndarray, rows: np.ndarray) -> np.ndarray:
         if self.latent_offsets is None:
-            return np.ascontiguousarray(self.latent_mean[rows]), np.ascontiguousarray(self.latent_std[rows])
+            return np.ascontiguousarray(array[rows])
         o, shapes = self.latent_offsets, self.latent_shapes
         assert shapes is not None
-
-        def take(flat: np.ndarray) -> np.ndarray:
-            return np.stack([flat[o[r] : o[r + 1]].reshape(shapes[r]) for r in rows])
-
-        return take(self.latent_mean), take(self.latent_std)
+        return np.stack([array[o[r] : o[r + 1]].reshape(shapes[r]) for r in rows])
 
     @classmethod
     def open(cls, folder: Path) -> EncodedCache | None:
@@ -122,6 +131,7 @@ class EncodedCache:
             optional("pooled"),
             optional("latent_offsets"),
             optional("latent_shapes"),
+            optional("control_latents"),
         )
 
 
@@ -167,7 +177,15 @@ def build_cache(
     with atomic_dir(folder) as tmp, Progress(console=console, disable=console is None, transient=True) as bar:
         mean = np.lib.format.open_memmap(tmp / "latent_mean.npy", "w+", dtype=storage, shape=latent_shape)
         std = np.lib.format.open_memmap(tmp / "latent_std.npy", "w+", dtype=storage, shape=latent_shape)
-        images = rows.select_columns(["image"])
+        arrays = [mean, std]
+        columns = ["image"]
+        if c.family.vae_in_step:
+            control = np.lib.format.open_memmap(
+                tmp / "control_latents.npy", "w+", dtype=storage, shape=latent_shape
+            )
+            arrays.append(control)
+            columns.append("conditioning_image")
+        images = rows.select_columns(columns)
         task = bar.add_task("encoding images", total=len(rows))
         report = reporter(console)  # the throttled lines of log.txt, a pipe, --json (bar is transient)
         encoded = 0
@@ -176,21 +194,29 @@ def build_cache(
             for start in range(0, len(group), batch):
                 chunk = group[start : start + batch]
                 fit = None if shapes is not None else resolution  # bucketed rows keep their size
-                pixels = torch.stack([to_pixels(im, fit) for im in images[chunk]["image"]])
+                part = images[chunk]
+                pixels = torch.stack([to_pixels(im, fit) for im in part["image"]])
                 m, s = encode_pixels(c, pixels.to(dtype=vae_dtype(recipe, weight_dtype)))
+                found = [m.to(weight_dtype), s.to(weight_dtype)]
+                if c.family.vae_in_step:  # the latents the step would make of the conditioning images
+                    channels = recipe.model.conditioning_channels
+                    cond = torch.stack(
+                        [to_conditioning(im, fit, channels) for im in part["conditioning_image"]]
+                    )
+                    found.append(c.family.control_latents(c, cond, weight_dtype))
                 # Cast to the training dtype first, as a step in reference mode sees it.
-                m, s = (x.to(weight_dtype).float().cpu().numpy() for x in (m, s))
-                if shapes is None:
-                    mean[chunk[0] : chunk[-1] + 1], std[chunk[0] : chunk[-1] + 1] = m, s
-                else:
-                    for i, row in enumerate(chunk):
-                        mean[offsets[row] : offsets[row + 1]] = m[i].ravel()
-                        std[offsets[row] : offsets[row + 1]] = s[i].ravel()
+                found = [x.float().cpu().numpy() for x in found]
+                for array, values in zip(arrays, found, strict=True):
+                    if shapes is None:
+                        array[chunk[0] : chunk[-1] + 1] = values
+                    else:
+                        for i, row in enumerate(chunk):
+                            array[offsets[row] : offsets[row + 1]] = values[i].ravel()
                 bar.advance(task, len(chunk))
                 encoded += len(chunk)
                 report.progress("precompute", encoded, len(rows))
-        mean.flush()
-        std.flush()
+        for array in arrays:
+            array.flush()
         if shapes is not None:
             np.save(tmp / "latent_offsets.npy", offsets)
             np.save(tmp / "latent_shapes.npy", np.array(shapes, dtype=np.int64))

@@ -29,7 +29,7 @@ from recipe_runner.runfolder.layout import RunFolder
 from recipe_runner.training import features
 from recipe_runner.training.data import BatchPlan, batch_plan, load_rows
 from recipe_runner.training.ema import ControlNetEMA, make_ema
-from recipe_runner.training.encoding import move, place_encoders, vae_dtype, warn_overlong
+from recipe_runner.training.encoding import move, place_encoders, warn_overlong
 from recipe_runner.training.keys import built_dataset_fingerprint, effective_precision, resume_fields
 from recipe_runner.training.lora import trainable
 from recipe_runner.training.precompute import EncodedCache, build_cache, precompute_key
@@ -76,7 +76,7 @@ class Session:
         try:
             yield
         finally:
-            park_encoders(self.components, self.recipe, self.device, self.weight_dtype)
+            place_encoders(self.components, self.recipe, "cpu", self.weight_dtype)
             torch.cuda.empty_cache()
 
 
@@ -131,14 +131,6 @@ def ensure_cache(
             torch.cuda.empty_cache()
 
 
-def park_encoders(c: Components, recipe: Recipe, device: torch.device, dtype: torch.dtype) -> None:
-    """With a precompute cache the text encoders wait on the CPU, and the VAE too unless the family's
-    step runs it (SD3 encodes the conditioning image at each step)."""
-    place_encoders(c, recipe, "cpu", dtype)
-    if c.family.vae_in_step:
-        move(c.vae, device, vae_dtype(recipe, dtype))
-
-
 def place_models(
     recipe: Recipe, c: Components, device: torch.device | str, dtype: torch.dtype
 ) -> torch.nn.Module:
@@ -188,7 +180,7 @@ def open_session(
         cache = None
         if train.precompute:
             cache = ensure_cache(loaded, folder, c, base, data["train"], device, dtype, console)
-            park_encoders(c, recipe, device, dtype)
+            place_encoders(c, recipe, "cpu", dtype)
         else:  # reference mode: prompts are encoded (and truncated) at each step
             place_encoders(c, recipe, device, dtype)
             if accelerator.is_main_process:

@@ -74,6 +74,7 @@ class StepInputs:
     prompt_embeds: torch.Tensor
     pooled: torch.Tensor | None
     conditioning: torch.Tensor
+    control_latents: torch.Tensor | None = None  # precomputed, for families whose ControlNet takes latents
 
 
 def inputs_from_cache(
@@ -86,12 +87,14 @@ def inputs_from_cache(
         return torch.from_numpy(np.ascontiguousarray(array[index])).to(device, dtype, non_blocking=True)
 
     mean, std = cache.latents(rows)
+    controls = cache.controls(rows)
     return StepInputs(
         torch.from_numpy(mean).to(device, dtype, non_blocking=True),
         torch.from_numpy(std).to(device, dtype, non_blocking=True),
         take(cache.prompt_embeds, prompt),
         take(cache.pooled, prompt) if cache.pooled is not None else None,
         batch["conditioning"].to(device, non_blocking=True),
+        torch.from_numpy(controls).to(device, dtype, non_blocking=True) if controls is not None else None,
     )
 
 

@@ -233,3 +233,24 @@ def test_plan_offers_no_memory_saver_sd3_refuses(tmp_path):
     assert any("gradient_checkpointing" in s for s in savers)
     assert not any("fp8_base" in s or "train.lora" in s for s in savers), savers
     assert lighter.train.lora is None and not lighter.train.fp8_base
+
+
+def test_the_precompute_cache_holds_the_control_latents(make_run):
+    """Encoded once with the other latents (the step then needs no VAE), and equal to what a step in
+    reference mode encodes."""
+    import numpy as np
+
+    from recipe_runner.training.data import load_rows, to_conditioning
+    from recipe_runner.training.precompute import EncodedCache
+    from recipe_runner.training.session import cache_folder
+
+    loaded, folder = make_run(*SD3, "train.max_steps=1", name="cache")
+    train_controlnet(loaded, folder)
+    base = resolve_base(loaded, folder.models_cache)
+    cache = EncodedCache.open(cache_folder(loaded, folder, base, torch.float32))
+    assert cache is not None and cache.control_latents is not None
+    c = load_components(loaded, base, unet=False)
+    rows = load_rows(folder.dataset_data, loaded.recipe)["train"]
+    cond = to_conditioning(rows[3]["conditioning_image"], 64, 3)[None]
+    expected = c.family.control_latents(c, cond, torch.float32)[0].numpy()
+    assert np.allclose(cache.controls(np.array([3]))[0], expected, atol=1e-5)  # batched: rounding
