@@ -101,6 +101,7 @@ class ModelFamily:
     pooled_text: bool = False  # its text encoding has a pooled embedding too (cached beside the tokens')
     supports_micro_conditioning: bool = False  # train.micro_conditioning (SDXL's size/crop inputs)
     vae_upcast: bool = False  # the VAE stays in fp32 under mixed precision unless model.vae replaces it
+    unused_parameters: bool = False  # its ControlNet has weights no output depends on (DDP must know)
     vae_in_step: bool = False  # the step itself runs the VAE (on the conditioning image), precompute or not
 
     # --- loading -----------------------------------------------------------------------------------

@@ -43,6 +43,9 @@ class StableDiffusion3(FlowMatchingFamily):
     hub_tag = "sd3"
     license = "other"  # the Stability AI Community License
     precondition_by_default = True  # train_controlnet_sd3.py's --precondition_outputs 1
+    # The ControlNet's last block still computes the text stream, which no output uses: its weights get
+    # no gradient (found by the two-process test; DDP stops on them otherwise).
+    unused_parameters = True
     figures = Figures(
         # SD 3 Medium's MMDiT (2B), a 12-block ControlNet (about half of its 24 blocks), the 16-channel
         # VAE, CLIP-L + CLIP-G (T5-XXL's 4.7B stay on the CPU with the precompute cache).

@@ -16,12 +16,17 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import AutocastKwargs, GradientAccumulationPlugin, ProjectConfiguration
+from accelerate.utils import (
+    AutocastKwargs,
+    DistributedDataParallelKwargs,
+    GradientAccumulationPlugin,
+    ProjectConfiguration,
+)
 from datasets import DatasetDict
 from diffusers.optimization import get_scheduler
 from rich.console import Console
 
-from recipe_runner.families import Components
+from recipe_runner.families import Components, family_of
 from recipe_runner.families.loading import load_components, resolve_base
 from recipe_runner.recipe.loader import LoadedRecipe
 from recipe_runner.recipe.recipe import Recipe
@@ -98,7 +103,11 @@ def make_accelerator(loaded: LoadedRecipe, folder: RunFolder) -> Accelerator:
         log_with=features.tracker_name(recipe),
         project_config=ProjectConfiguration(project_dir=str(folder.root), logging_dir=str(folder.logs)),
         dynamo_backend="inductor" if recipe.train.compile else "no",
-        kwargs_handlers=[AutocastKwargs(cache_enabled=features.AUTOCAST_CACHE)],
+        kwargs_handlers=[
+            AutocastKwargs(cache_enabled=features.AUTOCAST_CACHE),
+            # Several processes: DDP waits for every parameter's gradient unless told some get none.
+            DistributedDataParallelKwargs(find_unused_parameters=family_of(recipe).unused_parameters),
+        ],
     )
 
 

@@ -11,11 +11,14 @@ from recipe_runner.training import train_controlnet
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_two_processes_match_one_at_the_same_global_batch(make_run):
-    loaded, one = make_run("train.max_steps=3", "train.batch_size=4", name="one")
+@pytest.mark.parametrize("base", ["builtin:tiny-sd", "builtin:tiny-sd3", "builtin:tiny-flux"])
+def test_two_processes_match_one_at_the_same_global_batch(make_run, base):
+    loaded, one = make_run("train.max_steps=3", "train.batch_size=4", f"model.base={base}", name="one")
     single = train_controlnet(loaded, one)
 
-    loaded, two = make_run("train.max_steps=3", "train.batch_size=2", "launch.num_processes=2", name="two")
+    loaded, two = make_run(
+        "train.max_steps=3", "train.batch_size=2", "launch.num_processes=2", f"model.base={base}", name="two"
+    )
     double = train_controlnet(loaded, two)
 
     assert double["processes"] == 2 and double["images_per_step"] == single["images_per_step"] == 4
