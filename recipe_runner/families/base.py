@@ -120,6 +120,24 @@ class ModelFamily:
         """A ControlNet initialised from `c`'s denoiser (`model.controlnet: null`)."""
         raise NotImplementedError
 
+    def load_controlnet(self, loaded: LoadedRecipe, c: Components, *, weights: bool = True) -> Any:
+        """The ControlNet to fine-tune (model.controlnet), or a new one from the denoiser."""
+        from recipe_runner.families.parts import diffusers_model, loading
+
+        spec = loaded.recipe.model
+        if spec.controlnet is None:
+            return self.new_controlnet(loaded, c, weights=weights)
+        local = loaded.resolve(spec.controlnet)
+        ref = str(local) if local.is_dir() else spec.controlnet
+        with loading("model.controlnet", spec.controlnet):
+            controlnet = diffusers_model(self.controlnet_class(), ref, weights)
+        self.check_controlnet(loaded, c, controlnet)
+        return controlnet
+
+    def check_controlnet(self, loaded: LoadedRecipe, c: Components, controlnet: Any) -> None:
+        """A UserError when a ControlNet to fine-tune was made for another base."""
+        return None
+
     def controlnet_class(self) -> type:
         """The diffusers class of its ControlNets (to load trained weights)."""
         raise NotImplementedError

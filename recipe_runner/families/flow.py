@@ -8,6 +8,7 @@ torch and diffusers are imported inside the methods: `recipe plan` reads the fam
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from recipe_runner.families.base import Components, ModelFamily
@@ -15,6 +16,7 @@ from recipe_runner.families.base import Components, ModelFamily
 if TYPE_CHECKING:
     import torch
 
+    from recipe_runner.recipe.loader import LoadedRecipe
     from recipe_runner.recipe.recipe import Recipe
 
 
@@ -30,6 +32,54 @@ class FlowMatchingFamily(ModelFamily):
     pooled_text = True
     vae_in_step = True  # the conditioning image is encoded to latents (once, with the precompute cache)
     precondition_by_default: bool  # train.flow_matching.precondition_outputs: null means this
+
+    transformer_class_name: str  # the diffusers class of its transformer
+
+    # --- loading -----------------------------------------------------------------------------------
+    def check_folder(self, recipe: Recipe, folder: Path) -> None:
+        from recipe_runner.families.parts import missing_parts, wrong_transformer
+
+        wrong_transformer(recipe, folder, self.label, self.transformer_class_name)
+        required = ["transformer", "scheduler", *self.tokenizer_folders[:2], *self.text_encoder_folders[:2]]
+        missing_parts(recipe, folder, required + ([] if recipe.model.vae else ["vae"]))
+
+    def text_parts(self, loaded: LoadedRecipe, base: str) -> int:
+        """How many of its tokenizer/text-encoder folders to load."""
+        return len(self.text_encoder_folders)
+
+    def load(
+        self, loaded: LoadedRecipe, base: str, *, denoiser: bool, controlnet: bool, weights: bool
+    ) -> Components:
+        import diffusers
+        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+        from transformers import AutoTokenizer
+
+        from recipe_runner.families.parts import diffusers_model, load_vae, loading, text_encoder
+
+        spec = loaded.recipe.model
+        common = {"revision": spec.revision}
+        kind = getattr(diffusers, self.transformer_class_name)
+        with loading("model.base", base):
+            parts = self.text_parts(loaded, base)
+            tokenizers = [
+                AutoTokenizer.from_pretrained(base, subfolder=sub, **common)
+                for sub in self.tokenizer_folders[:parts]
+            ]
+            encoders = [text_encoder(base, sub, spec, weights) for sub in self.text_encoder_folders[:parts]]
+            scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(base, subfolder="scheduler", **common)
+            config = kind.load_config(base, subfolder="transformer", **common)
+            transformer = (
+                diffusers_model(kind, base, weights, subfolder="transformer", variant=spec.variant, **common)
+                if denoiser
+                else None
+            )
+        vae = load_vae(loaded, base, AutoencoderKL, weights)
+        c = Components(self, tokenizers, encoders, vae, scheduler, transformer)
+        # Known also when the transformer is not loaded (the precompute cache's encoders alone).
+        c.extra["joint_attention_dim"] = config["joint_attention_dim"]
+        if transformer is not None and controlnet:
+            c.controlnet = self.load_controlnet(loaded, c, weights=weights)
+        return c
 
     def preconditions(self, recipe: Recipe) -> bool:
         chosen = flow_settings(recipe).precondition_outputs

@@ -12,7 +12,6 @@ the methods: `recipe plan` reads this module's figures.
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from recipe_runner.errors import UserError
@@ -48,6 +47,7 @@ class Flux(FlowMatchingFamily):
     offline_arch = None
     hub_tag = "flux"
     license = "other"  # FLUX.1-dev's non-commercial license (schnell's is apache-2.0: set output.license)
+    transformer_class_name = "FluxTransformer2DModel"
     precondition_by_default = False  # train_controlnet_flux.py: the target is noise - latents
     figures = Figures(
         # FLUX.1's 12B transformer (19 double + 38 single blocks), a 4 + 4 block ControlNet (about 1.4B),
@@ -62,52 +62,6 @@ class Flux(FlowMatchingFamily):
     )
 
     # --- loading -----------------------------------------------------------------------------------
-    def check_folder(self, recipe: Recipe, folder: Path) -> None:
-        from recipe_runner.families.parts import missing_parts, wrong_transformer
-
-        wrong_transformer(recipe, folder, "FLUX.1", "FluxTransformer2DModel")
-        need = ["transformer", "scheduler", *self.tokenizer_folders, *self.text_encoder_folders]
-        missing_parts(recipe, folder, need + ([] if recipe.model.vae else ["vae"]))
-
-    def load(
-        self, loaded: LoadedRecipe, base: str, *, denoiser: bool, controlnet: bool, weights: bool
-    ) -> Components:
-        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-        from transformers import AutoTokenizer
-
-        from recipe_runner.families.parts import diffusers_model, load_vae, loading, text_encoder
-
-        spec = loaded.recipe.model
-        common = {"revision": spec.revision}
-        with loading("model.base", base):
-            tokenizers = [
-                AutoTokenizer.from_pretrained(base, subfolder=sub, **common) for sub in self.tokenizer_folders
-            ]
-            encoders = [text_encoder(base, sub, spec, weights) for sub in self.text_encoder_folders]
-            scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(base, subfolder="scheduler", **common)
-            kind = FluxTransformer2DModel
-            transformer = (
-                diffusers_model(kind, base, weights, subfolder="transformer", variant=spec.variant, **common)
-                if denoiser
-                else None
-            )
-        vae = load_vae(loaded, base, AutoencoderKL, weights)
-        c = Components(self, tokenizers, encoders, vae, scheduler, transformer)
-        if transformer is not None and controlnet:
-            c.controlnet = self.load_controlnet(loaded, c, weights=weights)
-        return c
-
-    def load_controlnet(self, loaded: LoadedRecipe, c: Components, *, weights: bool = True) -> Any:
-        from recipe_runner.families.parts import diffusers_model, loading
-
-        spec = loaded.recipe.model
-        if spec.controlnet is None:
-            return self.new_controlnet(loaded, c, weights=weights)
-        local = loaded.resolve(spec.controlnet)
-        ref = str(local) if local.is_dir() else spec.controlnet
-        with loading("model.controlnet", spec.controlnet):
-            return diffusers_model(self.controlnet_class(), ref, weights)
-
     def new_controlnet(self, loaded: LoadedRecipe, c: Components, *, weights: bool = True) -> Any:
         import torch
         from diffusers import FluxControlNetModel

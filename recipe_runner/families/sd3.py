@@ -42,6 +42,7 @@ class StableDiffusion3(FlowMatchingFamily):
     offline_arch = None
     hub_tag = "sd3"
     license = "other"  # the Stability AI Community License
+    transformer_class_name = "SD3Transformer2DModel"
     precondition_by_default = True  # train_controlnet_sd3.py's --precondition_outputs 1
     # The ControlNet's last block still computes the text stream, which no output uses: its weights get
     # no gradient (found by the two-process test; DDP stops on them otherwise).
@@ -59,64 +60,14 @@ class StableDiffusion3(FlowMatchingFamily):
     )
 
     # --- loading -----------------------------------------------------------------------------------
-    def check_folder(self, recipe: Recipe, folder: Path) -> None:
-        from recipe_runner.families.parts import missing_parts, wrong_transformer
-
-        wrong_transformer(recipe, folder, "SD3", "SD3Transformer2DModel")
-        need = ["transformer", "scheduler", "tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2"]
-        missing_parts(recipe, folder, need + ([] if recipe.model.vae else ["vae"]))
-
-    def load(
-        self, loaded: LoadedRecipe, base: str, *, denoiser: bool, controlnet: bool, weights: bool
-    ) -> Components:
-        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-        from transformers import AutoTokenizer
-
-        from recipe_runner.families.parts import diffusers_model, load_vae, loading, text_encoder
-
-        spec = loaded.recipe.model
-        common = {"revision": spec.revision}
-        with loading("model.base", base):
-            parts = 3 if self._uses_t5(loaded, base) else 2
-            tokenizers = [
-                AutoTokenizer.from_pretrained(base, subfolder=sub, **common)
-                for sub in self.tokenizer_folders[:parts]
-            ]
-            encoders = [text_encoder(base, sub, spec, weights) for sub in self.text_encoder_folders[:parts]]
-            scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(base, subfolder="scheduler", **common)
-            kind = SD3Transformer2DModel
-            config = kind.load_config(base, subfolder="transformer", **common)
-            transformer = (
-                diffusers_model(kind, base, weights, subfolder="transformer", variant=spec.variant, **common)
-                if denoiser
-                else None
-            )
-        vae = load_vae(loaded, base, AutoencoderKL, weights)
-        c = Components(self, tokenizers, encoders, vae, scheduler, transformer)
-        # The T5 width the CLIP embeddings are padded to, also known when the transformer is not loaded.
-        c.extra["joint_attention_dim"] = config["joint_attention_dim"]
-        if transformer is not None and controlnet:
-            c.controlnet = self.load_controlnet(loaded, c, weights=weights)
-        return c
+    def text_parts(self, loaded: LoadedRecipe, base: str) -> int:
+        return 3 if self._uses_t5(loaded, base) else 2
 
     @staticmethod
     def _uses_t5(loaded: LoadedRecipe, base: str) -> bool:
         """model.t5, and the base has its T5 encoder (a local folder may leave it out; hub bases have it)."""
         folder = Path(base)
         return loaded.recipe.model.t5 and (not folder.is_dir() or (folder / "text_encoder_3").is_dir())
-
-    def load_controlnet(self, loaded: LoadedRecipe, c: Components, *, weights: bool = True) -> Any:
-        from diffusers import SD3ControlNetModel
-
-        from recipe_runner.families.parts import diffusers_model, loading
-
-        spec = loaded.recipe.model
-        if spec.controlnet is None:
-            return self.new_controlnet(loaded, c, weights=weights)
-        local = loaded.resolve(spec.controlnet)
-        ref = str(local) if local.is_dir() else spec.controlnet
-        with loading("model.controlnet", spec.controlnet):
-            return diffusers_model(SD3ControlNetModel, ref, weights)
 
     def new_controlnet(self, loaded: LoadedRecipe, c: Components, *, weights: bool = True) -> Any:
         import torch

@@ -121,20 +121,8 @@ class StableDiffusion(ModelFamily):
                 hint="set model.family to match the base model",
             )
 
-    def load_controlnet(self, loaded: LoadedRecipe, c: Components, *, weights: bool = True) -> Any:
-        """A ControlNet to fine-tune (model.controlnet) or a new one initialised from the UNet's encoder
-        (with `weights=False`, on the meta device from the configs)."""
-        from diffusers import ControlNetModel
-
-        from recipe_runner.families.parts import diffusers_model, loading
-
+    def check_controlnet(self, loaded: LoadedRecipe, c: Components, controlnet: Any) -> None:
         spec = loaded.recipe.model
-        if spec.controlnet is None:
-            return self.new_controlnet(loaded, c, weights=weights)
-        local = loaded.resolve(spec.controlnet)
-        ref = str(local) if local.is_dir() else spec.controlnet
-        with loading("model.controlnet", spec.controlnet):
-            controlnet = diffusers_model(ControlNetModel, ref, weights)
         _check_fits(spec.controlnet, spec.base, controlnet, c.unet, c.vae_scale_factor)
         have = controlnet.config.conditioning_channels
         if have != spec.conditioning_channels:
@@ -143,7 +131,6 @@ class StableDiffusion(ModelFamily):
                 f"but model.conditioning_channels is {spec.conditioning_channels}",
                 hint=f"set model.conditioning_channels: {have}",
             )
-        return controlnet
 
     def new_controlnet(self, loaded: LoadedRecipe, c: Components, *, weights: bool = True) -> Any:
         import torch
