@@ -176,3 +176,23 @@ def test_a_dataset_built_with_other_buckets_is_refused_before_training(make_run,
         UserError, match=r"48x80 px image, which is none of dataset.buckets' sizes \(32x64 48x48"
     ):
         train_controlnet(loaded, folder)
+
+
+@pytest.mark.parametrize("base", ["builtin:tiny-sd3", "builtin:tiny-flux"])
+def test_flow_families_take_the_sd15_options_on_buckets(make_run, bucketed_data, base):
+    """What SD 1.5 runs with also runs for SD3 and FLUX.1: buckets (their latents in 2x2 patches), EMA,
+    8-bit AdamW, gradient checkpointing, offset noise, empty prompts."""
+    options = (
+        *BUCKETS,
+        f"model.base={base}",
+        "train.max_steps=3",
+        "train.ema_decay=0.9",
+        "train.optimizer=adamw_8bit",
+        "train.gradient_checkpointing=true",
+        "train.noise_offset=0.05",
+        "train.empty_prompt_ratio=0.5",
+    )
+    loaded, folder = make_run(*options, name="flow", data=bucketed_data)
+    results = train_controlnet(loaded, folder)
+    assert results["steps"] == 3 and all(math.isfinite(v) for _, v in results["losses"])
+    assert (folder.controlnet / "config.json").is_file()
