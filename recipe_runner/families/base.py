@@ -102,7 +102,7 @@ class ModelFamily:
     supports_micro_conditioning: bool = False  # train.micro_conditioning (SDXL's size/crop inputs)
     vae_upcast: bool = False  # the VAE stays in fp32 under mixed precision unless model.vae replaces it
     unused_parameters: bool = False  # its ControlNet has weights no output depends on (DDP must know)
-    vae_in_step: bool = False  # the step itself runs the VAE (on the conditioning image), precompute or not
+    latent_control: bool = False  # its ControlNet takes the conditioning image as VAE latents (cached too)
 
     # --- loading -----------------------------------------------------------------------------------
     def check_folder(self, recipe: Recipe, folder: Path) -> None:
@@ -214,6 +214,6 @@ class ModelFamily:
         """(base pipeline, ControlNet pipeline) classes for loading a base for inference."""
         raise NotImplementedError
 
-    def random_pipeline(self, arch: Any, tokenizers: list, encoders: list, unet: Any, vae: Any) -> Any:
+    def random_pipeline(self, tokenizers: list, encoders: list, unet: Any, vae: Any) -> Any:
         """A base pipeline from random-initialised parts of an offline architecture (models/archs.py)."""
         raise NotImplementedError

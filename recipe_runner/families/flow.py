@@ -30,7 +30,7 @@ class FlowMatchingFamily(ModelFamily):
     denoiser_name = "transformer"
     denoiser_folder = "transformer"
     pooled_text = True
-    vae_in_step = True  # the conditioning image is encoded to latents (once, with the precompute cache)
+    latent_control = True  # the ControlNet takes VAE latents of the conditioning image (see control_latents)
     precondition_by_default: bool  # train.flow_matching.precondition_outputs: null means this
 
     transformer_class_name: str  # the diffusers class of its transformer

@@ -24,7 +24,7 @@ def build_random_pipeline(folder: Path, arch: str) -> Path:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device(device):
         tokenizers, encoders, unet, vae = random_models(arch, folder)
-    pipe = FAMILIES[ARCHS[arch].family].random_pipeline(ARCHS[arch], tokenizers, encoders, unet, vae)
+    pipe = FAMILIES[ARCHS[arch].family].random_pipeline(tokenizers, encoders, unet, vae)
     # fp16 on disk halves the write (SDXL: 7 GB); from_pretrained loads it back as fp32.
     pipe.to(torch.float16).save_pretrained(folder, safe_serialization=True)
     for name in TOKENIZER_FOLDERS[: len(tokenizers)]:

@@ -265,7 +265,7 @@ class StableDiffusion(ModelFamily):
 
         return StableDiffusionPipeline, StableDiffusionControlNetPipeline
 
-    def random_pipeline(self, arch: Any, tokenizers: list, encoders: list, unet: Any, vae: Any) -> Any:
+    def random_pipeline(self, tokenizers: list, encoders: list, unet: Any, vae: Any) -> Any:
         from diffusers import DDPMScheduler
 
         base_cls, _ = self.pipeline_classes()

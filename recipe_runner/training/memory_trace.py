@@ -257,7 +257,7 @@ def trace(
                             torch.zeros(b, tokens, text_width, dtype=dtype),
                             torch.zeros(b, pooled, dtype=dtype) if pooled else None,
                             cond,
-                            torch.zeros(b, *shape, dtype=dtype) if c.family.vae_in_step else None,
+                            torch.zeros(b, *shape, dtype=dtype) if c.family.latent_control else None,
                         )
                     else:
                         batch = {

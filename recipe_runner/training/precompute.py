@@ -71,7 +71,7 @@ def precompute_key(recipe: Recipe, base: str, dataset_fingerprint: str, dtype: t
             # Bucketed rows are stored flat (another layout); off, left out so older caches stay valid.
             **({"layout": "flat"} if recipe.dataset.buckets.enabled else {}),
             # Families whose ControlNet takes latents get the conditioning images' latents too.
-            **({"control_latents": True} if family_of(recipe).vae_in_step else {}),
+            **({"control_latents": True} if family_of(recipe).latent_control else {}),
             "dataset": dataset_fingerprint,
             "dtype": str(dtype),
             "code": [recipe_runner.__version__, TRAINING_CODE_VERSION],
@@ -179,7 +179,7 @@ def build_cache(
         std = np.lib.format.open_memmap(tmp / "latent_std.npy", "w+", dtype=storage, shape=latent_shape)
         arrays = [mean, std]
         columns = ["image"]
-        if c.family.vae_in_step:
+        if c.family.latent_control:
             control = np.lib.format.open_memmap(
                 tmp / "control_latents.npy", "w+", dtype=storage, shape=latent_shape
             )
@@ -198,7 +198,7 @@ def build_cache(
                 pixels = torch.stack([to_pixels(im, fit) for im in part["image"]])
                 m, s = encode_pixels(c, pixels.to(dtype=vae_dtype(recipe, weight_dtype)))
                 found = [m.to(weight_dtype), s.to(weight_dtype)]
-                if c.family.vae_in_step:  # the latents the step would make of the conditioning images
+                if c.family.latent_control:  # the latents a step in reference mode makes of them
                     channels = recipe.model.conditioning_channels
                     cond = torch.stack(
                         [to_conditioning(im, fit, channels) for im in part["conditioning_image"]]
