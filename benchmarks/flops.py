@@ -22,7 +22,8 @@ from recipe_runner.models.archs import ARCHS
 
 # Dense bf16/fp16 tensor-core peaks (no sparsity), from the vendors' data sheets.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}
-ARCH_NAMES = ["tiny-sd", "shapes-sd", *ARCHS]
+UNET_ARCHS = [name for name, a in ARCHS.items() if a.denoiser_class == "UNet2DConditionModel"]
+ARCH_NAMES = ["tiny-sd", "shapes-sd", *UNET_ARCHS]  # the ControlNet step of a UNet
 
 
 def _configs(arch: str) -> tuple[dict, dict]:

@@ -214,6 +214,9 @@ class ModelFamily:
         """(base pipeline, ControlNet pipeline) classes for loading a base for inference."""
         raise NotImplementedError
 
-    def random_pipeline(self, tokenizers: list, encoders: list, unet: Any, vae: Any) -> Any:
+    def random_pipeline(
+        self, tokenizers: list, encoders: list, denoiser: Any, vae: Any, scheduler: Any
+    ) -> Any:
         """A base pipeline from random-initialised parts of an offline architecture (models/archs.py)."""
-        raise NotImplementedError
+        base_cls, _ = self.pipeline_classes()
+        return base_cls(**self.pipeline_parts(tokenizers, encoders, denoiser, vae), scheduler=scheduler)

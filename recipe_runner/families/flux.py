@@ -44,7 +44,7 @@ class Flux(FlowMatchingFamily):
     tokenizer_folders = ("tokenizer", "tokenizer_2")
     text_encoder_folders = ("text_encoder", "text_encoder_2")
     native_resolutions = (1024,)
-    offline_arch = None
+    offline_arch = "flux-dev"
     hub_tag = "flux"
     license = "other"  # FLUX.1-dev's non-commercial license (schnell's is apache-2.0: set output.license)
     transformer_class_name = "FluxTransformer2DModel"

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from recipe_runner.families import FAMILIES
-from recipe_runner.models.archs import ARCHS, TOKENIZER_FOLDERS, random_models
+from recipe_runner.models.archs import ARCHS, TOKENIZER_FOLDERS, random_models, random_scheduler
 from recipe_runner.models.tokenizer import write_tiny_clip_tokenizer
 
 
@@ -20,11 +20,12 @@ def build_random_pipeline(folder: Path, arch: str) -> Path:
     if (folder / "model_index.json").is_file():
         return folder
     torch.manual_seed(0)
-    # Random init of ~3.5B parameters (SDXL) takes minutes on a CPU and seconds on a GPU.
+    # Random init of ~3.5B parameters (SDXL; FLUX.1-dev: 17B) takes minutes on a CPU and seconds on a GPU.
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device(device):
-        tokenizers, encoders, unet, vae = random_models(arch, folder)
-    pipe = FAMILIES[ARCHS[arch].family].random_pipeline(tokenizers, encoders, unet, vae)
+        tokenizers, encoders, denoiser, vae = random_models(arch, folder)
+    family = FAMILIES[ARCHS[arch].family]
+    pipe = family.random_pipeline(tokenizers, encoders, denoiser, vae, random_scheduler(arch))
     # fp16 on disk halves the write (SDXL: 7 GB); from_pretrained loads it back as fp32.
     pipe.to(torch.float16).save_pretrained(folder, safe_serialization=True)
     for name in TOKENIZER_FOLDERS[: len(tokenizers)]:

@@ -39,7 +39,7 @@ class StableDiffusion3(FlowMatchingFamily):
     tokenizer_folders = ("tokenizer", "tokenizer_2", "tokenizer_3")
     text_encoder_folders = ("text_encoder", "text_encoder_2", "text_encoder_3")
     native_resolutions = (1024,)
-    offline_arch = None
+    offline_arch = "sd35m"
     hub_tag = "sd3"
     license = "other"  # the Stability AI Community License
     transformer_class_name = "SD3Transformer2DModel"

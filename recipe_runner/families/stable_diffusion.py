@@ -265,19 +265,6 @@ class StableDiffusion(ModelFamily):
 
         return StableDiffusionPipeline, StableDiffusionControlNetPipeline
 
-    def random_pipeline(self, tokenizers: list, encoders: list, unet: Any, vae: Any) -> Any:
-        from diffusers import DDPMScheduler
-
-        base_cls, _ = self.pipeline_classes()
-        scheduler = DDPMScheduler(  # SD 1.5's
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            steps_offset=1,
-            clip_sample=False,
-        )
-        return base_cls(**self.pipeline_parts(tokenizers, encoders, unet, vae), scheduler=scheduler)
-
 
 class StableDiffusionXL(StableDiffusion):
     """SDXL: CLIP-L and OpenCLIP-bigG side by side (penultimate layers), the second's pooled output,

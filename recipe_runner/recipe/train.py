@@ -140,12 +140,13 @@ class TrainSpec(Section):
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory (slower)."""
     fp8_base: Annotated[bool, RETRAINS_IF_SET] = False
-    """Store the frozen UNet's weights in fp8 (e4m3), each layer cast up to the compute precision only
-    while it runs (diffusers' layerwise casting; kohya's `--fp8_base`): 1 byte a parameter instead of 2,
-    about 0.8 GB less at SD 1.5 and 2.4 GB at SDXL. Norm layers keep the compute precision. Costs some
-    speed (every layer is cast at every pass) and a little fidelity (the ControlNet learns beside an
-    fp8-rounded UNet; validation samples use it too). Needs gradient_checkpointing (without it the
-    backward pass keeps the cast-up copies, and the peak is higher than without fp8); not with `compile`."""
+    """Store the frozen UNet's or transformer's weights in fp8 (e4m3), each layer cast up to the compute
+    precision only while it runs (diffusers' layerwise casting; kohya's `--fp8_base`): 1 byte a parameter
+    instead of 2, about 0.8 GB less at SD 1.5, 2.4 GB at SDXL, 11 GB at FLUX.1-dev. Norm layers keep the
+    compute precision. Costs some speed (every layer is cast at every pass) and a little fidelity (the
+    ControlNet learns beside an fp8-rounded base; validation samples use it too). Needs
+    gradient_checkpointing (without it the backward pass keeps the cast-up copies, and the peak is higher
+    than without fp8); not with `compile`."""
     attention: Annotated[Literal["sdpa", "xformers", "eager"], NOTHING] = "sdpa"
     """Attention implementation: PyTorch SDPA (flash/memory-efficient kernels), xformers, or eager."""
     allow_tf32: bool = False

@@ -13,7 +13,6 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
-from diffusers import ControlNetModel
 from diffusers.training_utils import EMAModel
 
 from recipe_runner.recipe.recipe import Recipe
@@ -23,7 +22,7 @@ from recipe_runner.training.lora import trainable
 class ControlNetEMA(EMAModel):
     def __init__(self, controlnet: torch.nn.Module, decay: float, offload: bool):
         super().__init__(
-            trainable(controlnet), decay=decay, model_cls=ControlNetModel, model_config=controlnet.config
+            trainable(controlnet), decay=decay, model_cls=type(controlnet), model_config=controlnet.config
         )
         self.offload = offload
         self.home = torch.device("cpu") if offload else next(controlnet.parameters()).device

@@ -1,4 +1,4 @@
-"""`train.fp8_base`: the frozen UNet's weights stored in fp8, each layer cast up only while it runs.
+"""`train.fp8_base`: the frozen UNet's or transformer's weights in fp8, each layer cast up while it runs.
 
 diffusers has this as layerwise casting (`ModelMixin.enable_layerwise_casting`), and we take its choice of
 layers and its skip patterns (norms, embeddings of positions, ...), but not its hook: that one casts with

@@ -73,7 +73,7 @@ def plain_copy(controlnet: ControlNetModel) -> ControlNetModel:
     rather than deep-copied: a prepared model's forward is wrapped by accelerate (fp32 outputs), and a
     copy of one on a GPU would take the GPU's memory."""
     state = {k: v.detach().to("cpu", torch.float32) for k, v in controlnet.state_dict().items()}
-    plain = ControlNetModel.from_config(controlnet.config)
+    plain = type(controlnet).from_config(controlnet.config)  # the family's ControlNet class
     lora = is_lora(controlnet)
     if lora:
         plain.add_adapter(controlnet.peft_config["default"])

@@ -146,15 +146,14 @@ def _nbytes(tensors) -> int:
 def arch_components(loaded: LoadedRecipe, arch: str, folder: Path) -> Components:
     """A full-size architecture of `models/archs.py` on the meta device, with the recipe's ControlNet
     (the tokenizers are the package's tiny offline one: the same 77-token window)."""
-    from diffusers import DDPMScheduler
-
-    from recipe_runner.models.archs import ARCHS, random_models
+    from recipe_runner.models.archs import ARCHS, random_models, random_scheduler
 
     with torch.device("meta"):
-        tokenizers, encoders, unet, vae = random_models(arch, folder)
-    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+        tokenizers, encoders, denoiser, vae = random_models(arch, folder)
     family = FAMILIES[ARCHS[arch].family]
-    c = Components(family, tokenizers, encoders, vae, scheduler, unet)
+    c = Components(family, tokenizers, encoders, vae, random_scheduler(arch), denoiser)
+    if "joint_attention_dim" in denoiser.config:  # the flow families' text width (T5's)
+        c.extra["joint_attention_dim"] = denoiser.config.joint_attention_dim
     c.controlnet = family.load_controlnet(loaded, c, weights=False)
     return c
 

@@ -136,7 +136,6 @@ def test_family_is_guessed_from_sd3_names():
     ("override", "field"),
     [
         ("train.lora={rank: 4}", "train.lora"),
-        ("train.fp8_base=true", "train.fp8_base"),
         ("train.snr_gamma=5", "train.snr_gamma"),
         ("model.conditioning_channels=1", "model.conditioning_channels"),
         ("train.attention=eager", "train.attention"),
@@ -144,10 +143,9 @@ def test_family_is_guessed_from_sd3_names():
 )
 def test_options_sd3_does_not_take_are_refused_at_validation(tmp_path, override, field):
     path = tmp_path / "r.yaml"
-    extra = "  gradient_checkpointing: true\n" if "fp8" in override else ""
     path.write_text(
         "name: t\ndataset: {source: {builtin: shapes}}\nmodel: {base: 'builtin:tiny-sd3'}\n"
-        f"train:\n  max_steps: 2\n{extra}"
+        "train:\n  max_steps: 2\n"
     )
     with pytest.raises(RecipeError) as info:
         load_recipe(path, [override])
@@ -221,7 +219,7 @@ def test_a_run_with_t5_trains_and_samples(make_run, sd3_with_t5):
     assert math.isfinite(results["final_loss"]) and (folder.samples / "step-2.png").is_file()
 
 
-def test_plan_offers_no_memory_saver_sd3_refuses(tmp_path):
+def test_plan_offers_fp8_but_no_memory_saver_sd3_refuses(tmp_path):
     from recipe_runner.run.estimates import memory_savers
 
     path = tmp_path / "r.yaml"
@@ -231,8 +229,8 @@ def test_plan_offers_no_memory_saver_sd3_refuses(tmp_path):
     )
     savers, lighter = memory_savers(load_recipe(path).recipe)
     assert any("gradient_checkpointing" in s for s in savers)
-    assert not any("fp8_base" in s or "train.lora" in s for s in savers), savers
-    assert lighter.train.lora is None and not lighter.train.fp8_base
+    assert any("fp8_base" in s for s in savers) and not any("train.lora" in s for s in savers), savers
+    assert lighter.train.lora is None and lighter.train.fp8_base
 
 
 def test_the_precompute_cache_holds_the_control_latents(make_run):
