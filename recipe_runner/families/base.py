@@ -104,6 +104,15 @@ class ModelFamily:
     unused_parameters: bool = False  # its ControlNet has weights no output depends on (DDP must know)
     latent_control: bool = False  # its ControlNet takes the conditioning image as VAE latents (cached too)
 
+    # --- estimates ---------------------------------------------------------------------------------
+    def controlnet_params(self, recipe: Recipe, size: ModelSize) -> float:
+        """Parameters of the ControlNet the recipe trains, given its base's sizes."""
+        return size.controlnet
+
+    def memory_savers(self, recipe: Recipe) -> list[tuple[str, dict[str, Any]]]:
+        """Family-specific `model` changes that lower the memory a run needs: (what, model fields)."""
+        return []
+
     # --- loading -----------------------------------------------------------------------------------
     def check_folder(self, recipe: Recipe, folder: Path) -> None:
         """Say what kind of model a local folder holds when it is not one of this family."""

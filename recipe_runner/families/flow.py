@@ -34,6 +34,30 @@ class FlowMatchingFamily(ModelFamily):
     precondition_by_default: bool  # train.flow_matching.precondition_outputs: null means this
 
     transformer_class_name: str  # the diffusers class of its transformer
+    # A new ControlNet's parameters on the family's reference base (counted from models/archs.py's
+    # architectures): (fixed, each copied block, each copied single-stream block), and the default counts.
+    controlnet_block_params: tuple[float, float, float]
+    default_blocks: tuple[int, int]
+
+    # --- estimates ---------------------------------------------------------------------------------
+    def controlnet_blocks(self, recipe: Recipe) -> tuple[int, int]:
+        """The (blocks, single-stream blocks) a new ControlNet copies, as the recipe asks."""
+        m, (blocks, single) = recipe.model, self.default_blocks
+        return (
+            blocks if m.controlnet_layers is None else m.controlnet_layers,
+            single if m.controlnet_single_layers is None else m.controlnet_single_layers,
+        )
+
+    def controlnet_params(self, recipe: Recipe, size: Any) -> float:
+        if recipe.model.controlnet is not None:  # fine-tuning: the size of the one loaded
+            return size.controlnet
+        fixed, per_block, per_single = self.controlnet_block_params
+
+        def params(blocks: int, single: int) -> float:
+            return fixed + blocks * per_block + single * per_single
+
+        # Scaled, so that a smaller base (a builtin, a local folder) keeps its own figure at the defaults.
+        return size.controlnet * params(*self.controlnet_blocks(recipe)) / params(*self.default_blocks)
 
     # --- loading -----------------------------------------------------------------------------------
     def check_folder(self, recipe: Recipe, folder: Path) -> None:

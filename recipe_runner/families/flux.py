@@ -49,17 +49,33 @@ class Flux(FlowMatchingFamily):
     license = "other"  # FLUX.1-dev's non-commercial license (schnell's is apache-2.0: set output.license)
     transformer_class_name = "FluxTransformer2DModel"
     precondition_by_default = False  # train_controlnet_flux.py: the target is noise - latents
+    # FLUX.1-dev's (counted): each double-stream block 349M, each single-stream block 151M with its
+    # output projection.
+    controlnet_block_params = (45.1e6, 349.3e6, 151.0e6)
+    default_blocks = (DEFAULT_DOUBLE_LAYERS, DEFAULT_SINGLE_LAYERS)
     figures = Figures(
-        # FLUX.1's 12B transformer (19 double + 38 single blocks), a 4 + 4 block ControlNet (about 1.4B),
-        # the 16-channel VAE, CLIP-L (T5-XXL's 4.7B stay on the CPU with the precompute cache).
-        ModelSize(11.9e9, 1.4e9, 84e6, 123e6, "FLUX.1 sizes: transformer 11.9B, 4+4-block ControlNet ~1.4B"),
-        # Not traced yet: SDXL's figures stand in, scaled by the transformer's size.
-        {(True, False): 1.62, (True, True): 0.17, (False, False): 3.01, (False, True): 0.44},
+        # FLUX.1's 12B transformer (19 double + 38 single blocks), a 4 + 4 block ControlNet (2.05B), the
+        # 16-channel VAE, CLIP-L (T5-XXL's 4.7B stay on the CPU with the precompute cache). Counted from
+        # models/archs.py's flux-dev.
+        ModelSize(11.9e9, 2.05e9, 84e6, 123e6, "FLUX.1 sizes: transformer 11.9B, 4+4-block ControlNet 2.05B"),
+        # Traced on FLUX.1-dev (benchmarks/memory.py --arch flux-dev: batch 2 less batch 1 at 512 px).
+        {(True, False): 9.20, (True, True): 0.08, (False, False): 14.85, (False, True): 0.02},
         lora_params_per_rank=0,  # train.lora is refused for FLUX.1
         lora_full_params=0,
         images_per_s_at_512=0.8,  # not measured: a rough quarter of SDXL's
         text_width=4096,
     )
+
+    def memory_savers(self, recipe: Recipe) -> list[tuple[str, dict[str, Any]]]:
+        if recipe.model.controlnet is not None or self.controlnet_blocks(recipe) <= (2, 0):
+            return []
+        return [
+            (
+                "model.controlnet_layers: 2 with model.controlnet_single_layers: 0 (a 0.74B ControlNet, the "
+                "size of XLabs' FLUX.1 ControlNets; fewer blocks steer less finely)",
+                {"controlnet_layers": 2, "controlnet_single_layers": 0},
+            )
+        ]
 
     # --- loading -----------------------------------------------------------------------------------
     def new_controlnet(self, loaded: LoadedRecipe, c: Components, *, weights: bool = True) -> Any:

@@ -47,12 +47,15 @@ class StableDiffusion3(FlowMatchingFamily):
     # The ControlNet's last block still computes the text stream, which no output uses: its weights get
     # no gradient (found by the two-process test; DDP stops on them otherwise).
     unused_parameters = True
+    controlnet_block_params = (14.6e6, 103.8e6, 0.0)  # SD 3.5 Medium's (counted); no single-stream blocks
+    default_blocks = (DEFAULT_CONTROLNET_LAYERS, 0)
     figures = Figures(
-        # SD 3 Medium's MMDiT (2B), a 12-block ControlNet (about half of its 24 blocks), the 16-channel
-        # VAE, CLIP-L + CLIP-G (T5-XXL's 4.7B stay on the CPU with the precompute cache).
-        ModelSize(2.03e9, 1.1e9, 84e6, 818e6, "SD3 Medium sizes: MMDiT 2B, 12-block ControlNet ~1.1B"),
-        # Not traced yet: SDXL's figures stand in (a 2-3B denoiser at 1024 px).
-        {(True, False): 1.62, (True, True): 0.17, (False, False): 3.01, (False, True): 0.44},
+        # SD 3.5 Medium's MMDiT (2.24B, and 0.23B of position embeddings), a 12-block ControlNet (half of
+        # its 24 blocks), the 16-channel VAE, CLIP-L + CLIP-G (T5-XXL's 4.7B stay on the CPU with the
+        # precompute cache). Counted from models/archs.py's sd35m.
+        ModelSize(2.47e9, 1.26e9, 84e6, 818e6, "SD 3.5 Medium sizes: MMDiT 2.5B, 12-block ControlNet 1.26B"),
+        # Traced on SD 3.5 Medium (benchmarks/memory.py --arch sd35m: batch 2 less batch 1 at 512 px).
+        {(True, False): 3.93, (True, True): 0.20, (False, False): 5.27, (False, True): 0.17},
         lora_params_per_rank=0,  # train.lora is refused for SD3
         lora_full_params=0,
         images_per_s_at_512=3.0,  # not measured: SDXL's

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from recipe_runner.families import FAMILIES, ModelSize
@@ -162,6 +162,7 @@ def estimate_memory(recipe: Recipe, base_dir: Path | None = None) -> MemoryEstim
     """Weights, optimizer state, gradients and activations of one process (see the constants above)."""
     t, family = recipe.train, recipe.model.resolved_family
     sizes = model_size(recipe, base_dir)
+    sizes = replace(sizes, controlnet=FAMILIES[family].controlnet_params(recipe, sizes))
     half = (recipe.launch.mixed_precision or t.mixed_precision) != "no"
     frozen_bytes = 2 if half else 4  # frozen weights are stored in the autocast dtype
     # The ControlNet keeps fp32 master weights (4 bytes a parameter) and AdamW's two fp32 states (8), or
@@ -206,11 +207,15 @@ def estimate_memory(recipe: Recipe, base_dir: Path | None = None) -> MemoryEstim
 
 
 def _with_train(recipe: Recipe, update: dict) -> Recipe:
-    """`recipe` with `train` fields replaced (a mixed_precision change also clears launch's override)."""
+    """`recipe` with `train` fields replaced, and `model` ones under the key "model" (a mixed_precision
+    change also clears launch's override)."""
+    update = dict(update)
+    model = recipe.model.model_copy(update=update.pop("model", {}))
     launch = recipe.launch
     if "mixed_precision" in update:
         launch = launch.model_copy(update={"mixed_precision": None})
-    return recipe.model_copy(update={"train": recipe.train.model_copy(update=update), "launch": launch})
+    train = recipe.train.model_copy(update=update)
+    return recipe.model_copy(update={"train": train, "launch": launch, "model": model})
 
 
 def memory_savers(recipe: Recipe, base_dir: Path | None = None) -> tuple[list[str], Recipe]:
@@ -240,8 +245,8 @@ def memory_savers(recipe: Recipe, base_dir: Path | None = None) -> tuple[list[st
     if not t.fp8_base and not t.compile and "train.fp8_base" not in refused:  # (fp8 and compile do not mix)
         found.append(
             (
-                "train.fp8_base: true (the frozen UNet in fp8; a little speed and fidelity; needs "
-                "gradient_checkpointing)",
+                f"train.fp8_base: true (the frozen {FAMILIES[recipe.model.resolved_family].denoiser_name} in "
+                "fp8; a little speed and fidelity; needs gradient_checkpointing)",
                 {"fp8_base": True},
             )
         )
@@ -259,13 +264,20 @@ def memory_savers(recipe: Recipe, base_dir: Path | None = None) -> tuple[list[st
         found.append(
             ("train.ema_offload: true (the EMA average in host memory between steps)", {"ema_offload": True})
         )
+    family = FAMILIES[recipe.model.resolved_family]
+    found += [(text, {"model": update}) for text, update in family.memory_savers(recipe)]
     if not found:
         return [], recipe
     now = estimate_memory(recipe, base_dir).total_gb
     outside = " and ".join(
-        f
-        for f in ("train.fp8_base", "train.lora", "train.ema_offload")
-        if any(f.split(".")[1] in u for _, u in found)
+        [
+            *(
+                f
+                for f in ("train.fp8_base", "train.lora", "train.ema_offload")
+                if any(f.split(".")[1] in u for _, u in found)
+            ),
+            *(f"model.{k}" for _, u in found for k in u.get("model", {})),
+        ]
     )
     options = [f"extends: base/low-vram.yaml (all of the below{' but ' + outside if outside else ''})"]
     for text, update in found:

@@ -143,3 +143,26 @@ def test_an_sd3_folder_under_a_flux_recipe_is_named(make_run):
     loaded, _ = make_run(f"model.base={sd3}", "model.family=flux", name="as-flux")
     with pytest.raises(UserError, match="SD3Transformer2DModel"):
         load_components(loaded, sd3)
+
+
+def test_plan_sizes_the_controlnet_by_its_blocks_and_offers_fewer_for_flux_dev(tmp_path):
+    """FLUX.1-dev does not fit 24 GB with the low-VRAM preset alone: plan names the fp8 base and a smaller
+    ControlNet, whose block counts its estimate follows."""
+    from recipe_runner.run.estimates import estimate_memory, memory_savers
+
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        "name: t\ndataset: {source: {builtin: shapes}, resolution: 1024}\n"
+        "model: {base: black-forest-labs/FLUX.1-dev}\ntrain: {max_steps: 2}\n"
+    )
+    default = load_recipe(path).recipe
+    small = load_recipe(path, ["model.controlnet_layers=2", "model.controlnet_single_layers=0"]).recipe
+    assert estimate_memory(default).sizes.controlnet == pytest.approx(2.05e9, rel=0.01)
+    assert estimate_memory(small).sizes.controlnet == pytest.approx(0.74e9, rel=0.01)
+    savers, lighter = memory_savers(default)
+    assert any(s.startswith("train.fp8_base: true (the frozen transformer") for s in savers), savers
+    assert any(s.startswith("model.controlnet_layers: 2 with model.controlnet_single_layers: 0") for s in savers)
+    assert (lighter.model.controlnet_layers, lighter.model.controlnet_single_layers) == (2, 0)
+    assert estimate_memory(lighter).total_gb < 24
+    assert memory_savers(small)[1].model.controlnet_layers == 2  # nothing more to offer there
+    assert not any("controlnet_layers" in s for s in memory_savers(small)[0])
