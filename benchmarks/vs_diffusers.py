@@ -6,7 +6,8 @@
     python benchmarks/vs_diffusers.py --diffusers-examples /tmp/dx --rounds 1 --steps 20     # a smoke test
     python benchmarks/vs_diffusers.py --diffusers-examples /tmp/dx --families sd1
 
-On this project's 2-core CPU, alone, one round of sd3 and flux at 300 steps takes about 4.5 minutes.
+On this project's 2-core CPU, alone, one round of sd3 and flux at 300 steps should take about 4.5 minutes
+(estimated from 6- and 20-step runs: about 20 s of each process outside the loop, then the step rates).
 
 Families and scripts: `sd3` train_controlnet_sd3.py, `flux` train_controlnet_flux.py, `sd1`
 train_controlnet.py. Both tools train from the same local model folder, built here (random tiny models
