@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import flops
 import memory
 import train_speed
+import vs_diffusers
 
 from recipe_runner.models import archs
 
@@ -145,3 +146,41 @@ def test_a_variant_runs_beside_ours_and_is_reported_as_a_ratio(tmp_path, capsys)
         train_speed.main(["--variant", "ours=train.ema_decay=0.9"])  # a mode's name
     with pytest.raises(SystemExit, match="ema_decay"):
         train_speed.main(["--workdir", str(tmp_path), "--variant", "bad=train.ema_decay=2"])
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux", "sd1"])
+def test_vs_diffusers_writes_data_both_tools_read_and_a_valid_recipe(tmp_path, name):
+    """Same rows in parquet and jsonl; the recipe validates; with DIFFUSERS_EXAMPLES set (a folder of the
+    example scripts), the script's own parse_args accepts the flags."""
+    from datasets import load_dataset
+
+    from recipe_runner.recipe.loader import load_recipe
+
+    data = vs_diffusers.write_data(tmp_path / "data", rows=3, resolution=16)
+    table = load_dataset(str(data.parquet_dir), cache_dir=str(tmp_path / "cache"))["train"]
+    lines = [__import__("json").loads(line) for line in data.jsonl.read_text().splitlines()]
+    assert table["text"] == [line["text"] for line in lines]
+    assert table[0]["image"].size == (16, 16)
+    settings = vs_diffusers.Settings(steps=5, resolution=16, batch_size=2, learning_rate=1e-5, seed=0)
+    (tmp_path / "recipe.yaml").write_text(vs_diffusers.recipe_yaml(name, tmp_path / "model", data, settings))
+    recipe = load_recipe(tmp_path / "recipe.yaml", []).recipe
+    assert (recipe.model.resolved_family, recipe.train.max_steps, recipe.train.batch_size) == (name, 5, 2)
+    examples = os.environ.get("DIFFUSERS_EXAMPLES")
+    if not examples:
+        return
+    import importlib.util
+
+    script = Path(examples) / vs_diffusers.FAMILIES[name].script
+    spec = importlib.util.spec_from_file_location(f"diffusers_example_{name}", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    flags = vs_diffusers.diffusers_args(name, tmp_path / "model", data, tmp_path / "out", tmp_path, settings)
+    args = module.parse_args(flags)
+    assert (args.max_train_steps, args.train_batch_size, args.resolution) == (5, 2, 16)
+    assert args.validation_prompt is None and args.mixed_precision == "no"
+
+
+def test_the_t5_tokenizer_reads_the_shapes_prompts_as_words():
+    tokenizer = vs_diffusers.t5_tokenizer()
+    ids = tokenizer("a red circle on a blue background").input_ids
+    assert len(ids) == 8 and ids[-1] == tokenizer.eos_token_id == 1 and tokenizer.unk_token_id not in ids
