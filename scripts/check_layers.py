@@ -27,6 +27,7 @@ LAYERS = [
     {"families"},  # model families behind one interface, and loading a base
     {"evaluate"},  # condition fidelity of a pipeline, the evaluate stage
     {"training"},  # the training stage
+    {"export"},  # other tools' formats of a trained run (single-file, Control-LoRA, adapter), the Hub
     {"run"},  # orchestration (stages, pipeline) and review tools (plan, diff, estimates)
     {"cli"},  # the command line
     {"__main__"},

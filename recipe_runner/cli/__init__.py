@@ -4,7 +4,7 @@ app.py makes the app and its recipe commands; review.py (plan, diff) and stages.
 work) add theirs when imported here, in the order `recipe --help` lists them.
 """
 
-from recipe_runner.cli import review, stages  # noqa: F401  (they register their commands on `app`)
+from recipe_runner.cli import publish, review, stages  # noqa: F401  (they register their commands on `app`)
 from recipe_runner.cli.app import app
 
 

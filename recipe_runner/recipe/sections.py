@@ -51,16 +51,34 @@ class LaunchSpec(Section):
         return self
 
 
+ExportFormat = Literal["diffusers", "single-file", "control-lora", "adapter"]
+
+
 class OutputSpec(Section):
     """Where the run folder goes and what is published."""
 
     dir: str | None = Field(None, min_length=1)
     """The run folder, relative to the working directory (`~` expanded); null: `runs/<name>`. It must be
     new, empty or a run folder, and neither hold nor sit inside the data, models or recipes."""
+    export: list[ExportFormat] = Field(default_factory=list)
+    """Formats `recipe run` exports the trained ControlNet to at the end, into the run's `export/` (as
+    `recipe export RUN --format F` does): `diffusers` (fp16/bf16 folder), `single-file` (the original
+    layout AUTOMATIC1111 and ComfyUI load; SD 1.x/2.x/XL), `control-lora` (Stability's Control-LoRA;
+    SD 1.x/2.x/XL: exact from a `train.lora` run, else at `export_rank`), `adapter` (a `train.lora` run's
+    PEFT adapter)."""
+    export_dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
+    """Precision of the `diffusers` and `single-file` exports (Control-LoRA files are always fp16)."""
+    export_rank: int | None = Field(None, ge=1, le=4096)
+    """Rank of a `control-lora` export of a fully trained ControlNet (truncated SVD of its difference to
+    the base UNet; the relative error is reported); null: a `train.lora` run's own adapter, exactly."""
     push_to_hub: bool = False
-    """Upload the trained ControlNet and model card to the hub at the end (token from the environment)."""
+    """Upload the weights, model card, sample grid and exports to `hub_model_id` at the end of `recipe
+    run` (`recipe push RUN` does it later). The token comes from HF_TOKEN or `hf auth login`'s cache and is
+    never written anywhere; without one, or offline, the run stops before training with exit code 2."""
     hub_model_id: str | None = None
     """Hub repository for `push_to_hub`, as `owner/name`."""
+    hub_private: bool = True
+    """Create the Hub repository private (an existing repository keeps its visibility)."""
     license: str | None = None
     """License field of the model card; null: the base model's (creativeml-openrail-m for SD 1.x,
     openrail++ for SD 2.x and SDXL, this project's apache-2.0 for the builtin bases)."""
@@ -71,6 +89,8 @@ class OutputSpec(Section):
             raise FieldError(
                 "push_to_hub", "push_to_hub needs hub_model_id (e.g. 'your-name/controlnet-canny')"
             )
+        if len(set(self.export)) != len(self.export):
+            raise FieldError("export", "each export format once")
         return self
 
 

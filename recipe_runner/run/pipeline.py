@@ -28,6 +28,7 @@ from recipe_runner.recipe.loader import LoadedRecipe
 from recipe_runner.recipe.show import resolved_yaml
 from recipe_runner.run.lockfile import load_run_recipe, new_lock, read_lock, write_lock
 from recipe_runner.run.notes import learning_rate_note, resolution_note
+from recipe_runner.run.publish import check_publish, publish
 from recipe_runner.run.resources import check_disk, check_models, warn_accelerator_memory
 from recipe_runner.run.safety import ensure_run_folder
 from recipe_runner.runfolder.atomic import is_complete, remove_stale_temporaries, write_text
@@ -308,6 +309,8 @@ def _run_stages(
             STAGES[name].check(ctx)
         warn_accelerator_memory(loaded, to_run, console)
         check_models(loaded, folder, to_run, console)
+        if stages is None:  # `recipe run` publishes at the end: a push that cannot happen stops it now
+            check_publish(loaded)
         for name in to_run:
             for note in STAGES[name].notes(ctx):
                 console.print(f"[yellow]warning:[/] {escape(note)}")
@@ -334,10 +337,23 @@ def _run_stages(
             lock["stages"][name] = {**_lockable(result), "skipped": False, "reason": why, "seconds": seconds}
             write_lock(folder.lock, lock)
         write_lock(folder.lock, lock)
+        if stages is None:
+            published = publish(loaded, folder, lock, lambda m: console.print(escape(m)))
+            ctx.results.update({k: {**v, "skipped": False} for k, v in _published(published).items()})
         if launched_rank() == 0 and not announced(folder):
             announce(folder, train=False)  # nothing to train: the waiting ranks may leave
         _summary(console, folder, ctx.results)
     return {"run_dir": str(folder.root), "stages": ctx.results}
+
+
+def _published(published: dict[str, Any]) -> dict[str, Any]:
+    """The summary rows of what was exported and pushed."""
+    rows: dict[str, Any] = {}
+    if "exports" in published:
+        rows["export"] = {"formats": [e["format"] for e in published["exports"]], "seconds": 0.0}
+    if "push" in published:
+        rows["push"] = {"repo_id": published["push"]["repo_id"], "seconds": 0.0}
+    return rows
 
 
 def _lockable(result: dict[str, Any]) -> dict[str, Any]:

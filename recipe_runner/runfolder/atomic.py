@@ -36,6 +36,23 @@ def write_text(path: Path, text: str) -> None:
 
 
 @contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """Yield a temporary sibling path to write (by any library); on success it is renamed to `path`,
+    as readable as the umask allows (safetensors writes 0600). On any exception it is removed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
 def atomic_dir(target: Path, marker: str | None = COMPLETE_MARKER) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces `target` (with a completion marker inside).
 

@@ -58,6 +58,16 @@ class RunFolder:
         return self.root / "controlnet"
 
     @property
+    def adapter(self) -> Path:
+        """A `train.lora` run's PEFT adapter and the ControlNet's own trained modules (for exports)."""
+        return self.root / "adapter"
+
+    @property
+    def export(self) -> Path:
+        """`recipe export` outputs: single-file, Control-LoRA, fp16 diffusers, adapter."""
+        return self.root / "export"
+
+    @property
     def samples(self) -> Path:
         return self.root / "samples"
 

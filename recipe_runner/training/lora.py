@@ -10,6 +10,7 @@ Saving merges the adapter into a plain ControlNet, so `controlnet/` loads with
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import torch
 from diffusers import ControlNetModel
@@ -82,6 +83,25 @@ def plain_copy(controlnet: ControlNetModel) -> ControlNetModel:
         plain.fuse_lora()
         plain.unload_lora()
     return plain
+
+
+ADAPTER_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name (load_lora_adapter's default)
+ADDITIONS_FILE = "controlnet_additions.safetensors"
+
+
+def save_adapter(controlnet: ControlNetModel, folder: Path) -> None:
+    """The PEFT adapter (`save_lora_adapter`, with its LoraConfig in the file's metadata) and, beside it,
+    the modules a ControlNet adds to the UNet copy, which train in full and are no part of an adapter:
+    `ControlNetModel.from_unet(unet)`, those loaded, then `load_lora_adapter(folder)` is the ControlNet."""
+    from safetensors.torch import save_file
+
+    controlnet.save_lora_adapter(folder, adapter_name="default", weight_name=ADAPTER_FILE)
+    additions = {
+        name: param.detach().to("cpu", torch.float32).contiguous()
+        for name, param in controlnet.named_parameters()
+        if name.startswith(TRAINED_IN_FULL)
+    }
+    save_file(additions, str(folder / ADDITIONS_FILE))
 
 
 def trainable(controlnet: torch.nn.Module) -> list[torch.nn.Parameter]:

@@ -6,6 +6,7 @@ train_controlnet  -> session -> resume? -> loop -> controlnet/ + final grid + RE
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from recipe_runner.training.ema import averaged
 from recipe_runner.training.keys import resume_fields, saved_processes
 from recipe_runner.training.launch import launch_workers, write_launch_spec
 from recipe_runner.training.loop import LoopState, save_checkpoint, steady_rate, train_loop, validate
-from recipe_runner.training.lora import is_lora, plain_copy
+from recipe_runner.training.lora import is_lora, plain_copy, save_adapter
 from recipe_runner.training.precompute import EncodedCache
 from recipe_runner.training.progress import print_summary
 from recipe_runner.training.session import (
@@ -200,6 +201,11 @@ def _save_controlnet(session: Session) -> None:
             (plain_copy(controlnet) if is_lora(controlnet) else controlnet).save_pretrained(
                 tmp, safe_serialization=True
             )
+        if is_lora(controlnet):  # the adapter itself, for `recipe export --format adapter/control-lora`
+            with averaged(session.ema, controlnet), atomic_dir(session.folder.adapter) as tmp:
+                save_adapter(controlnet, tmp)
+        else:  # an earlier LoRA run's adapter in this folder is not these weights'
+            shutil.rmtree(session.folder.adapter, ignore_errors=True)
     accelerator.wait_for_everyone()
 
 

@@ -1,0 +1,66 @@
+"""`recipe export --format single-file`: the original ControlNet layout, read back by diffusers'
+single-file loader (which nobody here wrote), equals the trained weights."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import torch
+from diffusers import ControlNetModel
+from safetensors.torch import load_file
+
+from tests.export.conftest import run_cli
+
+
+def _only(folder, pattern):
+    (found,) = sorted(folder.glob(pattern))
+    return found
+
+
+def test_single_file_loads_with_from_single_file_and_equals_the_trained_weights(full_run):
+    result = run_cli("export", full_run, "--format", "single-file", "--dtype", "fp32")
+    assert result.exit_code == 0, result.output
+    path = _only(full_run / "export", "*-single-file-fp32.safetensors")
+    assert path.name == "tiny-sd1-canny-step3-single-file-fp32.safetensors"
+    keys = load_file(str(path))
+    # The layout AUTOMATIC1111 and ComfyUI detect (scripts/controlnet_model_guess.py, comfy/controlnet.py).
+    assert "control_model.input_hint_block.0.weight" in keys and "control_model.zero_convs.0.0.weight" in keys
+    assert "control_model.middle_block_out.0.weight" in keys
+    assert "control_model.input_blocks.1.0.in_layers.2.weight" in keys
+    assert not any(k.startswith(("control_model.down_blocks", "down_blocks")) for k in keys)
+
+    trained = ControlNetModel.from_pretrained(full_run / "controlnet")
+    loaded = ControlNetModel.from_single_file(
+        str(path), config=str(full_run / "controlnet"), local_files_only=True
+    )
+    a, b = trained.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~_umask()
+
+
+def test_fp16_single_file_and_diffusers_folder_hold_the_weights_in_half_precision(full_run):
+    result = run_cli("export", full_run, "--format", "single-file", "--format", "diffusers")
+    assert result.exit_code == 0, result.output
+    path = _only(full_run / "export", "*-single-file-fp16.safetensors")
+    folder = _only(full_run / "export", "*-diffusers-fp16")
+    trained = ControlNetModel.from_pretrained(full_run / "controlnet").state_dict()
+    single = ControlNetModel.from_single_file(
+        str(path), config=str(full_run / "controlnet"), local_files_only=True, torch_dtype=torch.float16
+    ).state_dict()
+    stored = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+    assert {v.dtype for v in stored.values()} == {torch.float16}
+    assert not list(folder.glob("*.bin"))
+    half = ControlNetModel.from_pretrained(folder, torch_dtype=torch.float16)
+    for k, v in half.state_dict().items():
+        assert torch.equal(v, trained[k].half()) and torch.equal(single[k], trained[k].half())
+    assert (
+        path.stat().st_size < (full_run / "controlnet" / "diffusion_pytorch_model.safetensors").stat().st_size
+    )
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
