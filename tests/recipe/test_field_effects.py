@@ -71,6 +71,7 @@ VALUES: dict[str, tuple[str, Any]] = {
         [1, 1],
     ),
     "condition.function": ("condition.function", "conds:other"),
+    "output.export": ("output.export", ["diffusers"]),  # a list of formats, each once
 }
 SKIPPED = {"extends": "applied by the loader before validation: no resolved recipe holds it"}
 
