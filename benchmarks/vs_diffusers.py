@@ -4,18 +4,22 @@
     (the same for train_controlnet_flux.py and train_controlnet.py; `git rev-parse COMMIT > /tmp/dx/COMMIT`)
     python benchmarks/vs_diffusers.py --diffusers-examples /tmp/dx     # sd3 + flux, 3 rounds of 300 steps
     python benchmarks/vs_diffusers.py --diffusers-examples /tmp/dx --rounds 1 --steps 20     # a smoke test
-    python benchmarks/vs_diffusers.py --diffusers-examples /tmp/dx --families sd1
+    python benchmarks/vs_diffusers.py --diffusers-examples /tmp/dx --families sd1 --rows 256 \
+        --learning-rate 1e-4                                  # the tiny SD model
+    python benchmarks/vs_diffusers.py --diffusers-examples /tmp/dx --families shapes-sd --batch-size 32 \
+        --rows 2048 --learning-rate 1e-3 --steps 100          # the demo's model and settings
 
 On this project's 2-core CPU, alone, one round of sd3 and flux at 300 steps should take about 4.5 minutes
 (estimated from 6- and 20-step runs: about 20 s of each process outside the loop, then the step rates).
 
-Families and scripts: `sd3` train_controlnet_sd3.py, `flux` train_controlnet_flux.py, `sd1`
-train_controlnet.py. Both tools train from the same local model folder, built here (random tiny models
-with the real architectures, written by build_models into the work folder): SD3 and FLUX.1 as
+Families and scripts: `sd3` train_controlnet_sd3.py, `flux` train_controlnet_flux.py, `sd1` and
+`shapes-sd` train_controlnet.py. Both tools train from the same local model folder, built here (random
+tiny models with the real architectures, written by build_models into the work folder): SD3 and FLUX.1 as
 recipe_runner/models/tiny.py's builtins plus a tiny T5 encoder with a T5TokenizerFast (the scripts
 load T5 with that class; SD3's always loads a T5), and SD3's transformer with 13 blocks instead of 3
 (train_controlnet_sd3.py has no flag for the ControlNet's depth and always copies 12 blocks, which
-needs 13: the last block has no text stream to copy); sd1 is `builtin:tiny-sd` as it is. The same rows
+needs 13: the last block has no text stream to copy); sd1 is `builtin:tiny-sd` as it is, shapes-sd the
+demo's `builtin:shapes-sd` (pretrained from the repo's weights). The same rows
 of the builtin shapes data (one parquet file for recipe-runner and sd3/sd1's --train_data_dir; PNGs
 and a jsonl for flux's --jsonl_for_train), resolution, batch, steps, learning rate (constant, no
 warm-up), seed, fp32, one process on the CPU, gradient accumulation 1, logit-normal timesteps, no
@@ -86,6 +90,7 @@ class Family:
     family: str  # model.family
     model: dict  # model: keys for the recipe besides base and family
     flags: tuple[str, ...]  # the script's flags for the same model and loss
+    builtin: str | None = None  # a recipe_runner builtin model, built as it is (no T5 added)
 
 
 FAMILIES: dict[str, Family] = {
@@ -104,7 +109,9 @@ FAMILIES: dict[str, Family] = {
             *("--num_double_layers", "1", "--num_single_layers", "1"),
         ),
     ),
-    "sd1": Family("train_controlnet.py", "sd1", {}, ()),
+    "sd1": Family("train_controlnet.py", "sd1", {}, (), builtin="tiny-sd"),
+    # The demo's model (recipes/demo.yaml); its settings: --batch-size 32 --rows 2048 --learning-rate 1e-3.
+    "shapes-sd": Family("train_controlnet.py", "sd1", {}, (), builtin="shapes-sd"),
 }
 
 
@@ -180,8 +187,9 @@ def build_models(root: Path, families: list[str], seed: int = 0) -> dict[str, Pa
     root.mkdir(parents=True, exist_ok=True)
     out = {}
     for name in families:
-        if name == "sd1":
-            out[name] = resolve_builtin("tiny-sd", root)
+        builtin = FAMILIES[name].builtin
+        if builtin is not None:
+            out[name] = resolve_builtin(builtin, root)
             continue
         folder = root / f"{name}-t5"
         if not (folder / "model_index.json").is_file():
@@ -309,7 +317,7 @@ def recipe_yaml(name: str, model: Path, data: DataPaths, s: Settings) -> str:
                 "num_inference_steps": 1,
                 "guidance_scale": 1.0,
             },
-            **({"flow_matching": {"weighting_scheme": "logit_normal"}} if name != "sd1" else {}),
+            **({"flow_matching": {"weighting_scheme": "logit_normal"}} if family.family != "sd1" else {}),
         },
         "logging": {"tracker": "tensorboard", "every": 1},  # as the scripts: loss and lr at every step
         "evaluate": {"enabled": False},

@@ -52,7 +52,8 @@ def _run(file: Path, overrides, output_dir, stages, *, resume=False, quiet=False
 
     loaded = load_checked(file, overrides, output_dir=output_dir)
     _threads_for(loaded)
-    _heavy()
+    # No _heavy() here: run_recipe quiets the libraries once it knows a stage will run, so that a run
+    # with nothing to do never imports torch or diffusers.
     with json_lines(json_) as emit:
         result = run_recipe(
             loaded, stages=stages, output_dir=output_dir, resume=resume, quiet=quiet or json_, force=force

@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -69,14 +70,12 @@ def hardware() -> dict[str, Any]:
         info["ram_gb"] = round(psutil.virtual_memory().total / 2**30, 1)
     except ImportError:
         pass
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-            info["cuda"] = torch.version.cuda
-    except ImportError:
-        pass
+    # GPUs only from a torch already imported: a run with nothing to do must not import it (seconds)
+    # just to record them; the run keeps the hardware of the run that made its outputs instead.
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        info["cuda"] = torch.version.cuda
     return info
 
 

@@ -26,7 +26,7 @@ from rich.table import Table
 from recipe_runner.errors import UserError
 from recipe_runner.recipe.loader import LoadedRecipe
 from recipe_runner.recipe.show import resolved_yaml
-from recipe_runner.run.lockfile import load_run_recipe, new_lock, read_lock, write_lock
+from recipe_runner.run.lockfile import hardware, load_run_recipe, new_lock, read_lock, write_lock
 from recipe_runner.run.notes import learning_rate_note, resolution_note
 from recipe_runner.run.publish import check_publish, publish
 from recipe_runner.run.resources import check_disk, check_models, warn_accelerator_memory
@@ -34,7 +34,7 @@ from recipe_runner.run.safety import ensure_run_folder
 from recipe_runner.runfolder.atomic import is_complete, remove_stale_temporaries, write_text
 from recipe_runner.runfolder.events import reporter
 from recipe_runner.runfolder.layout import RunFolder
-from recipe_runner.runfolder.log import run_console
+from recipe_runner.runfolder.log import peak_host_memory_mb, quiet_libraries, run_console
 from recipe_runner.training.distributed import announce, announced, check_launch, launched_rank
 
 
@@ -304,6 +304,8 @@ def _run_stages(
         ctx = RunContext(loaded, folder, console, previous, lock, resume=resume, force=force)
         names = stages or [n for n, s in STAGES.items() if s.enabled(ctx)]
         to_run = [n for n in names if (resume and STAGES[n].reruns_on_resume) or not STAGES[n].status(ctx)[0]]
+        if to_run:  # imports diffusers, transformers and datasets (seconds): only when there is work
+            quiet_libraries()
         check_disk(loaded, folder.root, to_run)
         for name in to_run:
             STAGES[name].check(ctx)
@@ -331,11 +333,15 @@ def _run_stages(
             started = time.perf_counter()
             result = stage.run(ctx)
             ran.append(name)
+            lock["hardware"] = hardware()  # now with the GPUs the stage's torch saw
             seconds = round(time.perf_counter() - started, 2)
             report.stage_end(name, seconds=seconds, skipped=False)
-            ctx.results[name] = {**result, "skipped": False, "seconds": seconds}
-            lock["stages"][name] = {**_lockable(result), "skipped": False, "reason": why, "seconds": seconds}
+            timing = {"skipped": False, "seconds": seconds, "peak_rss_mb": round(peak_host_memory_mb())}
+            ctx.results[name] = {**result, **timing}
+            lock["stages"][name] = {**_lockable(result), "reason": why, **timing}
             write_lock(folder.lock, lock)
+        if not ran and previous and previous.get("hardware"):
+            lock["hardware"] = previous["hardware"]  # the outputs are still those of that machine's run
         write_lock(folder.lock, lock)
         if stages is None:
             published = publish(loaded, folder, lock, lambda m: console.print(escape(m)))
@@ -366,9 +372,12 @@ def _summary(console, folder: RunFolder, results: dict[str, Any]) -> None:
     table.add_column("stage")
     table.add_column("status")
     table.add_column("time", justify="right")
+    table.add_column("peak RSS", justify="right")  # the process's, up to the stage's end
     for name, r in results.items():
         status = escape(f"skipped ({r.get('reason')})") if r.get("skipped") else "ran"
-        table.add_row(name, status, "" if r.get("skipped") else f"{r.get('seconds', 0):.1f} s")
+        ran = not r.get("skipped")
+        rss = f"{r['peak_rss_mb']:,} MiB" if ran and r.get("peak_rss_mb") else ""
+        table.add_row(name, status, f"{r.get('seconds', 0):.1f} s" if ran else "", rss)
     console.print(table)
     where = [
         ("weights", folder.controlnet),

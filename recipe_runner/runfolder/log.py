@@ -124,3 +124,11 @@ def quiet_libraries() -> None:
         datasets.utils.logging.set_verbosity_error()
     except ImportError:
         pass
+
+
+def peak_host_memory_mb() -> float:
+    """This process's peak resident memory so far (ru_maxrss only grows: a stage's figure is the run's
+    peak up to that stage's end)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux

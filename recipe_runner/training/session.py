@@ -260,12 +260,6 @@ def training_paths(folder: RunFolder) -> dict[str, str]:
     }
 
 
-def peak_host_memory_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
 def peak_accelerator_memory_mb() -> float | None:
     if not torch.cuda.is_available():
         return None

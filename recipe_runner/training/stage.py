@@ -19,6 +19,7 @@ from recipe_runner.families.loading import load_components, resolve_base
 from recipe_runner.recipe.loader import LoadedRecipe
 from recipe_runner.runfolder.atomic import atomic_dir
 from recipe_runner.runfolder.layout import RunFolder
+from recipe_runner.runfolder.log import peak_host_memory_mb
 from recipe_runner.training import checkpoints, features, model_card
 from recipe_runner.training.data import load_rows
 from recipe_runner.training.distributed import announce, launched_rank
@@ -35,7 +36,6 @@ from recipe_runner.training.session import (
     ensure_cache,
     open_session,
     peak_accelerator_memory_mb,
-    peak_host_memory_mb,
     tracker_config,
     training_paths,
 )
@@ -57,17 +57,18 @@ class PreparedTraining:
 
 
 def prepare_training(
-    loaded: LoadedRecipe, folder: RunFolder, console: Console | None = None
+    loaded: LoadedRecipe, folder: RunFolder, console: Console | None = None, *, precompute: bool = True
 ) -> PreparedTraining:
     """What must happen once before (possibly several) training processes start: check the machine,
-    resolve (or build) the base model, and write the precompute cache."""
+    resolve (or build) the base model, and write the precompute cache. `precompute=False` leaves the
+    cache to the session (one process: it loads the encoders once for both, instead of twice)."""
     _quiet_libraries()
     recipe = loaded.recipe
     features.check_environment(recipe)
-    data = load_rows(folder.dataset_data, recipe)
     base = resolve_base(loaded, folder.models_cache)
-    if not recipe.train.precompute:
+    if not (recipe.train.precompute and precompute):
         return PreparedTraining(base, None)
+    data = load_rows(folder.dataset_data, recipe)
     dtype = features.weight_dtype(recipe)
     path = cache_folder(loaded, folder, base, dtype)
     cached = EncodedCache.open(path)
@@ -94,13 +95,15 @@ def train_controlnet(
     rank = launched_rank()
     if rank:  # a worker of a launch: rank 0 has prepared
         return run_training(loaded, folder, resume=resume, console=console)
-    prepared = prepare_training(loaded, folder, console=console)  # once, before any worker starts
-    if rank is None and loaded.recipe.launch.total_processes > 1:
+    several = rank == 0 or loaded.recipe.launch.total_processes > 1
+    # Once, before any worker starts; in one process the session loads the models once for both.
+    prepared = prepare_training(loaded, folder, console=console, precompute=several)
+    if rank is None and several:
         return launch_workers(loaded, folder, prepared.base, resume=resume, console=console)
     if rank == 0:
         write_launch_spec(loaded, folder, prepared.base, log=False, terminal=False)
         announce(folder, train=True)
-    return run_training(loaded, folder, resume=resume, console=console)
+    return run_training(loaded, folder, resume=resume, console=console, base=prepared.base)
 
 
 def run_training(

@@ -80,6 +80,40 @@ def test_second_run_skips_every_stage(cli, finished_run):
         assert f"✓ {stage}: skipped" in result.stderr, result.stderr
 
 
+def test_a_second_run_with_nothing_to_do_imports_no_torch(finished_run):
+    """Seconds, not the ~15 s of importing torch and diffusers; and the lock keeps the hardware of the
+    run that made the outputs."""
+    import subprocess
+    import sys
+
+    recipe, out, _ = finished_run
+    before = json.loads((out / "run.lock.json").read_text())["hardware"]
+    code = (
+        "import json, sys\n"
+        "from recipe_runner.cli import app\n"
+        "try:\n"
+        f"    app(['run', {str(recipe)!r}, '-o', {str(out)!r}])\n"
+        "except SystemExit as e:\n"
+        "    code = e.code\n"
+        "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'datasets') if m in sys.modules]\n"
+        "print(json.dumps({'code': code, 'heavy': heavy}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report == {"code": 0, "heavy": []}, done.stderr
+    assert "✓ train: skipped" in done.stderr
+    assert json.loads((out / "run.lock.json").read_text())["hardware"] == before
+
+
+def test_the_summary_gives_each_stage_its_peak_memory(finished_run):
+    _, out, result = finished_run
+    assert "peak RSS" in result.stderr
+    stages = json.loads((out / "run.lock.json").read_text())["stages"]
+    peaks = [stages[name]["peak_rss_mb"] for name in ("dataset", "train", "evaluate")]
+    assert 0 < peaks[0] <= peaks[1] <= peaks[2]  # the process's peak so far, at each stage's end
+
+
 def test_changing_the_learning_rate_reuses_the_dataset(cli, finished_run, tmp_path):
     recipe, out, _ = finished_run
     copy = tmp_path / "copy"

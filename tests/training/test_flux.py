@@ -161,7 +161,9 @@ def test_plan_sizes_the_controlnet_by_its_blocks_and_offers_fewer_for_flux_dev(t
     assert estimate_memory(small).sizes.controlnet == pytest.approx(0.74e9, rel=0.01)
     savers, lighter = memory_savers(default)
     assert any(s.startswith("train.fp8_base: true (the frozen transformer") for s in savers), savers
-    assert any(s.startswith("model.controlnet_layers: 2 with model.controlnet_single_layers: 0") for s in savers)
+    assert any(
+        s.startswith("model.controlnet_layers: 2 with model.controlnet_single_layers: 0") for s in savers
+    )
     assert (lighter.model.controlnet_layers, lighter.model.controlnet_single_layers) == (2, 0)
     assert estimate_memory(lighter).total_gb < 24
     assert memory_savers(small)[1].model.controlnet_layers == 2  # nothing more to offer there

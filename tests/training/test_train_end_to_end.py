@@ -59,3 +59,22 @@ def test_tiny_sd_trains_and_leaves_a_complete_run_folder(make_run, capsys):
     assert out.images.shape == (1, 64, 64, 3)
     # The ControlNet learned something: its zero-initialised output convolutions moved.
     assert any(torch.count_nonzero(b.weight) for b in controlnet.controlnet_down_blocks)
+
+
+def test_one_process_loads_the_base_model_once(make_run, shapes_data, monkeypatch):
+    """The precompute and the training session share one load (they loaded the VAE and the text
+    encoders twice: seconds and a second copy in memory on a real base)."""
+    from recipe_runner.families.stable_diffusion import StableDiffusion
+
+    loads = []
+    original = StableDiffusion.load
+
+    def counted(self, *args, **kwargs):
+        loads.append(kwargs)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(StableDiffusion, "load", counted)
+    loaded, folder = make_run("train.max_steps=2", data=shapes_data)  # its own, empty precompute cache
+    results = train_controlnet(loaded, folder)
+    assert results["precomputed"] and list(folder.cache.iterdir())
+    assert len(loads) == 1 and loads[0]["weights"] and loads[0]["denoiser"], loads
