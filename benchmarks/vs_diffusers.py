@@ -91,6 +91,7 @@ class Family:
     model: dict  # model: keys for the recipe besides base and family
     flags: tuple[str, ...]  # the script's flags for the same model and loss
     builtin: str | None = None  # a recipe_runner builtin model, built as it is (no T5 added)
+    controlnet: bool = False  # both start from one ControlNet written beside the model (start_controlnet)
 
 
 FAMILIES: dict[str, Family] = {
@@ -111,7 +112,9 @@ FAMILIES: dict[str, Family] = {
     ),
     "sd1": Family("train_controlnet.py", "sd1", {}, (), builtin="tiny-sd"),
     # The demo's model (recipes/demo.yaml); its settings: --batch-size 32 --rows 2048 --learning-rate 1e-3.
-    "shapes-sd": Family("train_controlnet.py", "sd1", {}, (), builtin="shapes-sd"),
+    # Its VAE shrinks 4x, and the script's ControlNet.from_unet embeds conditioning images 8x smaller:
+    # both train the ControlNet start_controlnet writes, as recipe-runner makes it for this base.
+    "shapes-sd": Family("train_controlnet.py", "sd1", {}, (), builtin="shapes-sd", controlnet=True),
 }
 
 
@@ -190,6 +193,8 @@ def build_models(root: Path, families: list[str], seed: int = 0) -> dict[str, Pa
         builtin = FAMILIES[name].builtin
         if builtin is not None:
             out[name] = resolve_builtin(builtin, root)
+            if FAMILIES[name].controlnet:
+                start_controlnet(out[name], seed)
             continue
         folder = root / f"{name}-t5"
         if not (folder / "model_index.json").is_file():
@@ -199,6 +204,33 @@ def build_models(root: Path, families: list[str], seed: int = 0) -> dict[str, Pa
             tmp.rename(folder)
         out[name] = folder
     return out
+
+
+def start_controlnet(model: Path, seed: int) -> Path:
+    """A new ControlNet for the SD model in `model`, written to `model`/../NAME-controlnet (once): from
+    its UNet, seeded, with one stride-2 conditioning block per halving of its VAE (what
+    recipe_runner.families.stable_diffusion.new_controlnet makes when model.controlnet is null)."""
+    import torch
+    from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+
+    out = controlnet_folder(model)
+    if (out / "config.json").is_file():
+        return out
+    vae = AutoencoderKL.load_config(model / "vae")
+    blocks = max(1, len(vae["block_out_channels"]) - 1)
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
+    torch.manual_seed(seed)
+    controlnet = ControlNetModel.from_unet(
+        unet, conditioning_embedding_out_channels=(16, 32, 96, 256, 256)[: blocks + 1]
+    )
+    tmp = Path(tempfile.mkdtemp(prefix=".controlnet-", dir=out.parent))
+    controlnet.save_pretrained(tmp)
+    tmp.rename(out)
+    return out
+
+
+def controlnet_folder(model: Path) -> Path:
+    return model.parent / f"{model.name}-controlnet"
 
 
 # --- data -----------------------------------------------------------------------------------------
@@ -283,6 +315,7 @@ def diffusers_args(name: str, model: Path, data: DataPaths, out: Path, cache: Pa
         "--dataloader_num_workers", "0",
         "--report_to", "tensorboard",
         *(["--max_sequence_length", str(T5_TOKENS)] if name == "sd3" else []),
+        *(["--controlnet_model_name_or_path", str(controlnet_folder(model))] if family.controlnet else []),
         *family.flags,
     ]  # fmt: skip
 
@@ -298,7 +331,12 @@ def recipe_yaml(name: str, model: Path, data: DataPaths, s: Settings) -> str:
             "columns": {"image": "image", "conditioning_image": "conditioning_image", "prompt": "text"},
             "resolution": s.resolution,
         },
-        "model": {"base": str(model), "family": family.family, **family.model},
+        "model": {
+            "base": str(model),
+            "family": family.family,
+            **family.model,
+            **({"controlnet": str(controlnet_folder(model))} if family.controlnet else {}),
+        },
         "train": {
             "max_steps": s.steps,
             "batch_size": s.batch_size,
