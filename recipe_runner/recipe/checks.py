@@ -100,4 +100,63 @@ def check_inputs(loaded: LoadedRecipe) -> list[Problem]:
         problems.append(
             problem_at(loaded, ("launch", "accelerate_config"), f"accelerate config {cfg!r} not found")
         )
+    elif cfg:
+        problems += _accelerate_config(loaded, loaded.resolve(cfg))
+    return problems
+
+
+# accelerate's distributed types that train as data-parallel replicas, as recipe-runner's workers do.
+DATA_PARALLEL = {
+    "NO",
+    "MULTI_GPU",
+    "MULTI_CPU",
+    "MULTI_NPU",
+    "MULTI_XPU",
+    "MULTI_MLU",
+    "MULTI_MUSA",
+    "MULTI_HPU",
+}
+
+
+def _accelerate_config(loaded: LoadedRecipe, path: Path) -> list[Problem]:
+    """What the workers' `accelerate launch --config_file` would not do as the file says: a strategy
+    recipe-runner does not train with yet (it launches data-parallel workers, and the file's FSDP or
+    DeepSpeed would be silently dropped), or another number of machines than the recipe's."""
+    import yaml
+
+    where = ("launch", "accelerate_config")
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return [problem_at(loaded, where, f"accelerate config {path} cannot be read: {first}")]
+    if not isinstance(config, dict):
+        return [problem_at(loaded, where, f"accelerate config {path} is not a mapping of settings")]
+    problems = []
+    kind = str(config.get("distributed_type", "NO")).upper()
+    if kind not in DATA_PARALLEL:
+        problems.append(
+            problem_at(
+                loaded,
+                where,
+                f"accelerate config {path} asks for distributed_type: {kind}; recipe-runner trains with DDP "
+                "(data-parallel workers) only so far, and would otherwise ignore it",
+                hint="set distributed_type: MULTI_GPU in the file (on a CPU too), or leave out "
+                "launch.accelerate_config on one machine; for a model too big for one GPU: train.fp8_base, "
+                "train.gradient_checkpointing and train.optimizer: adamw_8bit",
+            )
+        )
+    machines = config.get("num_machines")
+    if machines is not None and machines != loaded.recipe.launch.num_machines:
+        problems.append(
+            problem_at(
+                loaded,
+                where,
+                f"accelerate config {path} has num_machines: {machines}, the recipe "
+                f"launch.num_machines: {loaded.recipe.launch.num_machines}: the processes would wait for "
+                "machines that never join",
+                hint=f"set launch.num_machines: {machines} in the recipe, or num_machines: "
+                f"{loaded.recipe.launch.num_machines} in the file",
+            )
+        )
     return problems

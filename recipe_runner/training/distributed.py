@@ -16,6 +16,8 @@ from recipe_runner.errors import UserError
 from recipe_runner.runfolder.atomic import write_text
 from recipe_runner.runfolder.layout import RunFolder
 
+SHARDED = ("FSDP", "DEEPSPEED", "MEGATRON_LM")  # accelerate launch sets ACCELERATE_USE_<NAME>=true
+
 
 def check_launch(recipe_file: str) -> None:
     """A run started by the user's `accelerate launch` trains as one run, or stops before writing.
@@ -24,7 +26,18 @@ def check_launch(recipe_file: str) -> None:
     (each process would train alone, into the same folder): say so for it, as `launch.num_processes`
     does. Asked for several processes without `--multi_gpu`, accelerate starts only one (its simple
     launcher, which sets MASTER_ADDR for the processes it does not start): refuse with the command
-    that starts them."""
+    that starts them. A launch that asks accelerate for FSDP or DeepSpeed is refused too: the session
+    would wrap the ControlNet in a strategy its checkpoints, EMA and final save were never tested with."""
+    asked = [
+        name for name in SHARDED if os.environ.get(f"ACCELERATE_USE_{name}", "").lower() in ("1", "true")
+    ]
+    if asked:
+        raise UserError(
+            f"accelerate launch asked for {' and '.join(asked)} (--use_{asked[0].lower()} or the config "
+            "file's distributed_type); recipe-runner trains with DDP only so far",
+            hint=f"accelerate launch --multi_gpu --num_processes N -m recipe_runner train {recipe_file}, "
+            "or set launch.num_processes: N in the recipe",
+        )
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         import torch  # the stages import it anyway; only launched runs get here
 

@@ -31,6 +31,22 @@ def test_one_process_where_several_were_asked_is_refused(cli, tmp_path, monkeypa
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("strategy", ["FSDP", "DEEPSPEED"])
+def test_a_launch_that_asks_for_sharding_is_refused(cli, tmp_path, monkeypatch, strategy):
+    """`accelerate launch --use_fsdp ...` (or a config file with distributed_type: FSDP) sets
+    ACCELERATE_USE_FSDP in every process: refused before anything is written, not trained untested."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE)
+    monkeypatch.setenv(f"ACCELERATE_USE_{strategy}", "true")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    r = cli("train", recipe, "-o", tmp_path / "out")
+    assert r.exit_code == 2, r.output
+    assert f"asked for {strategy}" in r.stderr and "DDP only" in r.stderr
+    assert "accelerate launch --multi_gpu --num_processes N -m recipe_runner train" in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_launched_cpu_processes_form_one_run_without_being_told_to_use_the_cpu(tmp_path):
