@@ -46,7 +46,7 @@ def test_what_the_workers_would_not_do_is_refused(cli, write_recipe, tmp_path, c
     for text in expected:
         assert text in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
-    assert f"{recipe.name}:8" in result.stderr  # the recipe's line that names the file
+    assert f"{recipe.name}:9:3" in result.stderr  # the recipe line that names the file
 
 
 def test_a_data_parallel_config_validates(cli, write_recipe, tmp_path):
