@@ -5,17 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-RECIPE = """\
-name: t
-dataset:
-  source: {builtin: shapes, num_samples: 32}
-  resolution: 64
-model:
-  base: builtin:tiny-sd
-launch:
-  num_processes: 2
-  accelerate_config: accelerate.yaml
-"""
+from tests.conftest import MINIMAL
+
+RECIPE = MINIMAL + "launch:\n  num_processes: 2\n  accelerate_config: accelerate.yaml\n"
+LINE = RECIPE.splitlines().index("  accelerate_config: accelerate.yaml") + 1
 
 FSDP = """\
 compute_environment: LOCAL_MACHINE
@@ -46,7 +39,7 @@ def test_what_the_workers_would_not_do_is_refused(cli, write_recipe, tmp_path, c
     for text in expected:
         assert text in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
-    assert f"{recipe.name}:9:3" in result.stderr  # the recipe line that names the file
+    assert f"{recipe.name}:{LINE}:3" in result.stderr  # the recipe line that names the file
 
 
 def test_a_data_parallel_config_validates(cli, write_recipe, tmp_path):
