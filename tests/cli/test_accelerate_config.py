@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import MINIMAL
+from tests.conftest import MINIMAL, REPO
 
 RECIPE = MINIMAL + "launch:\n  num_processes: 2\n  accelerate_config: accelerate.yaml\n"
 LINE = RECIPE.splitlines().index("  accelerate_config: accelerate.yaml") + 1
@@ -46,6 +46,21 @@ def test_a_data_parallel_config_validates(cli, write_recipe, tmp_path):
     recipe = write_recipe(RECIPE)
     (tmp_path / "accelerate.yaml").write_text(
         "distributed_type: MULTI_GPU\nnum_machines: 1\nnum_processes: 2\n"
+    )
+    result = cli("validate", recipe)
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("name", ["1-node-8-gpus", "2-nodes-8-gpus-node0", "2-nodes-8-gpus-node1"])
+def test_the_shipped_accelerate_configs_validate(cli, write_recipe, name):
+    import yaml
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = REPO / "examples" / "accelerate" / f"{name}.yaml"
+    assert load_config_from_file(str(config)).distributed_type == "MULTI_GPU"  # accelerate reads it
+    machines = yaml.safe_load(config.read_text())["num_machines"]
+    recipe = write_recipe(
+        MINIMAL + f"launch:\n  num_processes: 8\n  num_machines: {machines}\n  accelerate_config: {config}\n"
     )
     result = cli("validate", recipe)
     assert result.exit_code == 0, result.output
