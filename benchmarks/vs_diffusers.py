@@ -208,21 +208,21 @@ def build_models(root: Path, families: list[str], seed: int = 0) -> dict[str, Pa
 
 def start_controlnet(model: Path, seed: int) -> Path:
     """A new ControlNet for the SD model in `model`, written to `model`/../NAME-controlnet (once): from
-    its UNet, seeded, with one stride-2 conditioning block per halving of its VAE (what
-    recipe_runner.families.stable_diffusion.new_controlnet makes when model.controlnet is null)."""
+    its UNet, seeded, with the conditioning embedding recipe-runner gives a new ControlNet for its VAE
+    (families.stable_diffusion.new_controlnet, when model.controlnet is null)."""
     import torch
     from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+
+    from recipe_runner.families.stable_diffusion import conditioning_embedding_channels
 
     out = controlnet_folder(model)
     if (out / "config.json").is_file():
         return out
     vae = AutoencoderKL.load_config(model / "vae")
-    blocks = max(1, len(vae["block_out_channels"]) - 1)
     unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
     torch.manual_seed(seed)
-    controlnet = ControlNetModel.from_unet(
-        unet, conditioning_embedding_out_channels=(16, 32, 96, 256, 256)[: blocks + 1]
-    )
+    channels = conditioning_embedding_channels(2 ** (len(vae["block_out_channels"]) - 1))
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=channels)
     tmp = Path(tempfile.mkdtemp(prefix=".controlnet-", dir=out.parent))
     controlnet.save_pretrained(tmp)
     tmp.rename(out)

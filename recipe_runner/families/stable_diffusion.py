@@ -31,6 +31,13 @@ def token_ids(tokenizer: Any, prompts: list[str]) -> torch.Tensor:
     ).input_ids
 
 
+def conditioning_embedding_channels(vae_scale_factor: int) -> tuple[int, ...]:
+    """A new ControlNet's conditioning embedding: its stride-2 blocks must shrink the conditioning image
+    by the VAE's factor (8 for SD; the builtin shapes base has a 4x VAE), one block per halving."""
+    blocks = max(1, int(vae_scale_factor).bit_length() - 1)
+    return (16, 32, 96, 256, 256)[: blocks + 1]
+
+
 class StableDiffusion(ModelFamily):
     """SD 1.x / 2.x: one CLIP text encoder, its last hidden state as the text embedding."""
 
@@ -139,15 +146,11 @@ class StableDiffusion(ModelFamily):
         # The conditioning embedding is randomly initialised: seed it, so every process (and a rerun)
         # starts from the same weights.
         torch.manual_seed(loaded.recipe.seed)
-        # Its stride-2 blocks must shrink the conditioning image by the VAE's factor (8 for SD; the
-        # builtin shapes base has a 4x VAE): one block fewer per halving.
-        blocks = max(1, int(c.vae_scale_factor).bit_length() - 1)
-        channels = (16, 32, 96, 256, 256)[: blocks + 1]
         with contextlib.nullcontext() if weights else torch.device("meta"):
             return ControlNetModel.from_unet(
                 c.unet,
                 conditioning_channels=loaded.recipe.model.conditioning_channels,
-                conditioning_embedding_out_channels=channels,
+                conditioning_embedding_out_channels=conditioning_embedding_channels(c.vae_scale_factor),
             )
 
     def controlnet_class(self) -> type:
