@@ -303,11 +303,16 @@ def _print_plan(p: Any) -> None:
 
     out.print(f"[bold]plan[/] {escape(p.name)} → {escape(p.run_dir)}")
     stages = Table(header_style="bold", expand=False)
-    for col in ("stage", "status", "why"):
-        stages.add_column(col)
+    stages.add_column("stage")
+    stages.add_column("status")
+    stages.add_column("why", overflow="fold")  # an export's file name whole, not cut with "…"
     for s in p.stages:
         status = "[yellow]would run[/]" if s.runs else "[green]cached[/]"
         stages.add_row(s.name, status, escape(s.reason))
+    for s in p.publish:  # after the stages: output.export and output.push_to_hub
+        status = "[yellow]would run[/]" if s.runs else "[green]cached[/]"
+        target = s.target.removeprefix(p.run_dir.rstrip("/") + "/")  # export/NAME: the run folder is above
+        stages.add_row(s.name, status, f"{escape(s.reason)} → {escape(target)}")
     out.print(stages)
     facts = Table.grid(padding=(0, 2))
     facts.add_column(style="bold")

@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-from recipe_runner.errors import UserError
+from typing import get_args
 
-FORMATS = ("diffusers", "single-file", "control-lora", "adapter")
-# The original ControlNet layout and Control-LoRA exist only for the UNet families (lllyasviel's cldm and
-# Stability's Control-LoRA are SD 1.x/2.x and SDXL ControlNets); SD3 and FLUX.1 ControlNets are shared
-# in the diffusers layout.
-UNET_FAMILIES = ("sd1", "sd2", "sdxl")
-FAMILY_FORMATS = {
-    "diffusers": None,  # every family
-    "single-file": UNET_FAMILIES,
-    "control-lora": UNET_FAMILIES,
-    "adapter": None,
-}
+from recipe_runner.errors import UserError
+from recipe_runner.recipe.sections import FAMILY_FORMATS, ExportFormat
+
+FORMATS: tuple[str, ...] = get_args(ExportFormat)
 DTYPES = ("fp16", "bf16", "fp32")
 
 
@@ -43,3 +36,16 @@ def export_name(run: str, family: str, condition: str, steps: int | None, fmt: s
     """`<run>-<family>-<condition>-step<N>-<fmt>`: what the file is, without opening it."""
     step = f"step{steps}" if steps is not None else "step-unknown"
     return f"{run}-{family}-{condition}-{step}-{fmt}"
+
+
+def export_file(stem: str, fmt: str, *, dtype: str, rank: int | None) -> str:
+    """The name export `fmt` is written under in `RUN/export/`: a folder for `diffusers` and `adapter`,
+    one `.safetensors` file otherwise. A Control-LoRA's name carries the rank it was made at (a layer
+    with fewer dimensions keeps them all; the file's metadata has the largest rank used)."""
+    if fmt == "diffusers":
+        return f"{stem}-{dtype}"
+    if fmt == "single-file":
+        return f"{stem}-{dtype}.safetensors"
+    if fmt == "control-lora":
+        return f"{stem}-rank{rank}.safetensors"
+    return stem

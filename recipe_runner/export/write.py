@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from recipe_runner.errors import UserError
-from recipe_runner.export.formats import check_format, export_name
+from recipe_runner.export.formats import check_format, export_file, export_name
 from recipe_runner.recipe.loader import LoadedRecipe
 from recipe_runner.runfolder.atomic import atomic_dir, atomic_file, is_complete
 from recipe_runner.runfolder.layout import RunFolder
@@ -92,10 +92,10 @@ def export_run(
     }
     folder.export.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"format": fmt}
+    target = folder.export / export_file(stem, fmt, dtype=dtype, rank=None)  # but for control-lora
     if fmt == "diffusers":
         from diffusers import ControlNetModel
 
-        target = folder.export / f"{stem}-{dtype}"
         model = ControlNetModel.from_pretrained(str(folder.controlnet), torch_dtype=DTYPES[dtype])
         with atomic_dir(target, marker=None) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
@@ -104,15 +104,14 @@ def export_run(
     elif fmt == "single-file":
         from recipe_runner.export.single_file import single_file_state
 
-        path = folder.export / f"{stem}-{dtype}.safetensors"
-        _save(single_file_state(state, config["layers_per_block"], DTYPES[dtype]), path, meta)
-        result.update(path=str(path), dtype=dtype)
+        _save(single_file_state(state, config["layers_per_block"], DTYPES[dtype]), target, meta)
+        result.update(path=str(target), dtype=dtype)
     elif fmt == "control-lora":
         result.update(_control_lora(loaded, folder, state, config, stem, meta, lora=lora, rank=rank))
     else:
         from recipe_runner.export.adapter import copy_adapter
 
-        result["path"] = str(copy_adapter(folder, folder.export / stem))
+        result["path"] = str(copy_adapter(folder, target))
     result["bytes"] = _size(Path(result["path"]))
     say(f"exported {fmt}: {result['path']} ({result['bytes'] / 2**20:.1f} MiB)")
     return result
@@ -141,8 +140,8 @@ def _control_lora(loaded, folder, state, config, stem, meta, *, lora: bool, rank
             state, _base_controlnet_state(loaded, folder, config), lpb, rank
         )
         source = "svd"
-    suffix = f"rank{factors.rank}" if factors.rank else "rank0"
-    path = folder.export / f"{stem}-{suffix}.safetensors"
+    named = rank if rank is not None else loaded.recipe.train.lora.rank
+    path = folder.export / export_file(stem, "control-lora", dtype="fp16", rank=named)
     meta = {
         **meta,
         "rank": str(factors.rank),

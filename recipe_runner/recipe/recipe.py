@@ -13,7 +13,7 @@ from recipe_runner.recipe.condition import CannyCondition, Condition
 from recipe_runner.recipe.dataset import DatasetSpec
 from recipe_runner.recipe.marks import NOTHING, REBUILDS, REEVALUATES, RETRAINS, Effect
 from recipe_runner.recipe.model import ModelSpec
-from recipe_runner.recipe.sections import EvaluateSpec, LaunchSpec, LoggingSpec, OutputSpec
+from recipe_runner.recipe.sections import FAMILY_FORMATS, EvaluateSpec, LaunchSpec, LoggingSpec, OutputSpec
 from recipe_runner.recipe.train import TrainSpec
 
 FLOW_FAMILIES = ("sd3", "flux")  # flow-matching transformers (families/flow.py)
@@ -70,11 +70,39 @@ class Recipe(Section):
                 f"{family}; remove it or set model.family: sdxl",
             )
         self._family_options(family)
+        self._exports(family)
         if self.evaluate.enabled and self.dataset.holdout == 0:
             raise FieldError(
                 ("evaluate", "enabled"), "evaluate.enabled needs held-out rows: set dataset.holdout (e.g. 16)"
             )
         return self
+
+    def _exports(self, family: str) -> None:
+        """output.export: formats that exist for the family and for how the run trains (checked here, so
+        that `recipe validate` and `recipe plan` say so, not the end of a long run)."""
+        out, lora = self.output, self.train.lora is not None
+        for fmt in out.export:
+            families = FAMILY_FORMATS[fmt]
+            if families is not None and family not in families:
+                usable = [f for f, fs in FAMILY_FORMATS.items() if fs is None or family in fs]
+                raise FieldError(
+                    ("output", "export"),
+                    f"there is no {fmt} format for {family} ControlNets (it exists for "
+                    f"{', '.join(families)}); formats for {family}: {', '.join(usable)}",
+                )
+            if fmt == "adapter" and not lora:
+                raise FieldError(
+                    ("output", "export"),
+                    "adapter needs train.lora; this recipe trains every weight (control-lora with "
+                    "output.export_rank makes a low-rank file from a fully trained ControlNet)",
+                )
+            if fmt == "control-lora" and not lora and out.export_rank is None:
+                raise FieldError(
+                    ("output", "export"),
+                    "control-lora of a fully trained ControlNet needs output.export_rank, e.g. 128 (the "
+                    "difference to the base UNet is approximated at that rank; the error is reported), or "
+                    "train with train.lora",
+                )
 
     def _family_options(self, family: str) -> None:
         """Options that exist for some families only (families/ implements them)."""

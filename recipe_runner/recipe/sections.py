@@ -52,6 +52,15 @@ class LaunchSpec(Section):
 
 
 ExportFormat = Literal["diffusers", "single-file", "control-lora", "adapter"]
+# The original ControlNet layout and Control-LoRA exist only for the UNet families (lllyasviel's cldm and
+# Stability's Control-LoRA are SD 1.x/2.x and SDXL ControlNets); SD3 and FLUX.1 ControlNets are shared
+# in the diffusers layout. None: every family.
+FAMILY_FORMATS: dict[str, tuple[str, ...] | None] = {
+    "diffusers": None,
+    "single-file": ("sd1", "sd2", "sdxl"),
+    "control-lora": ("sd1", "sd2", "sdxl"),
+    "adapter": None,
+}
 
 
 class OutputSpec(Section):

@@ -28,7 +28,7 @@ from recipe_runner.recipe.loader import LoadedRecipe
 from recipe_runner.recipe.show import resolved_yaml
 from recipe_runner.run.lockfile import hardware, load_run_recipe, new_lock, read_lock, write_lock
 from recipe_runner.run.notes import learning_rate_note, resolution_note
-from recipe_runner.run.publish import check_publish, publish
+from recipe_runner.run.publish import check_publish, publish, publish_plan
 from recipe_runner.run.resources import check_disk, check_models, warn_accelerator_memory
 from recipe_runner.run.safety import ensure_run_folder
 from recipe_runner.runfolder.atomic import is_complete, remove_stale_temporaries, write_text
@@ -300,6 +300,8 @@ def _run_stages(
         if previous:
             lock["stages"] = dict(previous.get("stages") or {})
             lock["dataset"] = previous.get("dataset") or {}
+            if previous.get("publish"):  # what was exported and pushed, and from which weights
+                lock["publish"] = previous["publish"]
         console.rule(f"[bold]{escape(recipe.name)}[/] → {escape(str(folder.root))}")
         ctx = RunContext(loaded, folder, console, previous, lock, resume=resume, force=force)
         names = stages or [n for n, s in STAGES.items() if s.enabled(ctx)]
@@ -312,7 +314,7 @@ def _run_stages(
         warn_accelerator_memory(loaded, to_run, console)
         check_models(loaded, folder, to_run, console)
         if stages is None:  # `recipe run` publishes at the end: a push that cannot happen stops it now
-            check_publish(loaded)
+            check_publish(loaded, publish_plan(loaded, folder, previous, stages_run=to_run))
         for name in to_run:
             for note in STAGES[name].notes(ctx):
                 console.print(f"[yellow]warning:[/] {escape(note)}")
@@ -344,8 +346,8 @@ def _run_stages(
             lock["hardware"] = previous["hardware"]  # the outputs are still those of that machine's run
         write_lock(folder.lock, lock)
         if stages is None:
-            published = publish(loaded, folder, lock, lambda m: console.print(escape(m)))
-            ctx.results.update({k: {**v, "skipped": False} for k, v in _published(published).items()})
+            published = publish(loaded, folder, lock, lambda m: console.print(escape(m)), ran=ran)
+            ctx.results.update(_published(published))
         if launched_rank() == 0 and not announced(folder):
             announce(folder, train=False)  # nothing to train: the waiting ranks may leave
         _summary(console, folder, ctx.results)
@@ -353,12 +355,14 @@ def _run_stages(
 
 
 def _published(published: dict[str, Any]) -> dict[str, Any]:
-    """The summary rows of what was exported and pushed."""
+    """The summary rows of the exports and the push: a path or a repository each, or why skipped."""
     rows: dict[str, Any] = {}
-    if "exports" in published:
-        rows["export"] = {"formats": [e["format"] for e in published["exports"]], "seconds": 0.0}
-    if "push" in published:
-        rows["push"] = {"repo_id": published["push"]["repo_id"], "seconds": 0.0}
+    for name, r in published.items():
+        if r.get("skipped"):
+            rows[name] = {"skipped": True, "reason": r["reason"]}
+        else:
+            where = {"path": r["path"]} if "path" in r else {"repo_id": r.get("repo_id")}
+            rows[name] = {**where, "skipped": False, "seconds": r.get("seconds", 0.0)}
     return rows
 
 

@@ -37,6 +37,7 @@ from recipe_runner.run.estimates import (
 )
 from recipe_runner.run.lockfile import read_lock
 from recipe_runner.run.notes import learning_rate_note, resolution_note
+from recipe_runner.run.publish import PublishStep, publish_plan
 from recipe_runner.run.rows import RowCount, count_rows
 from recipe_runner.run.safety import run_root
 from recipe_runner.runfolder.atomic import is_complete
@@ -81,6 +82,7 @@ class Plan:
     traced: dict | None = None  # `--trace`: memory_trace.trace_recipe's figures, with total_gb and fits
     buckets: dict[str, int | None] | None = None  # `WxH`: train rows (None until the dataset is built)
     lora_trainable: float | None = None  # train.lora: the ControlNet's trained parameters
+    publish: list[PublishStep] = field(default_factory=list)  # output.export and output.push_to_hub
 
     @property
     def epochs(self) -> float | None:
@@ -93,6 +95,7 @@ class Plan:
             "name": self.name,
             "run_dir": self.run_dir,
             "stages": [s.to_dict() for s in self.stages],
+            "publish": [s.to_dict() for s in self.publish],
             "dataset": {**self.rows.to_dict(), "train_rows": self.train_rows, "buckets": self.buckets},
             "effective_batch": self.effective_batch,
             "lora_trainable_params": self.lora_trainable,
@@ -276,6 +279,8 @@ def make_plan(loaded: LoadedRecipe, output_dir: str | Path | None = None, *, tra
             f"only {train_rows} training rows for an effective batch of {effective_batch(recipe)}"
         )
     buckets = _buckets(loaded, report)
+    running = [s.name for s in stages if s.runs]
+    trains = "train" in running  # else the exports are named by the steps the lock recorded
     if buckets and (few := small_buckets(buckets, global_batch(recipe))):
         warnings.append(few)
     return Plan(
@@ -294,6 +299,9 @@ def make_plan(loaded: LoadedRecipe, output_dir: str | Path | None = None, *, tra
         traced=traced,
         buckets=buckets,
         lora_trainable=lora_trainable(recipe, memory.sizes) if recipe.train.lora is not None else None,
+        publish=publish_plan(
+            loaded, folder, read_lock(folder.lock), stages_run=running, steps=steps if trains else None
+        ),
     )
 
 

@@ -3,6 +3,7 @@ when offline or without a token; the token never lands in the run folder."""
 
 from __future__ import annotations
 
+import json
 import time
 from typing import ClassVar
 
@@ -74,8 +75,21 @@ def test_no_token_fails_before_training_with_exit_2(tmp_path, monkeypatch):
     assert not (tmp_path / "run").exists()
 
 
-def test_run_exports_and_pushes_the_runs_files_and_never_writes_the_token(tmp_path, online):
-    result = run_cli("run", _recipe(tmp_path, PUSH), "-o", tmp_path / "run", "--quiet")
+def _publish_plan(recipe, run, *args: str) -> dict[str, tuple[str, str, str]]:
+    result = run_cli("plan", recipe, "-o", run, "--json", *args)
+    assert result.exit_code == 0, result.output
+    return {s["name"]: (s["status"], s["reason"], s["target"]) for s in json.loads(result.output)["publish"]}
+
+
+def test_run_exports_and_pushes_the_runs_files_and_never_writes_the_token(tmp_path, online, monkeypatch):
+    recipe = _recipe(tmp_path, PUSH)
+    planned = _publish_plan(recipe, tmp_path / "run")
+    assert planned["export single-file"][:2] == ("would run", "after training")
+    assert planned["export single-file"][2].endswith(
+        "export/tiny-sd1-canny-step3-single-file-fp16.safetensors"
+    )
+    assert planned["push"][0] == "would run" and planned["push"][2] == "me/tiny-controlnet (private)"
+    result = run_cli("run", recipe, "-o", tmp_path / "run", "--quiet")
     assert result.exit_code == 0, result.output
     folder = RunFolder(tmp_path / "run")
     (export,) = folder.export.glob("*.safetensors")
@@ -95,6 +109,22 @@ def test_run_exports_and_pushes_the_runs_files_and_never_writes_the_token(tmp_pa
     for path in folder.root.rglob("*"):
         if path.is_file() and not path.is_symlink():
             assert TOKEN.encode() not in path.read_bytes(), path
+
+    # Nothing changed: a second run neither exports nor pushes again, and needs no network or token.
+    made = export.stat().st_mtime_ns
+    assert {s for s, _, _ in _publish_plan(recipe, folder.root).values()} == {"cached"}
+    StandInApi.calls = []
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    result = run_cli("run", recipe, "-o", folder.root)
+    assert result.exit_code == 0, result.output
+    assert "export single-file: skipped" in result.output and "push: skipped" in result.output
+    assert StandInApi.calls == [] and export.stat().st_mtime_ns == made
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    # New weights (a longer run): the export is named by its steps and made again, then pushed.
+    planned = _publish_plan(recipe, folder.root, "--set", "train.max_steps=4")
+    assert planned["export single-file"][0] == "would run"
+    assert planned["export single-file"][2].endswith("step4-single-file-fp16.safetensors")
+    assert planned["push"][0] == "would run"
 
     # `recipe push` for the finished run, retried once on a dropped connection, with a progress line.
     StandInApi.calls, StandInApi.fail_first = [], 1
@@ -125,10 +155,23 @@ def test_no_single_file_or_control_lora_for_flow_families(tmp_path):
     assert not (tmp_path / "sd3").exists()
 
 
-def test_recipe_export_formats_are_the_export_packages():
-    from typing import get_args
+@pytest.mark.parametrize(
+    ("export", "says"),
+    [
+        ("[adapter]", "adapter needs train.lora"),
+        ("[control-lora]", "control-lora of a fully trained ControlNet needs output.export_rank"),
+    ],
+)
+def test_recipe_validate_and_plan_reject_an_export_the_run_cannot_make(tmp_path, export, says):
+    recipe = _recipe(tmp_path, f"output:\n  export: {export}\n")
+    for command in ("validate", "plan"):
+        result = run_cli(command, recipe, *(["-o", tmp_path / "run"] if command == "plan" else []))
+        assert result.exit_code == 2, result.output
+        assert says in result.output and "push.yaml:16:3:" in result.output  # the export: line
+    assert not (tmp_path / "run").exists()
 
-    from recipe_runner.export.formats import FORMATS
-    from recipe_runner.recipe.sections import ExportFormat
 
-    assert set(get_args(ExportFormat)) == set(FORMATS)
+def test_plan_names_a_control_lora_by_the_rank_asked_for(tmp_path):
+    recipe = _recipe(tmp_path, "output: {export: [control-lora], export_rank: 16}\n")
+    planned = _publish_plan(recipe, tmp_path / "run")
+    assert planned["export control-lora"][2].endswith("tiny-sd1-canny-step3-control-lora-rank16.safetensors")
