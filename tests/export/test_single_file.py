@@ -10,7 +10,7 @@ import torch
 from diffusers import ControlNetModel
 from safetensors.torch import load_file
 
-from tests.export.conftest import run_cli
+from tests.export.conftest import run_cli, train
 
 
 def _only(folder, pattern):
@@ -64,3 +64,30 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_an_sdxl_single_file_carries_label_emb_and_converts_back_equal(tmp_path):
+    """SDXL's added time/text embedding is stored as `label_emb`, the key ComfyUI's model detection and
+    sd-webui-controlnet's controlnet_model_guess.py read to tell an SDXL ControlNet.
+
+    diffusers' `convert_controlnet_checkpoint` (0.42) maps every other key but never reads `label_emb`, so
+    `from_single_file` leaves `add_embedding` on the meta device for any SDXL ControlNet in this layout;
+    the test converts with diffusers' function and takes `label_emb` through diffusers' own mapping table.
+    """
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING, convert_controlnet_checkpoint
+
+    run = train(tmp_path, "model.base=builtin:tiny-sdxl", "train.max_steps=1")
+    result = run_cli("export", run, "--format", "single-file", "--dtype", "fp32")
+    assert result.exit_code == 0, result.output
+    path = _only(run / "export", "*-single-file-fp32.safetensors")
+    assert path.name == "tiny-sdxl-canny-step1-single-file-fp32.safetensors"
+    stored = load_file(str(path))
+    assert "control_model.label_emb.0.0.weight" in stored and "control_model.label_emb.0.2.bias" in stored
+
+    model = ControlNetModel.from_pretrained(run / "controlnet")
+    converted = convert_controlnet_checkpoint(stored, dict(model.config))
+    for ours, ldm in DIFFUSERS_TO_LDM_MAPPING["controlnet"]["addition_embed_type"].items():
+        converted[ours] = stored["control_model." + ldm]
+    trained = model.state_dict()
+    assert trained.keys() == converted.keys()
+    assert all(torch.equal(trained[k], converted[k]) for k in trained)
