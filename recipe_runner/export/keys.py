@@ -48,6 +48,15 @@ def _resnet(rest: str) -> str:
     return f"{_RESNET.get(layer, layer)}.{param}"
 
 
+def _hint_out_index(cond_blocks: int) -> int:
+    """Where the conditioning embedding's last convolution goes. The original module (a Sequential of 8
+    convolutions with SiLUs between) has it at 14, and diffusers' `convert_controlnet_checkpoint` reads
+    it from 14 whatever the count. A shorter embedding (a base whose VAE shrinks 4x, as the demo's) has
+    no original module, and ComfyUI's `cldm.ControlNet` refuses it by shape either way; 14 is where the
+    one loader that can build it looks. Past 6 blocks 14 is taken: the Sequential's own index."""
+    return max(14, 2 * (cond_blocks + 1))
+
+
 def original_name(name: str, layers_per_block: int, cond_blocks: int) -> str:
     """The original key of diffusers ControlNet parameter `name` (`cond_blocks`: the conditioning
     embedding's `blocks` count, 6 for the default (16, 32, 96, 256) channels)."""
@@ -75,7 +84,7 @@ def original_name(name: str, layers_per_block: int, cond_blocks: int) -> str:
     if m := _HINT.match(name):
         return f"input_hint_block.{2 * (int(m[1]) + 1)}.{m[2]}"
     if m := _HINT_OUT.match(name):
-        return f"input_hint_block.{2 * (cond_blocks + 1)}.{m[1]}"
+        return f"input_hint_block.{_hint_out_index(cond_blocks)}.{m[1]}"
     raise ValueError(f"no original name known for ControlNet parameter {name!r}")
 
 

@@ -114,7 +114,30 @@ def export_run(
         result["path"] = str(copy_adapter(folder, target))
     result["bytes"] = _size(Path(result["path"]))
     say(f"exported {fmt}: {result['path']} ({result['bytes'] / 2**20:.1f} MiB)")
+    if note := unreadable_by(fmt, config):
+        result["note"] = note
+        say(f"note: {note}")
     return result
+
+
+def unreadable_by(fmt: str, config: dict[str, Any]) -> str | None:
+    """Which of the usual readers cannot load this export of a ControlNet of unusual shape (every SD
+    1.x/2.x/SDXL base has 2 layers per block and a VAE that shrinks 8x; the demo's shapes-sd has not)."""
+    if fmt not in ("single-file", "control-lora"):
+        return None
+    notes = []
+    if len(config["conditioning_embedding_out_channels"]) != 4:
+        notes.append(
+            "ComfyUI and AUTOMATIC1111 build a fixed conditioning embedding of 4 stages (a VAE that shrinks "
+            f"8x); this one has {len(config['conditioning_embedding_out_channels'])}"
+        )
+    if fmt == "control-lora" and config["layers_per_block"] != 2:
+        # convert_sai_sd_control_lora_state_dict_to_peft sets `layers_per_block = 2`.
+        notes.append(
+            "diffusers' load_lora_adapter reads Control-LoRAs of 2 layers per block only; "
+            f"this base has {config['layers_per_block']}"
+        )
+    return "; ".join(notes) or None
 
 
 def _control_lora(loaded, folder, state, config, stem, meta, *, lora: bool, rank: int | None) -> dict:

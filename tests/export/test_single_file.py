@@ -91,3 +91,25 @@ def test_an_sdxl_single_file_carries_label_emb_and_converts_back_equal(tmp_path)
     trained = model.state_dict()
     assert trained.keys() == converted.keys()
     assert all(torch.equal(trained[k], converted[k]) for k in trained)
+
+
+def test_the_demo_bases_exports_load_in_diffusers_and_say_which_tools_cannot_read_them(tmp_path):
+    """builtin:shapes-sd (the demo's base) has 1 layer per block and a VAE that shrinks 4x, so a
+    3-stage conditioning embedding: its single file still loads with from_single_file (the embedding's
+    last convolution where diffusers' converter reads it), and each export says which readers refuse it."""
+    run = train(tmp_path, "model.base=builtin:shapes-sd", "train.max_steps=1")
+    result = run_cli("export", run, "--format", "single-file", "--dtype", "fp32")
+    assert result.exit_code == 0, result.output
+    assert "ComfyUI and AUTOMATIC1111 build a fixed conditioning embedding of 4 stages" in result.output
+    path = _only(run / "export", "*-single-file-fp32.safetensors")
+    assert "control_model.input_hint_block.14.weight" in load_file(str(path))
+    trained = ControlNetModel.from_pretrained(run / "controlnet").state_dict()
+    loaded = ControlNetModel.from_single_file(
+        str(path), config=str(run / "controlnet"), local_files_only=True
+    ).state_dict()
+    assert trained.keys() == loaded.keys()
+    assert all(torch.equal(trained[k], loaded[k]) for k in trained)
+
+    result = run_cli("export", run, "--format", "control-lora", "--rank", "8")
+    assert result.exit_code == 0, result.output
+    assert "reads Control-LoRAs of 2 layers per block only; this base has 1" in result.output
