@@ -306,6 +306,9 @@ def _run_stages(
         ctx = RunContext(loaded, folder, console, previous, lock, resume=resume, force=force)
         names = stages or [n for n, s in STAGES.items() if s.enabled(ctx)]
         to_run = [n for n in names if (resume and STAGES[n].reruns_on_resume) or not STAGES[n].status(ctx)[0]]
+        if stages is None:  # `recipe run` publishes at the end: a push that cannot happen stops it now,
+            # first of all, as it needs none of the libraries the other checks import
+            check_publish(loaded, publish_plan(loaded, folder, previous, stages_run=to_run))
         if to_run:  # imports diffusers, transformers and datasets (seconds): only when there is work
             quiet_libraries()
         check_disk(loaded, folder.root, to_run)
@@ -313,8 +316,6 @@ def _run_stages(
             STAGES[name].check(ctx)
         warn_accelerator_memory(loaded, to_run, console)
         check_models(loaded, folder, to_run, console)
-        if stages is None:  # `recipe run` publishes at the end: a push that cannot happen stops it now
-            check_publish(loaded, publish_plan(loaded, folder, previous, stages_run=to_run))
         for name in to_run:
             for note in STAGES[name].notes(ctx):
                 console.print(f"[yellow]warning:[/] {escape(note)}")

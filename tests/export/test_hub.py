@@ -4,6 +4,9 @@ when offline or without a token; the token never lands in the run folder."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from typing import ClassVar
 
@@ -72,6 +75,22 @@ def test_no_token_fails_before_training_with_exit_2(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "hf-home" / "stored_tokens"))
     result = run_cli("run", _recipe(tmp_path, PUSH), "-o", tmp_path / "run")
     assert result.exit_code == 2 and "token" in result.output and "hf auth login" in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_push_that_cannot_happen_stops_the_run_before_torch_is_imported(tmp_path):
+    """The push check comes first of the pre-flight checks: the error in about a second, not after the
+    ten or more that importing torch and diffusers takes."""
+    code = (
+        "import sys\nfrom recipe_runner.cli import app\n"
+        f"try:\n    app(['run', {str(_recipe(tmp_path, PUSH))!r}, '-o', {str(tmp_path / 'run')!r}])\n"
+        "except SystemExit as e:\n    print('exit', e.code, 'torch' in sys.modules)\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}
+    env.pop("HF_TOKEN", None)
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert "offline" in done.stdout + done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "exit 2 False"
     assert not (tmp_path / "run").exists()
 
 
