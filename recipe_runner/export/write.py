@@ -131,6 +131,12 @@ def unreadable_by(fmt: str, config: dict[str, Any]) -> str | None:
             "ComfyUI and AUTOMATIC1111 build a fixed conditioning embedding of 4 stages (a VAE that shrinks "
             f"8x); this one has {len(config['conditioning_embedding_out_channels'])}"
         )
+    if fmt == "single-file" and config.get("addition_embed_type") == "text_time":
+        # 0.42's convert_controlnet_checkpoint never reads `label_emb`: "Cannot copy out of meta tensor".
+        notes.append(
+            "diffusers' from_single_file cannot read an SDXL ControlNet in this layout (it skips "
+            "label_emb); in diffusers load the --format diffusers folder"
+        )
     if fmt == "control-lora" and config["layers_per_block"] != 2:
         # convert_sai_sd_control_lora_state_dict_to_peft sets `layers_per_block = 2`.
         notes.append(

@@ -81,6 +81,7 @@ def test_an_sdxl_single_file_carries_label_emb_and_converts_back_equal(tmp_path)
     assert result.exit_code == 0, result.output
     path = _only(run / "export", "*-single-file-fp32.safetensors")
     assert path.name == "tiny-sdxl-canny-step1-single-file-fp32.safetensors"
+    assert "diffusers' from_single_file cannot read an SDXL ControlNet" in result.output
     stored = load_file(str(path))
     assert "control_model.label_emb.0.0.weight" in stored and "control_model.label_emb.0.2.bias" in stored
 
