@@ -1,9 +1,10 @@
 """Training in several processes: `accelerate launch` runs training/worker.py's `worker_main` N times.
 
-The orchestrating process prepares everything once (base model, precompute cache), writes
-`train-launch.json` (the resolved recipe, where it came from, the resolved base) into the run folder,
-launches the workers and waits. Rank 0 writes `train-result.json` (results, or the error to re-raise
-here with its type), so the caller sees the same results and exceptions as a one-process run.
+The orchestrating process prepares what must happen once (the base model), writes `train-launch.json`
+(the resolved recipe, where it came from, the resolved base) into the run folder, launches the workers
+(they share the precompute: training/precompute.py, Shard) and waits. Rank 0 writes `train-result.json`
+(results, or the error to re-raise here with its type), so the caller sees the same results and
+exceptions as a one-process run.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -140,25 +141,39 @@ def _storage(dtype: torch.dtype) -> np.dtype:
     return np.dtype(np.float16) if dtype == torch.float16 else np.dtype(np.float32)
 
 
-@torch.inference_mode()  # outputs go to numpy: no autograd bookkeeping at all (faster than no_grad)
-def build_cache(
-    c: Components,
-    recipe: Recipe,
-    rows: Dataset,
-    folder: Path,
-    weight_dtype: torch.dtype,
-    console: Console | None = None,
-) -> EncodedCache:
-    """Encode every row of `rows` with the (already placed) VAE and text encoders into `folder`."""
-    cached = EncodedCache.open(folder)
-    if cached is not None and len(cached.prompt_index) == len(rows):
-        if console:
-            console.print(f"[dim]precomputed latents and text embeddings: reusing {escape(str(folder))}[/]")
-        return cached
+@dataclass(frozen=True)
+class Shard:
+    """This process's part of a precompute that `count` processes share (launch.num_processes > 1): the
+    image batches k with k % count == index, each encoded on this process's own device, written into
+    the one cache that rank 0 allocates and completes; so no rank writes a private copy (diffusers #4089)
+    and the batches are those one process would encode. `barrier` waits for every process; `share`
+    gives every process rank 0's value."""
+
+    index: int
+    count: int
+    barrier: Callable[[], None]
+    share: Callable[[Any], Any]
+
+
+@dataclass
+class _Layout:
+    """Where each row's latents go, and the batches the images are encoded in."""
+
+    latent_shape: tuple[int, ...]
+    batches: list[list[int]]
+    sizes: list[tuple[int, int]] | None  # bucketed rows: (w, h) each; None: all square at resolution
+    shapes: list[tuple[int, ...]] | None
+    offsets: np.ndarray | None
+    arrays: list[str]  # the .npy files of per-row latents
+    columns: list[str]  # the dataset columns they are encoded from
+
+
+def _layout(c: Components, recipe: Recipe, rows: Dataset) -> _Layout:
     resolution = recipe.dataset.resolution
     # Square rows: one (N, C, h, w) array. Bucketed rows: flat arrays, encoded bucket by bucket.
     sizes = image_sizes(rows) if recipe.dataset.buckets.enabled else None
     shapes = [c.latent_shape(h, w) for w, h in sizes] if sizes is not None else None
+    offsets = None
     if shapes is None:
         latent_shape: tuple[int, ...] = (len(rows), *c.latent_shape(resolution))
         groups = [list(range(len(rows)))]
@@ -169,58 +184,121 @@ def build_cache(
         for row, size in enumerate(sizes or []):
             by_size.setdefault(size, []).append(row)
         groups = list(by_size.values())
+    batch = max(1, recipe.train.batch_size)
+    batches = [group[start : start + batch] for group in groups for start in range(0, len(group), batch)]
+    arrays, columns = ["latent_mean", "latent_std"], ["image"]
+    if c.family.latent_control:
+        arrays.append("control_latents")
+        columns.append("conditioning_image")
+    return _Layout(latent_shape, batches, sizes, shapes, offsets, arrays, columns)
+
+
+def _encode_images(
+    c: Components,
+    recipe: Recipe,
+    images: Dataset,
+    layout: _Layout,
+    batches: list[list[int]],
+    arrays: list[np.ndarray],
+    weight_dtype: torch.dtype,
+    advance: Callable[[int], None],
+) -> None:
+    """Encode these batches of rows into the (memory-mapped) latent arrays."""
+    shapes, offsets = layout.shapes, layout.offsets
+    fit = None if shapes is not None else recipe.dataset.resolution  # bucketed rows keep their size
+    for chunk in batches:
+        part = images[chunk]
+        pixels = torch.stack([to_pixels(im, fit) for im in part["image"]])
+        m, s = encode_pixels(c, pixels.to(dtype=vae_dtype(recipe, weight_dtype)))
+        found = [m.to(weight_dtype), s.to(weight_dtype)]
+        if c.family.latent_control:  # the latents a step in reference mode makes of them
+            channels = recipe.model.conditioning_channels
+            cond = torch.stack([to_conditioning(im, fit, channels) for im in part["conditioning_image"]])
+            found.append(c.family.control_latents(c, cond, weight_dtype))
+        # Cast to the training dtype first, as a step in reference mode sees it.
+        values_of = [x.float().cpu().numpy() for x in found]
+        for array, values in zip(arrays, values_of, strict=True):
+            if shapes is None:
+                array[chunk[0] : chunk[-1] + 1] = values
+            else:
+                assert offsets is not None
+                for i, row in enumerate(chunk):
+                    array[offsets[row] : offsets[row + 1]] = values[i].ravel()
+        advance(len(chunk))
+    for array in arrays:
+        array.flush()
+
+
+@torch.inference_mode()  # outputs go to numpy: no autograd bookkeeping at all (faster than no_grad)
+def build_cache(
+    c: Components,
+    recipe: Recipe,
+    rows: Dataset,
+    folder: Path,
+    weight_dtype: torch.dtype,
+    console: Console | None = None,
+    shard: Shard | None = None,
+) -> EncodedCache:
+    """Encode every row of `rows` with the (already placed) VAE and text encoders into `folder`; with a
+    `shard`, this process's batches of them, together with the other processes (every one calls this)."""
+    cached = EncodedCache.open(folder)
+    complete = cached is not None and len(cached.prompt_index) == len(rows)
+    if shard is not None:
+        complete = shard.share(complete)  # rank 0 decides: every process takes the same path
+    if complete:
+        if console:
+            console.print(f"[dim]precomputed latents and text embeddings: reusing {escape(str(folder))}[/]")
+        cached = EncodedCache.open(folder)
+        assert cached is not None
+        return cached
+    layout = _layout(c, recipe, rows)
+    storage = _storage(weight_dtype)
+    images = rows.select_columns(layout.columns)
+    index, count = (shard.index, shard.count) if shard is not None else (0, 1)
+    mine = layout.batches[index::count]
+    if index > 0:  # rank 0 allocated the arrays in its temporary folder and completes it
+        assert shard is not None
+        tmp = Path(shard.share(None))
+        arrays = [np.lib.format.open_memmap(tmp / f"{name}.npy", "r+") for name in layout.arrays]
+        _encode_images(c, recipe, images, layout, mine, arrays, weight_dtype, lambda _n: None)
+        del arrays
+        shard.barrier()  # every process's latents are written
+        shard.barrier()  # rank 0 renamed the folder: complete
+        opened = EncodedCache.open(folder)
+        assert opened is not None
+        return opened
     prompts = list(rows["prompt"])
     unique = list(dict.fromkeys(["", *prompts]))  # the empty prompt first: EncodedCache.EMPTY
     where = {p: i for i, p in enumerate(unique)}
     warn_overlong(c, unique, console)
-    batch = max(1, recipe.train.batch_size)
-    storage = _storage(weight_dtype)
+    latent_shape = layout.latent_shape
     with atomic_dir(folder) as tmp, Progress(console=console, disable=console is None, transient=True) as bar:
-        mean = np.lib.format.open_memmap(tmp / "latent_mean.npy", "w+", dtype=storage, shape=latent_shape)
-        std = np.lib.format.open_memmap(tmp / "latent_std.npy", "w+", dtype=storage, shape=latent_shape)
-        arrays = [mean, std]
-        columns = ["image"]
-        if c.family.latent_control:
-            control = np.lib.format.open_memmap(
-                tmp / "control_latents.npy", "w+", dtype=storage, shape=latent_shape
-            )
-            arrays.append(control)
-            columns.append("conditioning_image")
-        images = rows.select_columns(columns)
+        arrays = [
+            np.lib.format.open_memmap(tmp / f"{name}.npy", "w+", dtype=storage, shape=latent_shape)
+            for name in layout.arrays
+        ]
+        if shard is not None:
+            for array in arrays:
+                array.flush()
+            shard.share(str(tmp))
         task = bar.add_task("encoding images", total=len(rows))
         report = reporter(console)  # the throttled lines of log.txt, a pipe, --json (bar is transient)
         encoded = 0
         report.progress("precompute", encoded, len(rows))
-        for group in groups:
-            for start in range(0, len(group), batch):
-                chunk = group[start : start + batch]
-                fit = None if shapes is not None else resolution  # bucketed rows keep their size
-                part = images[chunk]
-                pixels = torch.stack([to_pixels(im, fit) for im in part["image"]])
-                m, s = encode_pixels(c, pixels.to(dtype=vae_dtype(recipe, weight_dtype)))
-                found = [m.to(weight_dtype), s.to(weight_dtype)]
-                if c.family.latent_control:  # the latents a step in reference mode makes of them
-                    channels = recipe.model.conditioning_channels
-                    cond = torch.stack(
-                        [to_conditioning(im, fit, channels) for im in part["conditioning_image"]]
-                    )
-                    found.append(c.family.control_latents(c, cond, weight_dtype))
-                # Cast to the training dtype first, as a step in reference mode sees it.
-                found = [x.float().cpu().numpy() for x in found]
-                for array, values in zip(arrays, found, strict=True):
-                    if shapes is None:
-                        array[chunk[0] : chunk[-1] + 1] = values
-                    else:
-                        for i, row in enumerate(chunk):
-                            array[offsets[row] : offsets[row + 1]] = values[i].ravel()
-                bar.advance(task, len(chunk))
-                encoded += len(chunk)
-                report.progress("precompute", encoded, len(rows))
-        for array in arrays:
-            array.flush()
-        if shapes is not None:
-            np.save(tmp / "latent_offsets.npy", offsets)
-            np.save(tmp / "latent_shapes.npy", np.array(shapes, dtype=np.int64))
+
+        def advance(n: int) -> None:
+            nonlocal encoded
+            n = min(n * count, len(rows) - encoded)  # the others' batches go at the same pace
+            bar.advance(task, n)
+            encoded += n
+            report.progress("precompute", encoded, len(rows))
+
+        _encode_images(c, recipe, images, layout, mine, arrays, weight_dtype, advance)
+        if shard is not None:
+            shard.barrier()  # every process's latents are written
+        if layout.shapes is not None:
+            np.save(tmp / "latent_offsets.npy", layout.offsets)
+            np.save(tmp / "latent_shapes.npy", np.array(layout.shapes, dtype=np.int64))
         task = bar.add_task("encoding prompts", total=len(unique))
         embeds, pooled = [], []
         for start in range(0, len(unique), _PROMPT_BATCH):
@@ -234,12 +312,16 @@ def build_cache(
             np.save(tmp / "pooled.npy", np.concatenate(pooled))
         np.save(tmp / "prompt_index.npy", np.array([where[p] for p in prompts], dtype=np.int32))
         meta = {"rows": len(rows), "unique_prompts": len(unique), "latent_shape": latent_shape[1:]}
-        if sizes is not None:
-            meta["buckets"] = bucket_counts(sizes)
+        if layout.sizes is not None:
+            meta["buckets"] = bucket_counts(layout.sizes)
         (tmp / "meta.json").write_text(json.dumps({**meta, "dtype": str(weight_dtype)}, indent=2))
+    if shard is not None:
+        shard.barrier()  # renamed: the others may open it
     if console:
         console.print(
-            f"[dim]precomputed {len(rows)} latents and {len(unique)} distinct prompts into {folder}[/]"
+            f"[dim]precomputed {len(rows)} latents and {len(unique)} distinct prompts into {folder}"
+            + (f", shared by {count} processes" if count > 1 else "")
+            + "[/]"
         )
     cache = EncodedCache.open(folder)
     assert cache is not None

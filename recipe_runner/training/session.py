@@ -21,6 +21,7 @@ from accelerate.utils import (
     DistributedDataParallelKwargs,
     GradientAccumulationPlugin,
     ProjectConfiguration,
+    broadcast_object_list,
 )
 from datasets import DatasetDict
 from diffusers.optimization import get_scheduler
@@ -37,7 +38,7 @@ from recipe_runner.training.ema import ControlNetEMA, make_ema
 from recipe_runner.training.encoding import move, place_encoders, warn_overlong
 from recipe_runner.training.keys import built_dataset_fingerprint, effective_precision, resume_fields
 from recipe_runner.training.lora import trainable
-from recipe_runner.training.precompute import EncodedCache, build_cache, precompute_key
+from recipe_runner.training.precompute import EncodedCache, Shard, build_cache, precompute_key
 
 
 @dataclass
@@ -111,6 +112,15 @@ def make_accelerator(loaded: LoadedRecipe, folder: RunFolder) -> Accelerator:
     )
 
 
+def _shard(accelerator: Accelerator) -> Shard:
+    def share(value):
+        box = [value]
+        broadcast_object_list(box, from_process=0)
+        return box[0]
+
+    return Shard(accelerator.process_index, accelerator.num_processes, accelerator.wait_for_everyone, share)
+
+
 def cache_folder(loaded: LoadedRecipe, folder: RunFolder, base: str, dtype: torch.dtype) -> Path:
     key = precompute_key(loaded.recipe, base, built_dataset_fingerprint(folder.dataset), dtype)
     return folder.cache / key
@@ -125,15 +135,17 @@ def ensure_cache(
     device: torch.device | str,
     dtype: torch.dtype,
     console: Console | None,
+    shard: Shard | None = None,
 ) -> EncodedCache:
-    """Open the precompute cache for these inputs, computing it (encoders on `device`) when missing."""
+    """Open the precompute cache for these inputs, computing it (encoders on `device`) when missing;
+    with a `shard`, together with the other processes of the launch (every one calls this)."""
     path = cache_folder(loaded, folder, base, dtype)
     cached = EncodedCache.open(path)
-    if cached is not None and len(cached.prompt_index) == len(rows):
+    if shard is None and cached is not None and len(cached.prompt_index) == len(rows):
         return cached
     place_encoders(c, loaded.recipe, device, dtype)
     try:
-        return build_cache(c, loaded.recipe, rows, path, dtype, console)
+        return build_cache(c, loaded.recipe, rows, path, dtype, console, shard)
     finally:
         place_encoders(c, loaded.recipe, "cpu", dtype)
         if torch.cuda.is_available():
@@ -181,19 +193,20 @@ def open_session(
     dtype = features.weight_dtype(recipe)
     device = accelerator.device
 
-    with accelerator.main_process_first():  # builtin models are built and caches written once
+    with accelerator.main_process_first():  # builtin models are built once
         data = load_rows(folder.dataset_data, recipe)
         base = base or resolve_base(loaded, folder.models_cache)
         c = load_components(loaded, base)
         c.family.check_scheduler(recipe, c)
-        cache = None
-        if train.precompute:
-            cache = ensure_cache(loaded, folder, c, base, data["train"], device, dtype, console)
-            place_encoders(c, recipe, "cpu", dtype)
-        else:  # reference mode: prompts are encoded (and truncated) at each step
-            place_encoders(c, recipe, device, dtype)
-            if accelerator.is_main_process:
-                warn_overlong(c, list(dict.fromkeys(data["train"]["prompt"])), console)
+    cache = None
+    if train.precompute:  # several processes: each encodes its share of the rows on its own device
+        shard = _shard(accelerator) if accelerator.num_processes > 1 else None
+        cache = ensure_cache(loaded, folder, c, base, data["train"], device, dtype, console, shard)
+        place_encoders(c, recipe, "cpu", dtype)
+    else:  # reference mode: prompts are encoded (and truncated) at each step
+        place_encoders(c, recipe, device, dtype)
+        if accelerator.is_main_process:
+            warn_overlong(c, list(dict.fromkeys(data["train"]["prompt"])), console)
 
     controlnet = place_models(recipe, c, device, dtype)
     if train.compile:

@@ -1,6 +1,6 @@
 """The training stage: prepare once, train (here or in N launched processes), save, sample, describe.
 
-prepare_training  -> base model resolved/built, precompute cache written (before any worker starts)
+prepare_training  -> base model resolved/built (before any worker starts; the precompute is the session's)
 train_controlnet  -> session -> resume? -> loop -> controlnet/ + final grid + README.md -> results
 """
 
@@ -60,8 +60,9 @@ def prepare_training(
     loaded: LoadedRecipe, folder: RunFolder, console: Console | None = None, *, precompute: bool = True
 ) -> PreparedTraining:
     """What must happen once before (possibly several) training processes start: check the machine,
-    resolve (or build) the base model, and write the precompute cache. `precompute=False` leaves the
-    cache to the session (one process: it loads the encoders once for both, instead of twice)."""
+    resolve (or build) the base model, and (`precompute=True`: benchmarks, which time training alone)
+    write the precompute cache. Training passes False and leaves the cache to the session: one process
+    loads the encoders once for both; several share the encoding (training/precompute.py, Shard)."""
     _quiet_libraries()
     recipe = loaded.recipe
     features.check_environment(recipe)
@@ -96,8 +97,9 @@ def train_controlnet(
     if rank:  # a worker of a launch: rank 0 has prepared
         return run_training(loaded, folder, resume=resume, console=console)
     several = rank == 0 or loaded.recipe.launch.total_processes > 1
-    # Once, before any worker starts; in one process the session loads the models once for both.
-    prepared = prepare_training(loaded, folder, console=console, precompute=several)
+    # Once, before any worker starts. The precompute is the session's: in one process it loads the
+    # models once for both; in several, each encodes its share of the rows on its own device.
+    prepared = prepare_training(loaded, folder, console=console, precompute=False)
     if rank is None and several:
         return launch_workers(loaded, folder, prepared.base, resume=resume, console=console)
     if rank == 0:

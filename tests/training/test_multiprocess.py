@@ -94,3 +94,42 @@ def test_launched_workers_write_what_they_print_to_the_log(tmp_path):
     log = (out / "log.txt").read_text()
     assert "training 2 steps (from scratch), batch 2 x 1 accumulated x 2 process(es)" in log
     assert "training 2 steps" not in done.stdout + done.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("base", ["builtin:tiny-sd", "builtin:tiny-flux"])
+def test_two_processes_share_the_precompute_and_write_the_cache_one_would(make_run, shapes_data, base):
+    """Each process encodes every other batch of rows into the one cache rank 0 allocates and completes:
+    the same folder, files and values as one process, and no copy or temporary left per rank."""
+    import io
+
+    import numpy as np
+    from rich.console import Console
+
+    caches = {}
+    for n in (1, 2):
+        loaded, folder = make_run(
+            "train.max_steps=1",
+            "train.batch_size=2",
+            f"launch.num_processes={n}",
+            f"model.base={base}",
+            name=f"processes-{n}",
+            data=shapes_data,  # a cache folder of its own, not the session's shared one
+        )
+        console = Console(file=io.StringIO(), width=400)
+        results = train_controlnet(loaded, folder, console=console)
+        assert results["precomputed"] and results["processes"] == n
+        (caches[n],) = folder.cache.iterdir()
+        said = console.file.getvalue() + (folder.log.read_text() if folder.log.exists() else "")
+        assert "precomputed 8 latents" in said and (", shared by 2 processes" in said) is (n == 2)
+    one, two = caches[1], caches[2]
+    assert one.name == two.name
+    files = sorted(p.name for p in one.iterdir())
+    assert files == sorted(p.name for p in two.iterdir())
+    assert "control_latents.npy" in files if base == "builtin:tiny-flux" else "latent_std.npy" in files
+    for name in (f for f in files if f.endswith(".npy")):
+        a, b = np.load(one / name), np.load(two / name)
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        assert np.allclose(a, b, rtol=1e-5, atol=1e-6), name
+        assert np.abs(a).sum() > 0, name  # written, not the allocation's zeros
