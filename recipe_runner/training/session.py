@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,7 @@ class Session:
     learning_rate: float
     console: Console | None
     ema: ControlNetEMA | None = None  # train.ema_decay's average of the ControlNet's weights
+    precompute_seconds: float | None = None  # opening (or building) the precompute cache
     eval_condition: Any = None  # the condition evaluate.at_validation re-extracts with, set up once
 
     @property
@@ -198,10 +200,12 @@ def open_session(
         base = base or resolve_base(loaded, folder.models_cache)
         c = load_components(loaded, base)
         c.family.check_scheduler(recipe, c)
-    cache = None
+    cache, precompute_seconds = None, None
     if train.precompute:  # several processes: each encodes its share of the rows on its own device
         shard = _shard(accelerator) if accelerator.num_processes > 1 else None
+        started = time.perf_counter()
         cache = ensure_cache(loaded, folder, c, base, data["train"], device, dtype, console, shard)
+        precompute_seconds = round(time.perf_counter() - started, 3)
         place_encoders(c, recipe, "cpu", dtype)
     else:  # reference mode: prompts are encoded (and truncated) at each step
         place_encoders(c, recipe, device, dtype)
@@ -250,6 +254,7 @@ def open_session(
         learning_rate=lr,
         console=console,
         ema=ema,
+        precompute_seconds=precompute_seconds,
     )
 
 

@@ -242,6 +242,7 @@ def _results(session: Session, state: LoopState, start_step: int, start_seconds:
         "peak_memory_accelerator_mb": peak_accelerator_memory_mb(),
         "device": str(session.device),
         "precomputed": session.cache is not None,
+        "precompute_seconds": session.precompute_seconds,  # 0.0-ish when the cache was already there
         "sample_grid": state.last_sample,
         "last_checkpoint": state.last_checkpoint,
         "paths": training_paths(session.folder),

@@ -78,3 +78,4 @@ def test_one_process_loads_the_base_model_once(make_run, shapes_data, monkeypatc
     results = train_controlnet(loaded, folder)
     assert results["precomputed"] and list(folder.cache.iterdir())
     assert len(loads) == 1 and loads[0]["weights"] and loads[0]["denoiser"], loads
+    assert results["precompute_seconds"] > 0  # timed, in the results and so in the lock
