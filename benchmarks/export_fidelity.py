@@ -64,18 +64,11 @@ def _comfyui_style(state: dict, base: dict, layers_per_block: int, config: Path)
     from diffusers import ControlNetModel
     from safetensors.torch import save_file
 
+    from recipe_runner.export.control_lora import applied
     from recipe_runner.export.keys import SINGLE_FILE_PREFIX, original_names
 
     names = original_names(list(base), layers_per_block)
-    rebuilt = {names[k]: v.clone() for k, v in base.items()}
-    for key, value in state.items():
-        if key.endswith(".up"):
-            stem = key.removesuffix(".up")
-            w = rebuilt[f"{stem}.weight"]
-            delta = value.float().flatten(1) @ state[f"{stem}.down"].float().flatten(1)
-            rebuilt[f"{stem}.weight"] = w + delta.reshape(w.shape)
-        elif not key.endswith(".down") and key != "lora_controlnet":
-            rebuilt[key] = value.float()
+    rebuilt = applied(state, {names[k]: v for k, v in base.items()})
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "rebuilt.safetensors"
         save_file({SINGLE_FILE_PREFIX + k: v.contiguous() for k, v in rebuilt.items()}, str(path))

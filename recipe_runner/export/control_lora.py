@@ -113,3 +113,20 @@ def from_adapter(
         elif is_controlnet_only(name) or value.ndim < 2:
             state[names[name]] = value.detach().cpu().to(DTYPE).contiguous()
     return Factors(state, used or None, 0.0, None, len(adapted))
+
+
+def applied(file_state: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A Control-LoRA file applied as ComfyUI applies one (`ControlLora.pre_run`): from `base`, the base
+    UNet's weights under the original names (`ControlNetModel.from_unet` state through keys.py), every
+    full key of the file set and `up @ down` added to each factored weight; fp32, original names. To
+    check a file against a loader that keeps its biases (diffusers' keeps the UNet's: docs/exports.md)."""
+    out = {k: v.float().clone() for k, v in base.items()}
+    for key, value in file_state.items():
+        if key.endswith(".up"):
+            stem = key.removesuffix(".up")
+            weight = out[f"{stem}.weight"]
+            delta = value.float().flatten(1) @ file_state[f"{stem}.down"].float().flatten(1)
+            out[f"{stem}.weight"] = weight + delta.reshape(weight.shape)
+        elif not key.endswith(".down") and key != MARKER:
+            out[key] = value.float()
+    return out

@@ -101,21 +101,14 @@ def test_the_file_holds_every_weight_a_comfyui_style_loader_needs(full_run):
     key of the file and adds up @ down to the factored ones. Done here on the original names, the result
     read by diffusers' single-file loader is the trained ControlNet (up to fp16): nothing is missing.
     (diffusers' own Control-LoRA path keeps the UNet's biases in factored layers; see docs/exports.md.)"""
+    from recipe_runner.export.control_lora import applied
     from recipe_runner.export.keys import SINGLE_FILE_PREFIX, original_names
 
     entry = _export(full_run, "--rank", "128")  # above every layer's rank: exact but for fp16
     state = load_file(entry["path"])
     base = ControlNetModel.from_unet(base_unet(full_run)).state_dict()
     names = original_names(list(base), 2)
-    rebuilt = {names[k]: v.clone() for k, v in base.items()}
-    for key, value in state.items():
-        if key.endswith(".up"):
-            stem = key.removesuffix(".up")
-            w = rebuilt[f"{stem}.weight"]
-            delta = value.float().flatten(1) @ state[f"{stem}.down"].float().flatten(1)
-            rebuilt[f"{stem}.weight"] = w + delta.reshape(w.shape)
-        elif not key.endswith(".down") and key != "lora_controlnet":
-            rebuilt[key] = value.float()
+    rebuilt = applied(state, {names[k]: v for k, v in base.items()})
     path = full_run / "export" / "rebuilt.safetensors"
     from safetensors.torch import save_file
 
