@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -144,10 +144,10 @@ def _storage(dtype: torch.dtype) -> np.dtype:
 @dataclass(frozen=True)
 class Shard:
     """This process's part of a precompute that `count` processes share (launch.num_processes > 1): the
-    image batches k with k % count == index, each encoded on this process's own device, written into
-    the one cache that rank 0 allocates and completes; so no rank writes a private copy (diffusers #4089)
-    and the batches are those one process would encode. `barrier` waits for every process; `share`
-    gives every process rank 0's value."""
+    image batches k with k % count == index, and the prompt batches likewise, each encoded on this
+    process's own device into the one cache that rank 0 allocates and completes. So no rank writes a
+    private copy (diffusers #4089), and the batches are those one process would encode. `barrier`
+    waits for every process; `share` gives every process rank 0's value."""
 
     index: int
     count: int
@@ -229,6 +229,17 @@ def _encode_images(
         array.flush()
 
 
+def _encode_prompt_batches(
+    c: Components, unique: list[str], starts: list[int], storage: np.dtype, advance: Callable[[int], None]
+) -> Iterator[tuple[int, tuple[np.ndarray, np.ndarray | None]]]:
+    """(start, (embeddings, pooled or None)) of the prompt batches beginning at `starts`."""
+    for start in starts:
+        e, p = encode_prompts(c, unique[start : start + _PROMPT_BATCH])
+        pooled = p.float().cpu().numpy().astype(storage) if p is not None else None
+        yield start, (e.float().cpu().numpy().astype(storage), pooled)
+        advance(min(_PROMPT_BATCH, len(unique) - start))
+
+
 @torch.inference_mode()  # outputs go to numpy: no autograd bookkeeping at all (faster than no_grad)
 def build_cache(
     c: Components,
@@ -256,19 +267,26 @@ def build_cache(
     images = rows.select_columns(layout.columns)
     index, count = (shard.index, shard.count) if shard is not None else (0, 1)
     mine = layout.batches[index::count]
+    prompts = list(rows["prompt"])
+    unique = list(dict.fromkeys(["", *prompts]))  # the empty prompt first: EncodedCache.EMPTY
+    # Prompt batches are shared out as the image batches are (a T5 on every GPU, not one).
+    prompt_batches = list(range(0, len(unique), _PROMPT_BATCH))
+    my_prompts = prompt_batches[index::count]
     if index > 0:  # rank 0 allocated the arrays in its temporary folder and completes it
         assert shard is not None
         tmp = Path(shard.share(None))
         arrays = [np.lib.format.open_memmap(tmp / f"{name}.npy", "r+") for name in layout.arrays]
         _encode_images(c, recipe, images, layout, mine, arrays, weight_dtype, lambda _n: None)
         del arrays
-        shard.barrier()  # every process's latents are written
+        for start, (e, p) in _encode_prompt_batches(c, unique, my_prompts, storage, lambda _n: None):
+            np.save(tmp / f"prompts-{start}.npy", e)  # gathered and removed by rank 0
+            if p is not None:
+                np.save(tmp / f"pooled-{start}.npy", p)
+        shard.barrier()  # every process's latents and prompts are written
         shard.barrier()  # rank 0 renamed the folder: complete
         opened = EncodedCache.open(folder)
         assert opened is not None
         return opened
-    prompts = list(rows["prompt"])
-    unique = list(dict.fromkeys(["", *prompts]))  # the empty prompt first: EncodedCache.EMPTY
     where = {p: i for i, p in enumerate(unique)}
     warn_overlong(c, unique, console)
     latent_shape = layout.latent_shape
@@ -294,19 +312,28 @@ def build_cache(
             report.progress("precompute", encoded, len(rows))
 
         _encode_images(c, recipe, images, layout, mine, arrays, weight_dtype, advance)
-        if shard is not None:
-            shard.barrier()  # every process's latents are written
         if layout.shapes is not None:
             np.save(tmp / "latent_offsets.npy", layout.offsets)
             np.save(tmp / "latent_shapes.npy", np.array(layout.shapes, dtype=np.int64))
         task = bar.add_task("encoding prompts", total=len(unique))
+        ours = dict(
+            _encode_prompt_batches(c, unique, my_prompts, storage, lambda n: bar.advance(task, n * count))
+        )
+        if shard is not None:
+            shard.barrier()  # every process's latents and prompts are written
         embeds, pooled = [], []
-        for start in range(0, len(unique), _PROMPT_BATCH):
-            e, p = encode_prompts(c, unique[start : start + _PROMPT_BATCH])
-            embeds.append(e.float().cpu().numpy().astype(storage))
+        for start in prompt_batches:  # in order, whoever encoded them
+            if start in ours:
+                e, p = ours[start]
+            else:
+                e, p = np.load(tmp / f"prompts-{start}.npy"), None
+                (tmp / f"prompts-{start}.npy").unlink()
+                if (tmp / f"pooled-{start}.npy").is_file():
+                    p = np.load(tmp / f"pooled-{start}.npy")
+                    (tmp / f"pooled-{start}.npy").unlink()
+            embeds.append(e)
             if p is not None:
-                pooled.append(p.float().cpu().numpy().astype(storage))
-            bar.advance(task, min(_PROMPT_BATCH, len(unique) - start))
+                pooled.append(p)
         np.save(tmp / "prompt_embeds.npy", np.concatenate(embeds))
         if pooled:
             np.save(tmp / "pooled.npy", np.concatenate(pooled))

@@ -38,16 +38,24 @@ def test_a_shared_precompute_encodes_every_other_batch_per_rank_into_one_cache(
     loaded, folder = make_run("train.batch_size=2", name="shared", data=shapes_data)
     c = load_components(loaded, resolve_base(loaded, folder.models_cache), unet=False)
     rows = load_rows(folder.dataset_data, loaded.recipe)["train"]  # 8 rows: 4 batches of 2
+    monkeypatch.setattr(precompute, "_PROMPT_BATCH", 2)  # the rows' prompts in several batches
     alone = precompute.build_cache(c, loaded.recipe, rows, folder.cache / "alone", torch.float32)
 
     encoded: dict[str, list[int]] = {}
-    real = precompute.encode_pixels
+    prompted: dict[str, int] = {}
+    real_pixels, real_prompts = precompute.encode_pixels, precompute.encode_prompts
 
-    def recording(c, pixels):
+    def pixels(c, pixels):
         encoded.setdefault(threading.current_thread().name, []).append(len(pixels))
-        return real(c, pixels)
+        return real_pixels(c, pixels)
 
-    monkeypatch.setattr(precompute, "encode_pixels", recording)
+    def prompts(c, prompts):
+        name = threading.current_thread().name
+        prompted[name] = prompted.get(name, 0) + 1
+        return real_prompts(c, prompts)
+
+    monkeypatch.setattr(precompute, "encode_pixels", pixels)
+    monkeypatch.setattr(precompute, "encode_prompts", prompts)
     results: dict[int, object] = {}
 
     def rank(shard: precompute.Shard) -> None:
@@ -65,10 +73,12 @@ def test_a_shared_precompute_encodes_every_other_batch_per_rank_into_one_cache(
         t.join(timeout=300)
     assert not any(isinstance(r, BaseException) for r in results.values()), results
     assert encoded == {"rank0": [2, 2], "rank1": [2, 2]}  # batches 0, 2 and 1, 3
+    batches = -(-len(alone.prompt_embeds) // 2)
+    assert prompted == {"rank0": -(-batches // 2), "rank1": batches // 2} and batches >= 3
     assert {r.folder for r in results.values()} == {folder.cache / "shared"}
     assert sorted(p.name for p in folder.cache.iterdir()) == ["alone", "shared"]  # no temporaries
     shared = results[0]
-    for name in ("latent_mean", "latent_std", "prompt_embeds", "prompt_index"):
+    for name in ("latent_mean", "latent_std", "prompt_embeds", "prompt_index", "pooled"):
         assert np.array_equal(getattr(alone, name), getattr(shared, name)), name
 
     # A second call finds it complete on every rank, and nobody encodes anything.
@@ -79,3 +89,6 @@ def test_a_shared_precompute_encodes_every_other_batch_per_rank_into_one_cache(
     for t in threads:
         t.join(timeout=300)
     assert encoded == {} and {r.folder for r in results.values()} == {folder.cache / "shared"}
+    assert sorted(p.name for p in (folder.cache / "shared").iterdir()) == sorted(
+        p.name for p in (folder.cache / "alone").iterdir()
+    )  # the prompt parts gathered and removed
