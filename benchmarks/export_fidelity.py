@@ -97,11 +97,16 @@ def measure(run: Path, ranks: list[int]) -> dict:
     scale = max(x.abs().max().item() for x in reference)
     full_bytes = (folder.controlnet / "diffusion_pytorch_model.safetensors").stat().st_size
     lpb = trained.config.layers_per_block
-    base_state = ControlNetModel.from_unet(
-        unet,
-        conditioning_channels=trained.config.conditioning_channels,
-        conditioning_embedding_out_channels=tuple(trained.config.conditioning_embedding_out_channels),
-    ).state_dict()
+
+    def from_base() -> ControlNetModel:  # a ControlNet made from the base UNet, shaped as the run's
+        channels = tuple(trained.config.conditioning_embedding_out_channels)
+        return ControlNetModel.from_unet(
+            unet,
+            conditioning_channels=trained.config.conditioning_channels,
+            conditioning_embedding_out_channels=channels,
+        )
+
+    base_state = from_base().state_dict()
     rows = []
     # A train.lora run: first its adapter's own factors (rank None: exact), against the merged ControlNet.
     for rank in ([None] if recipe.train.lora else []) + ranks:
@@ -118,11 +123,7 @@ def measure(run: Path, ranks: list[int]) -> dict:
         diff = _difference(reference, _outputs(rebuilt, inputs))
         row.update(comfyui_style_max_abs_difference=diff, comfyui_style_relative_to_outputs=diff / scale)
         if lpb == 2:  # diffusers' SAI converter assumes 2 layers per block
-            controlnet = ControlNetModel.from_unet(
-                unet,
-                conditioning_channels=trained.config.conditioning_channels,
-                conditioning_embedding_out_channels=tuple(trained.config.conditioning_embedding_out_channels),
-            )
+            controlnet = from_base()
             controlnet.load_lora_adapter(entry["path"], prefix=None)
             diff = _difference(reference, _outputs(controlnet, inputs))
             row.update(diffusers_max_abs_difference=diff, diffusers_relative_to_outputs=diff / scale)
