@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # This machine's pip takes these two from its local disk; elsewhere pick the build for your CUDA.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test lint install schema constraints clean
+.PHONY: demo demo-sd3 test lint install schema constraints clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/recipe validate recipes/demo.yaml
 	$(BIN)/recipe run recipes/demo.yaml
+
+# The same demo on the flow-matching (SD3-shaped) shapes base.
+demo-sd3: install
+	$(BIN)/recipe validate recipes/demo-sd3.yaml
+	$(BIN)/recipe run recipes/demo-sd3.yaml
 
 test: install
 	$(BIN)/ruff check recipe_runner tests benchmarks scripts

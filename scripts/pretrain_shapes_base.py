@@ -385,14 +385,27 @@ def dominant_colours(image: np.ndarray) -> tuple[str | None, str | None]:
     return (_NAMES[shape] if shape is not None else None, _NAMES[bg] if bg is not None else None)
 
 
-def check(folder: Path, *, num: int = 16, steps: int = 20, guidance: float = 4.0) -> float:
+def check(
+    folder: Path,
+    *,
+    num: int = 16,
+    steps: int = 20,
+    guidance: float = 4.0,
+    load: Callable | None = None,
+    **call: object,
+) -> float:
     """Generate `num` images for unseen prompts, save a grid (top: generated, bottom: a training-style
-    image for the same prompt) and return the fraction whose shape and background colours are right."""
+    image for the same prompt) and return the fraction whose shape and background colours are right.
+    `load`: another way to load `folder` as a pipeline (scripts/pretrain_shapes_sd3.py's), which then
+    samples with its own scheduler; `call`: more arguments for the pipeline call."""
     from diffusers import UniPCMultistepScheduler
     from PIL import Image
 
-    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, torch_dtype=torch.float32)
-    pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)  # as training validation
+    if load is None:
+        pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, torch_dtype=torch.float32)
+        pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)  # as training validation
+    else:
+        pipe = load(folder)
     pipe.set_progress_bar_config(disable=True)
     rows = [make_sample(i, seed=CHECK_SEED, resolution=RESOLUTION) for i in range(num)]
     start = time.time()
@@ -402,6 +415,7 @@ def check(folder: Path, *, num: int = 16, steps: int = 20, guidance: float = 4.0
         guidance_scale=guidance,
         generator=torch.Generator().manual_seed(0),
         output_type="np",
+        **call,
     ).images
     log(f"generated {num} images in {time.time() - start:.1f}s")
     images = (images * 255).round().astype(np.uint8)

@@ -282,23 +282,31 @@ def build_shapes_sd(out_dir: Path, *, seed: int = 0) -> Path:
     return write_shapes_sd(out_dir, seed=seed)
 
 
+def build_shapes_sd3(out_dir: Path, *, seed: int = 0) -> Path:
+    """The small pretrained SD3-shaped (flow-matching) base shipped for the shapes demo, in fp32."""
+    from recipe_runner.models.shapes_base import write_shapes_sd3
+
+    return write_shapes_sd3(out_dir, seed=seed)
+
+
 BUILTIN_MODELS: dict[str, Callable[..., Path]] = {
     "tiny-sd": build_tiny_sd,
     "tiny-sdxl": build_tiny_sdxl,
     "tiny-sd3": build_tiny_sd3,
     "tiny-flux": build_tiny_flux,
     "shapes-sd": build_shapes_sd,
+    "shapes-sd3": build_shapes_sd3,
 }
 
 
 def _source_digest(name: str) -> str | None:
     """For a builtin copied from shipped weights, a digest of those files: new weights rebuild the cache."""
-    if name != "shapes-sd":
-        return None
-    from recipe_runner.models.shapes_base import shapes_base_path
+    from recipe_runner.models.shapes_base import SHIPPED_BASES, shapes_base_path
 
+    if name not in SHIPPED_BASES:
+        return None
     digest = hashlib.sha256()
-    root = shapes_base_path()
+    root = shapes_base_path(name)
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         digest.update(str(path.relative_to(root)).encode())
         digest.update(path.read_bytes())

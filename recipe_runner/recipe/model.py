@@ -16,6 +16,7 @@ BUILTIN_MODELS: dict[str, Family] = {
     "shapes-sd": "sd1",
     "tiny-sd3": "sd3",
     "tiny-flux": "flux",
+    "shapes-sd3": "sd3",
 }
 DEFAULT_BASE = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 # Hub repositories that were removed and re-published under another id (diffusers moved every reference):
@@ -50,8 +51,8 @@ class ModelSpec(Section):
 
     base: str = DEFAULT_BASE
     """The base model: a hub id, a local diffusers folder, or `builtin:tiny-sd` / `builtin:tiny-sdxl` /
-    `builtin:tiny-sd3` / `builtin:tiny-flux` / `builtin:shapes-sd` (offline models for tests and the
-    demo)."""
+    `builtin:tiny-sd3` / `builtin:tiny-flux` (random, for tests) or `builtin:shapes-sd` /
+    `builtin:shapes-sd3` (pretrained on the builtin shapes data, for the demos)."""
     family: Family | None = None
     """Model family: `sd1`, `sd2`, `sdxl`, `sd3` (SD 3 and 3.5) or `flux` (FLUX.1); null: guessed from
     `base` (names containing `flux` are FLUX.1, `stable-diffusion-3` or `sd3` SD3, `xl` SDXL)."""

@@ -34,6 +34,7 @@ BUILTIN_SIZES = {
     "shapes-sd": ModelSize(1.43e6, 1.09e6, 1.03e6, 0.04e6, "builtin:shapes-sd (tiny-sd sized)"),
     "tiny-sd3": ModelSize(0.035e6, 0.029e6, 1.05e6, 0.08e6, "builtin:tiny-sd3 (counted)"),
     "tiny-flux": ModelSize(0.05e6, 0.05e6, 1.05e6, 0.1e6, "builtin:tiny-flux (approximate)"),
+    "shapes-sd3": ModelSize(3.48e6, 3.29e6, 0.65e6, 0.24e6, "builtin:shapes-sd3 (counted)"),
 }
 # Activations of one image at 512 px, GiB, by (half precision, gradient checkpointing): ControlNet under
 # autocast and the frozen UNet in the half dtype, SDPA attention (traced; see the families' figures).

@@ -83,3 +83,83 @@ def test_materialize_writes_an_fp32_copy_once(tmp_path: Path):
     mtime = unet_weights.stat().st_mtime_ns
     assert materialize_shapes_base(tmp_path) == folder and unet_weights.stat().st_mtime_ns == mtime
     assert [p.name for p in tmp_path.iterdir()] == ["shapes-sd"]  # no temporary folders left behind
+
+
+# --- shapes-sd3: the flow-matching (SD3-shaped) base ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sd3_pipe():
+    from diffusers import StableDiffusion3Pipeline
+
+    return StableDiffusion3Pipeline.from_pretrained(
+        shapes_base_path("shapes-sd3"), text_encoder_3=None, tokenizer_3=None
+    )
+
+
+def test_shipped_sd3_folder_is_small_and_has_no_t5():
+    folder = shapes_base_path("shapes-sd3")
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    assert size < 12 * 2**20
+    for part in ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
+        assert (folder / part).is_dir()
+    assert not (folder / "text_encoder_3").exists()
+    index = json.loads((folder / "model_index.json").read_text())
+    assert "_name_or_path" not in index and index["text_encoder_3"] == [None, None]
+    settings = shapes_base_settings(folder)
+    assert settings["resolution"] == 64 and settings["vae_downsample"] == 4
+    # shapes-sd's VAE, unchanged but for the shift the SD3 pipeline adds back when decoding.
+    from safetensors.numpy import load_file
+
+    weights = "vae/diffusion_pytorch_model.safetensors"
+    sd_vae, sd3_vae = load_file(shapes_base_path() / weights), load_file(folder / weights)
+    assert sd_vae.keys() == sd3_vae.keys() and all((sd_vae[k] == sd3_vae[k]).all() for k in sd_vae)
+    config = json.loads((folder / "vae" / "config.json").read_text())
+    assert config["shift_factor"] == 0.0 and config["scaling_factor"] == 1.0
+
+
+def test_sd3_loads_in_fp32_and_generates_at_64px(sd3_pipe):
+    assert sd3_pipe.vae_scale_factor == 4
+    assert sd3_pipe.transformer.config.sample_size * sd3_pipe.vae_scale_factor == 64
+    assert {sd3_pipe.transformer.dtype, sd3_pipe.text_encoder.dtype, sd3_pipe.text_encoder_2.dtype} == {
+        torch.float32
+    }
+    assert sd3_pipe.vae.config.scaling_factor == 1.0 and sd3_pipe.vae.config.shift_factor == 0.0
+    image = sd3_pipe(
+        "a red circle on a white background",
+        num_inference_steps=2,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images
+    assert image.shape == (1, 64, 64, 3)
+
+
+def test_sd3_controlnet_from_transformer_runs_at_64px(sd3_pipe):
+    from diffusers import SD3ControlNetModel, StableDiffusion3ControlNetPipeline
+
+    layers = sd3_pipe.transformer.config.num_layers - 1
+    controlnet = SD3ControlNetModel.from_transformer(
+        sd3_pipe.transformer, num_layers=layers, num_extra_conditioning_channels=0
+    )
+    cn_pipe = StableDiffusion3ControlNetPipeline(
+        **{k: v for k, v in sd3_pipe.components.items() if k not in ("image_encoder", "feature_extractor")},
+        controlnet=controlnet,
+    )
+    row = make_sample(0, seed=0, resolution=64)
+    image = cn_pipe(
+        row["prompt"],
+        control_image=row["conditioning_image"],
+        num_inference_steps=2,
+        generator=torch.Generator().manual_seed(0),
+    ).images[0]
+    assert isinstance(image, Image.Image) and image.size == (64, 64)
+
+
+def test_materialize_sd3_writes_fp32_text_encoders(tmp_path: Path):
+    from transformers import CLIPTextModelWithProjection
+
+    folder = materialize_shapes_base(tmp_path, "shapes-sd3")
+    assert folder == tmp_path / "shapes-sd3"
+    for sub in ("text_encoder", "text_encoder_2"):
+        assert CLIPTextModelWithProjection.from_pretrained(folder, subfolder=sub).dtype == torch.float32
+    assert [p.name for p in tmp_path.iterdir()] == ["shapes-sd3"]

@@ -252,3 +252,25 @@ def test_the_precompute_cache_holds_the_control_latents(make_run):
     cond = to_conditioning(rows[3]["conditioning_image"], 64, 3)[None]
     expected = c.family.control_latents(c, cond, torch.float32)[0].numpy()
     assert np.allclose(cache.controls(np.array([3]))[0], expected, atol=1e-5)  # batched: rounding
+
+
+@pytest.mark.parametrize("base", ["builtin:tiny-sd3", "builtin:shapes-sd3"])
+def test_prompts_are_encoded_as_the_sd3_pipeline_encodes_them(make_run, base):
+    """Training's text is what the pipeline gives the transformer when we sample: CLIP tokens as long as
+    the tokenizer (77 for tiny-sd3, 16 for shapes-sd3), then max_sequence_length (77, which sampling
+    passes) zero tokens where T5's would be, not as many as the CLIP ones."""
+    from diffusers import StableDiffusion3Pipeline
+
+    loaded, folder = make_run(f"model.base={base}", name=base.removeprefix("builtin:"))
+    path = resolve_base(loaded, folder.models_cache)
+    c = load_components(loaded, path, unet=False)
+    prompts = ["a red circle on a white background", "a navy blue star on an orange background"]
+    with torch.no_grad():
+        ours, pooled = c.family.encode_prompts(c, prompts)
+        pipe = StableDiffusion3Pipeline.from_pretrained(path, text_encoder_3=None, tokenizer_3=None)
+        theirs, _, their_pooled, _ = pipe.encode_prompt(
+            prompts, prompts, prompts, do_classifier_free_guidance=False, max_sequence_length=77
+        )
+    assert ours.shape == theirs.shape and torch.equal(ours, theirs)
+    assert torch.equal(pooled, their_pooled)
+    assert c.family.text_shape(c)[0] == theirs.shape[1]
