@@ -95,7 +95,8 @@ def build_vae() -> AutoencoderKL:
     )
 
 
-def build_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
+def build_text_encoder(tokenizer: CLIPTokenizer, kind: type = CLIPTextModel) -> CLIPTextModel:
+    """A small CLIP text encoder for `tokenizer` (`kind`: CLIPTextModelWithProjection for SD3's)."""
     config = CLIPTextConfig(
         vocab_size=len(tokenizer),
         max_position_embeddings=tokenizer.model_max_length,
@@ -108,7 +109,7 @@ def build_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
         num_attention_heads=4,
         projection_dim=TEXT_WIDTH,
     )
-    return CLIPTextModel(config)
+    return kind(config)
 
 
 def build_unet() -> UNet2DConditionModel:
@@ -256,17 +257,22 @@ def train_unet(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        decay = min(0.999, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for m, shadow in zip(models, ema, strict=True):
-                for k, v in m.state_dict().items():
-                    if v.dtype.is_floating_point:
-                        shadow[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
+        update_ema(models, ema, step)
         if step % 200 == 0 or step == steps - 1:
             log(f"unet step {step}/{steps} loss {loss.item():.4f} ({time.time() - start:.0f}s)")
         if on_checkpoint is not None and (step + 1) % every == 0 and step + 1 < steps:
             on_checkpoint(step + 1, ema[0], ema[1])
     return ema[0], ema[1]
+
+
+@torch.no_grad()
+def update_ema(models: list[torch.nn.Module], ema: list[dict], step: int) -> None:
+    """One step of the EMA of `models`' weights (decay warming up to 0.999)."""
+    decay = min(0.999, (1 + step) / (10 + step))
+    for m, shadow in zip(models, ema, strict=True):
+        for k, v in m.state_dict().items():
+            if v.dtype.is_floating_point:
+                shadow[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
 
 
 def save_pipeline(out: Path, vae, text_encoder, tokenizer, unet, info: dict) -> None:
@@ -446,6 +452,11 @@ def ship(folder: Path, dest: Path) -> None:
     pipe.save_pretrained(dest, safe_serialization=True)
     shutil.rmtree(dest / "tokenizer")
     write_tiny_clip_tokenizer(dest / "tokenizer")
+    finish_ship(folder, dest)
+
+
+def finish_ship(folder: Path, dest: Path) -> None:
+    """What both scripts' --ship do after saving: the settings file, no machine paths, plain modes."""
     shutil.copy(folder / "recipe_runner.json", dest / "recipe_runner.json")
     index = json.loads((dest / "model_index.json").read_text())
     index.pop("_name_or_path", None)  # a path on the machine that made it

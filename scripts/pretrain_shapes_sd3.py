@@ -39,7 +39,7 @@ from diffusers import (
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
-from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
 from recipe_runner.models.shapes_base import shapes_base_path, shapes_base_settings
 from recipe_runner.models.tokenizer import write_tiny_clip_tokenizer
@@ -50,25 +50,9 @@ TOKENS = 16
 # recipe-runner trains and samples SD3 with 77 (train_controlnet_sd3.py's --max_sequence_length), so the
 # base must have learned with as many. They cost speed: 16 + 77 text tokens beside 64 image tokens.
 ZERO_TOKENS = 77
-TEXT_WIDTH = 64  # each CLIP's width; side by side they make the transformer's 128-wide context
+TEXT_WIDTH = common.TEXT_WIDTH  # each CLIP's (64); side by side, the transformer's 128-wide context
 LAYERS, HEADS, HEAD_DIM = 6, 4, 32
 SHIFT = 1.0  # the scheduler's sigma shift: SD3 uses 3 at 1024 px; 64 px images need none
-
-
-def build_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModelWithProjection:
-    config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        max_position_embeddings=tokenizer.model_max_length,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        hidden_size=TEXT_WIDTH,
-        intermediate_size=2 * TEXT_WIDTH,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        projection_dim=TEXT_WIDTH,
-    )
-    return CLIPTextModelWithProjection(config)
 
 
 def build_transformer() -> SD3Transformer2DModel:
@@ -153,12 +137,7 @@ def train(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        decay = min(0.999, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for m, shadow in zip(models, ema, strict=True):
-                for k, v in m.state_dict().items():
-                    if v.dtype.is_floating_point:
-                        shadow[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
+        common.update_ema(models, ema, step)
         if step % 200 == 0 or step == steps - 1:
             common.log(f"step {step}/{steps} loss {loss.item():.4f} ({time.time() - start:.0f}s)")
         if (step + 1) % args.every == 0 and step + 1 < steps:
@@ -220,7 +199,7 @@ def pretrain(args: argparse.Namespace) -> None:
         encoders = []
         for offset, tokenizer in enumerate(tokenizers):
             torch.manual_seed(args.seed + offset)  # the two encoders start apart
-            encoders.append(build_text_encoder(tokenizer))
+            encoders.append(common.build_text_encoder(tokenizer, CLIPTextModelWithProjection))
         torch.manual_seed(args.seed)
         transformer = build_transformer()
 
@@ -276,14 +255,7 @@ def ship(folder: Path, dest: Path) -> None:
         shutil.rmtree(dest)
     pipe.save_pretrained(dest, safe_serialization=True)
     _plain_tokenizers(dest)
-    shutil.copy(folder / "recipe_runner.json", dest / "recipe_runner.json")
-    index = json.loads((dest / "model_index.json").read_text())
-    index.pop("_name_or_path", None)  # a path on the machine that made it
-    (dest / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    for path in dest.rglob("*"):
-        path.chmod(0o755 if path.is_dir() else 0o644)
-    size = sum(p.stat().st_size for p in dest.rglob("*") if p.is_file())
-    common.log(f"shipped to {dest}: {size / 1e6:.2f} MB")
+    common.finish_ship(folder, dest)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -43,13 +43,7 @@ def test_loads_offline_in_fp32_and_generates(pipe: StableDiffusionPipeline):
     assert {pipe.unet.dtype, pipe.vae.dtype, pipe.text_encoder.dtype} == {torch.float32}
     # SD pipelines ignore shift_factor: the latent centring lives inside the VAE's weights.
     assert pipe.vae.config.scaling_factor == 1.0 and pipe.vae.config.shift_factor is None
-    image = pipe(
-        "a red circle on a white background",
-        num_inference_steps=2,
-        generator=torch.Generator().manual_seed(0),
-        output_type="np",
-    ).images
-    assert image.shape == (1, 64, 64, 3)
+    _assert_draws_64px(pipe)
 
 
 def test_controlnet_from_unet_runs_at_64px(pipe: StableDiffusionPipeline):
@@ -60,15 +54,20 @@ def test_controlnet_from_unet_runs_at_64px(pipe: StableDiffusionPipeline):
         controlnet=controlnet,
         requires_safety_checker=False,
     )
-    row = make_sample(0, seed=0, resolution=64)
-    image = cn_pipe(
-        row["prompt"],
-        image=row["conditioning_image"],
+    _assert_draws_64px(cn_pipe, image=make_sample(0, seed=0, resolution=64)["conditioning_image"])
+
+
+def _assert_draws_64px(pipe, **control) -> None:
+    """`pipe` draws one 64 px image in 2 steps; `control`: a ControlNet pipeline's conditioning image
+    (SD's pipelines call it `image`, SD3's `control_image`)."""
+    images = pipe(
+        "a red circle on a white background",
+        **control,
         num_inference_steps=2,
         generator=torch.Generator().manual_seed(0),
         output_type="pil",
-    ).images[0]
-    assert isinstance(image, Image.Image) and image.size == (64, 64)
+    ).images
+    assert len(images) == 1 and isinstance(images[0], Image.Image) and images[0].size == (64, 64)
 
 
 def test_materialize_writes_an_fp32_copy_once(tmp_path: Path):
@@ -125,13 +124,7 @@ def test_sd3_loads_in_fp32_and_generates_at_64px(sd3_pipe):
         torch.float32
     }
     assert sd3_pipe.vae.config.scaling_factor == 1.0 and sd3_pipe.vae.config.shift_factor == 0.0
-    image = sd3_pipe(
-        "a red circle on a white background",
-        num_inference_steps=2,
-        generator=torch.Generator().manual_seed(0),
-        output_type="np",
-    ).images
-    assert image.shape == (1, 64, 64, 3)
+    _assert_draws_64px(sd3_pipe)
 
 
 def test_sd3_controlnet_from_transformer_runs_at_64px(sd3_pipe):
@@ -145,14 +138,7 @@ def test_sd3_controlnet_from_transformer_runs_at_64px(sd3_pipe):
         **{k: v for k, v in sd3_pipe.components.items() if k not in ("image_encoder", "feature_extractor")},
         controlnet=controlnet,
     )
-    row = make_sample(0, seed=0, resolution=64)
-    image = cn_pipe(
-        row["prompt"],
-        control_image=row["conditioning_image"],
-        num_inference_steps=2,
-        generator=torch.Generator().manual_seed(0),
-    ).images[0]
-    assert isinstance(image, Image.Image) and image.size == (64, 64)
+    _assert_draws_64px(cn_pipe, control_image=make_sample(0, seed=0, resolution=64)["conditioning_image"])
 
 
 def test_materialize_sd3_writes_fp32_text_encoders(tmp_path: Path):
