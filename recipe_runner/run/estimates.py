@@ -296,6 +296,14 @@ IMAGES_PER_S_AT_512 = {n: f.figures.images_per_s_at_512 for n, f in FAMILIES.ite
 # 28.1 steps/s, shapes-sd at batch 32 runs 4.95; a step costs ≈ 11 ms plus ≈ 6.1 ms per 64 px image.
 CPU_STEP_OVERHEAD_S = 0.011
 CPU_SECONDS_PER_IMAGE_64 = 0.0061
+# shapes-sd3's MMDiT attends over 157 tokens a 64 px image (64 image + 16 CLIP + 77 zero T5 tokens): a
+# step at batch 32 takes 2.06x shapes-sd's (60-step runs of the two demos, alone, in one session on
+# 2026-12-06: 1.20 steps/s against 2.30 and 2.63), so ≈ 12.9 ms per 64 px image on the same overhead.
+SHAPES_SD3_RATIO = 2.06
+SHAPES_SD3_SECONDS = (
+    SHAPES_SD3_RATIO * (CPU_STEP_OVERHEAD_S + 32 * CPU_SECONDS_PER_IMAGE_64) - CPU_STEP_OVERHEAD_S
+) / 32
+CPU_SECONDS_PER_IMAGE_64_BY_BUILTIN = {"shapes-sd3": SHAPES_SD3_SECONDS}
 
 
 @dataclass(frozen=True)
@@ -314,9 +322,14 @@ def estimate_time(recipe: Recipe, steps: int | None) -> TimeEstimate:
     t, family = recipe.train, recipe.model.resolved_family
     if recipe.model.base.startswith("builtin:"):
         images = t.batch_size * (recipe.dataset.resolution / 64) ** 2
-        per_micro = CPU_STEP_OVERHEAD_S + CPU_SECONDS_PER_IMAGE_64 * images
+        name = recipe.model.base.removeprefix("builtin:")
+        per_image = CPU_SECONDS_PER_IMAGE_64_BY_BUILTIN.get(name, CPU_SECONDS_PER_IMAGE_64)
+        per_micro = CPU_STEP_OVERHEAD_S + per_image * images
         rate = 1 / (per_micro * t.gradient_accumulation_steps)
-        why = "builtin model on a 2-core CPU: ≈ 11 ms a step + 6.1 ms per 64 px image (measured)"
+        why = (
+            f"builtin model on a 2-core CPU: ≈ 11 ms a step + {per_image * 1000:.1f} ms per 64 px image "
+            "(measured)"
+        )
     else:
         images = IMAGES_PER_S_AT_512[family] * (512 / recipe.dataset.resolution) ** 2
         if (recipe.launch.mixed_precision or t.mixed_precision) == "no":

@@ -104,3 +104,16 @@ def test_killed_twice_then_resumed_matches_an_uninterrupted_run(reference, tmp_p
 @pytest.mark.slow
 def test_killed_ten_times_then_resumed_matches_an_uninterrupted_run(reference, tmp_path):
     _check(reference, tmp_path, kills=10, seed=1234)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("base", ["builtin:tiny-sd3", "builtin:tiny-flux"])
+def test_a_flow_matching_run_killed_twice_then_resumed_matches_an_uninterrupted_run(tmp_path, base):
+    """The same for SD3 and FLUX.1 (their own precompute cache, control latents and flow-matching draws)."""
+    recipe = tmp_path / "killme.yaml"
+    recipe.write_text(RECIPE.replace("base: builtin:tiny-sd", f"base: {base}"))
+    out = tmp_path / "uninterrupted"
+    start = time.perf_counter()
+    done = subprocess.run(_recipe_cmd(recipe, out), env=_env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    _check((recipe, out, time.perf_counter() - start), tmp_path, kills=2, seed=17)

@@ -124,3 +124,13 @@ def test_saved_dataset_dict_counts_the_train_split(tmp_path):
     (saved / "dataset_dict.json").write_text('{"splits": ["train", "holdout"]}')
     rows = count_rows(loaded_with(tmp_path, "{path: saved}"))
     assert rows.rows == 5 and "arrow" in rows.how
+
+
+def test_the_cpu_time_of_the_demos_follows_their_bases(tmp_path):
+    """`recipe plan` of the two demos: shapes-sd3's steps cost more than shapes-sd's (measured), and the
+    assumption line says what a 64 px image costs."""
+    repo = Path(__file__).resolve().parents[2]
+    sd = estimate_time(load_recipe(repo / "recipes" / "demo.yaml").recipe, 600)
+    sd3 = estimate_time(load_recipe(repo / "recipes" / "demo-sd3.yaml").recipe, 600)
+    assert sd3.seconds > 2 * sd.seconds
+    assert "6.1 ms per 64 px image" in sd.assumption and "6.1 ms" not in sd3.assumption
