@@ -332,7 +332,7 @@ def _print_plan(p: Any) -> None:
         facts.add_row(
             "trained weights",
             f"≈ {p.lora_trainable / 1e6:.1f}M of the ControlNet's {p.memory.sizes.controlnet / 1e6:.0f}M "
-            f"({share:.0%}: train.lora's matrices, the conditioning embedding, the zero convolutions)",
+            f"({share:.0%}: train.lora's matrices, and the ControlNet's own additions in full)",
         )
     facts.add_row("effective batch", str(p.effective_batch))
     epochs = f" (≈ {p.epochs:.1f} epochs)" if p.epochs is not None else ""

@@ -103,6 +103,10 @@ class ModelFamily:
     vae_upcast: bool = False  # the VAE stays in fp32 under mixed precision unless model.vae replaces it
     unused_parameters: bool = False  # its ControlNet has weights no output depends on (DDP must know)
     latent_control: bool = False  # its ControlNet takes the conditioning image as VAE latents (cached too)
+    # train.lora: the layers of the copied denoiser PEFT wraps (matched by name suffix), and the name
+    # prefixes of what a ControlNet adds to the copy (no pretrained weights to adapt: trained in full).
+    lora_targets: tuple[str, ...]
+    lora_trained_in_full: tuple[str, ...]
 
     # --- estimates ---------------------------------------------------------------------------------
     def controlnet_params(self, recipe: Recipe, size: ModelSize) -> float:

@@ -32,6 +32,22 @@ class FlowMatchingFamily(ModelFamily):
     pooled_text = True
     latent_control = True  # the ControlNet takes VAE latents of the conditioning image (see control_latents)
     precondition_by_default: bool  # train.flow_matching.precondition_outputs: null means this
+    # train.lora: the joint attention's projections of both streams and both feed-forwards of each copied
+    # block (the layers diffusers' SD3 and FLUX.1 LoRA scripts adapt); the families add their own.
+    lora_targets = (
+        "to_q",
+        "to_k",
+        "to_v",
+        "to_out.0",
+        "add_q_proj",
+        "add_k_proj",
+        "add_v_proj",
+        "to_add_out",
+        "ff.net.0.proj",
+        "ff.net.2",
+        "ff_context.net.0.proj",
+        "ff_context.net.2",
+    )
 
     transformer_class_name: str  # the diffusers class of its transformer
     # A new ControlNet's parameters on the family's reference base (counted from models/archs.py's

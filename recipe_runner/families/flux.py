@@ -51,6 +51,10 @@ class Flux(FlowMatchingFamily):
     precondition_by_default = False  # train_controlnet_flux.py: the target is noise - latents
     # FLUX.1-dev's (counted): each double-stream block 349M, each single-stream block 151M with its
     # output projection.
+    # The single-stream blocks' MLP and output projections too (the attention's are in the targets).
+    lora_targets = (*FlowMatchingFamily.lora_targets, "proj_mlp", "proj_out")
+    # The zero-initialised embedding of the control latents and the per-block output projections.
+    lora_trained_in_full = ("controlnet_x_embedder.", "controlnet_blocks.", "controlnet_single_blocks.")
     controlnet_block_params = (45.1e6, 349.3e6, 151.0e6)
     default_blocks = (DEFAULT_DOUBLE_LAYERS, DEFAULT_SINGLE_LAYERS)
     figures = Figures(
@@ -60,8 +64,8 @@ class Flux(FlowMatchingFamily):
         ModelSize(11.9e9, 2.05e9, 84e6, 123e6, "FLUX.1 sizes: transformer 11.9B, 4+4-block ControlNet 2.05B"),
         # Traced on FLUX.1-dev (benchmarks/memory.py --arch flux-dev: batch 2 less batch 1 at 512 px).
         {(True, False): 9.20, (True, True): 0.08, (False, False): 14.85, (False, True): 0.02},
-        lora_params_per_rank=0,  # train.lora is refused for FLUX.1
-        lora_full_params=0,
+        lora_params_per_rank=651_264,  # counted on the full-size architecture with lora_targets
+        lora_full_params=75_721_728,
         images_per_s_at_512=0.8,  # not measured: a rough quarter of SDXL's
         text_width=4096,
     )

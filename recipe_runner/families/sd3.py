@@ -47,6 +47,8 @@ class StableDiffusion3(FlowMatchingFamily):
     # The ControlNet's last block still computes the text stream, which no output uses: its weights get
     # no gradient (found by the two-process test; DDP stops on them otherwise).
     unused_parameters = True
+    # The zero-initialised input embedding of the control latents and the per-block output projections.
+    lora_trained_in_full = ("pos_embed_input.", "controlnet_blocks.")
     controlnet_block_params = (14.6e6, 103.8e6, 0.0)  # SD 3.5 Medium's (counted); no single-stream blocks
     default_blocks = (DEFAULT_CONTROLNET_LAYERS, 0)
     figures = Figures(
@@ -56,8 +58,8 @@ class StableDiffusion3(FlowMatchingFamily):
         ModelSize(2.47e9, 1.26e9, 84e6, 818e6, "SD 3.5 Medium sizes: MMDiT 2.5B, 12-block ControlNet 1.26B"),
         # Traced on SD 3.5 Medium (benchmarks/memory.py --arch sd35m: batch 2 less batch 1 at 512 px).
         {(True, False): 3.93, (True, True): 0.20, (False, False): 5.27, (False, True): 0.17},
-        lora_params_per_rank=0,  # train.lora is refused for SD3
-        lora_full_params=0,
+        lora_params_per_rank=811_008,  # counted on the full-size architecture with lora_targets
+        lora_full_params=28_429_824,
         images_per_s_at_512=3.0,  # not measured: SDXL's
         text_width=4096,
     )

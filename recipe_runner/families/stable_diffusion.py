@@ -45,6 +45,24 @@ class StableDiffusion(ModelFamily):
     text_encoder_folders = ("text_encoder",)
     hub_tag = "stable-diffusion"
     pipeline_name = "Stable Diffusion"
+    # Every attention projection, transformer feed-forward and resnet convolution of the copied encoder
+    # (diffusers' names; the same in SD 1.x, 2.x and SDXL ControlNets); as Stability's Control-LoRA, the
+    # conditioning embedding and the zero convolutions train in full.
+    lora_targets = (
+        "to_q",
+        "to_k",
+        "to_v",
+        "to_out.0",
+        "proj_in",
+        "proj_out",
+        "ff.net.0.proj",
+        "ff.net.2",
+        "conv1",
+        "conv2",
+        "conv_shortcut",
+        "time_emb_proj",
+    )
+    lora_trained_in_full = ("controlnet_cond_embedding.", "controlnet_down_blocks.", "controlnet_mid_block.")
 
     def __init__(
         self,

@@ -19,7 +19,6 @@ from recipe_runner.recipe.train import TrainSpec
 FLOW_FAMILIES = ("sd3", "flux")  # flow-matching transformers (families/flow.py)
 # What the flow-matching families refuse, and why (`recipe plan` offers none as a memory saver for them).
 NOT_FOR_FLOW: dict[tuple[str, str], str] = {
-    ("train", "lora"): "train.lora targets the UNet ControlNet's layers",
     ("train", "snr_gamma"): "Min-SNR weighting is for DDPM noise; flow matching weights its loss with "
     "train.flow_matching.weighting_scheme",
     ("train", "attention"): "eager attention would replace the transformer's joint attention processors",
@@ -137,7 +136,6 @@ class Recipe(Section):
                 f"patches of the VAE's 8x; use {self.dataset.resolution // 16 * 16 or 16}",
             )
         used = {
-            ("train", "lora"): t.lora is not None,
             ("train", "snr_gamma"): t.snr_gamma is not None,
             ("train", "attention"): t.attention == "eager",
             ("model", "conditioning_channels"): m.conditioning_channels != 3,

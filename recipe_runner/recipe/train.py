@@ -80,11 +80,13 @@ class FlowMatching(Section):
 
 class LoraSpec(Section):
     """Train a low-rank adapter (LoRA) of the ControlNet instead of all its weights, as Stability's
-    Control-LoRA and kohya's ControlNet-LLLite do: the copied encoder stays frozen in the compute
-    precision, LoRA matrices learn beside its attention, feed-forward and convolution layers, and the
-    parts a ControlNet adds to the copy (the conditioning embedding and the zero convolutions) train in
-    full. Far fewer trainable weights: no fp32 master copy, gradients or optimizer state for the rest.
-    `controlnet/` gets the adapter merged into an ordinary ControlNet."""
+    Control-LoRA and kohya's ControlNet-LLLite do: the copied encoder (SD) or transformer blocks (SD3,
+    FLUX.1) stay frozen in the compute precision, LoRA matrices learn beside their attention,
+    feed-forward (and, for SD, convolution) layers, and the parts a ControlNet adds to the copy (the
+    conditioning embedding and the zero convolutions, or the control latents' embedding and the
+    zero-initialised block projections) train in full. Far fewer trainable weights: no fp32 master copy,
+    gradients or optimizer state for the rest. `controlnet/` gets the adapter merged into an ordinary
+    ControlNet."""
 
     rank: int = Field(64, ge=1, le=1024)
     """Rank of each LoRA matrix pair: capacity, and trainable weights, grow with it."""

@@ -1,10 +1,11 @@
 """`train.lora`: a LoRA of the ControlNet, through PEFT as diffusers' models carry it (`add_adapter`).
 
-The copy of the UNet's encoder stays frozen, stored in the compute precision; PEFT's LoRA layers wrap its
-attention, feed-forward and convolution layers; the conditioning embedding and the zero convolutions,
-which a ControlNet adds and which start from nothing, train in full (as in Stability's Control-LoRA).
-Saving merges the adapter into a plain ControlNet, so `controlnet/` loads with
-`ControlNetModel.from_pretrained` like a fully trained one.
+The copy of the denoiser (the UNet's encoder, or the transformer's first blocks) stays frozen, stored
+in the compute precision; PEFT's LoRA layers wrap the layers its model family names
+(`ModelFamily.lora_targets`); what a ControlNet adds to the copy and which starts from nothing (the
+conditioning embedding, the zero convolutions or zero-initialised projections) trains in full, as in
+Stability's Control-LoRA. Saving merges the adapter into a plain ControlNet, so `controlnet/` loads with
+the family's `from_pretrained` like a fully trained one.
 """
 
 from __future__ import annotations
@@ -13,29 +14,10 @@ import importlib.util
 from pathlib import Path
 
 import torch
-from diffusers import ControlNetModel
 
 from recipe_runner.errors import UserError
+from recipe_runner.families import FAMILIES, ModelFamily
 from recipe_runner.recipe.train import LoraSpec
-
-# Layer names PEFT matches by suffix: every attention projection, transformer feed-forward and resnet
-# convolution of the copied encoder (diffusers' names; the same in SD 1.x, 2.x and SDXL ControlNets).
-TARGETS = [
-    "to_q",
-    "to_k",
-    "to_v",
-    "to_out.0",
-    "proj_in",
-    "proj_out",
-    "ff.net.0.proj",
-    "ff.net.2",
-    "conv1",
-    "conv2",
-    "conv_shortcut",
-    "time_emb_proj",
-]
-# What a ControlNet adds to the copied encoder: no pretrained weights to adapt, so trained in full.
-TRAINED_IN_FULL = ("controlnet_cond_embedding.", "controlnet_down_blocks.", "controlnet_mid_block.")
 
 
 def require_peft() -> None:
@@ -46,19 +28,32 @@ def require_peft() -> None:
         )
 
 
-def add_lora(controlnet: ControlNetModel, spec: LoraSpec, frozen_dtype: torch.dtype) -> ControlNetModel:
+def family_of_controlnet(controlnet: torch.nn.Module) -> ModelFamily:
+    """The model family whose ControlNet class `controlnet` is (SD 1.x/2.x/XL share theirs, and their
+    LoRA layers)."""
+    for family in FAMILIES.values():
+        if isinstance(controlnet, family.controlnet_class()):
+            return family
+    raise TypeError(f"no model family trains a {type(controlnet).__name__}")
+
+
+def add_lora(controlnet: torch.nn.Module, spec: LoraSpec, frozen_dtype: torch.dtype) -> torch.nn.Module:
     """Freeze `controlnet` in `frozen_dtype`, add the LoRA layers, and make them and the ControlNet's own
     additions trainable in fp32 (the master weights, as a fully trained ControlNet's are)."""
     require_peft()
     from peft import LoraConfig
 
+    family = family_of_controlnet(controlnet)
     controlnet.requires_grad_(False)
     config = LoraConfig(
-        r=spec.rank, lora_alpha=spec.alpha or spec.rank, lora_dropout=spec.dropout, target_modules=TARGETS
+        r=spec.rank,
+        lora_alpha=spec.alpha or spec.rank,
+        lora_dropout=spec.dropout,
+        target_modules=list(family.lora_targets),
     )
     controlnet.add_adapter(config)  # LoRA's B matrices start at zero: the ControlNet is unchanged
     for name, param in controlnet.named_parameters():
-        trained = "lora_" in name or name.startswith(TRAINED_IN_FULL)
+        trained = "lora_" in name or name.startswith(family.lora_trained_in_full)
         param.requires_grad_(trained)
         param.data = param.data.float() if trained else param.data.to(frozen_dtype)
     return controlnet
@@ -68,7 +63,7 @@ def is_lora(controlnet: torch.nn.Module) -> bool:
     return bool(getattr(controlnet, "_hf_peft_config_loaded", False))
 
 
-def plain_copy(controlnet: ControlNetModel) -> ControlNetModel:
+def plain_copy(controlnet: torch.nn.Module) -> torch.nn.Module:
     """A plain fp32 ControlNet on the CPU with `controlnet`'s weights, a LoRA's merged in (for saving a
     LoRA, and for the CPU validation copy); `controlnet` itself is left as it is. Rebuilt from the config
     rather than deep-copied: a prepared model's forward is wrapped by accelerate (fp32 outputs), and a
@@ -77,7 +72,8 @@ def plain_copy(controlnet: ControlNetModel) -> ControlNetModel:
     plain = type(controlnet).from_config(controlnet.config)  # the family's ControlNet class
     lora = is_lora(controlnet)
     if lora:
-        plain.add_adapter(controlnet.peft_config["default"])
+        name = next(iter(controlnet.peft_config))  # "default" when trained, else load_lora_adapter's
+        plain.add_adapter(controlnet.peft_config[name], adapter_name=name)
     plain.load_state_dict(state)
     if lora:
         plain.fuse_lora()
@@ -89,17 +85,18 @@ ADAPTER_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name (load_lora_
 ADDITIONS_FILE = "controlnet_additions.safetensors"
 
 
-def save_adapter(controlnet: ControlNetModel, folder: Path) -> None:
+def save_adapter(controlnet: torch.nn.Module, folder: Path) -> None:
     """The PEFT adapter (`save_lora_adapter`, with its LoraConfig in the file's metadata) and, beside it,
-    the modules a ControlNet adds to the UNet copy, which train in full and are no part of an adapter:
-    `ControlNetModel.from_unet(unet)`, those loaded, then `load_lora_adapter(folder)` is the ControlNet."""
+    the modules a ControlNet adds to the denoiser's copy, which train in full and are no part of an
+    adapter: a new ControlNet from the base (`ControlNetModel.from_unet`, `SD3ControlNetModel` /
+    `FluxControlNetModel.from_transformer`), those loaded, then `load_lora_adapter(folder)`."""
     from safetensors.torch import save_file
 
     controlnet.save_lora_adapter(folder, adapter_name="default", weight_name=ADAPTER_FILE)
     additions = {
         name: param.detach().to("cpu", torch.float32).contiguous()
         for name, param in controlnet.named_parameters()
-        if name.startswith(TRAINED_IN_FULL)
+        if name.startswith(family_of_controlnet(controlnet).lora_trained_in_full)
     }
     save_file(additions, str(folder / ADDITIONS_FILE))
 

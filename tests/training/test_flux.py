@@ -116,7 +116,7 @@ def test_precomputed_and_reference_mode_give_the_same_losses(make_run):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("train.lora={rank: 4}", "not for SD3 and FLUX.1"),
+        ("train.snr_gamma=5", "not for SD3 and FLUX.1"),
         ("model.t5=false", "applies only to SD3"),
         ("dataset.resolution=72", "no multiple of 16"),
     ],

@@ -134,7 +134,7 @@ def test_without_peft_the_recipe_says_what_to_install(make_run, monkeypatch):
     assert "pip install 'recipe-runner[lora]'" in info.value.hint
 
 
-@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+@pytest.mark.parametrize("arch", ["sd15", "sdxl", "sd35m", "flux-dev"])
 def test_the_estimates_lora_sizes_are_the_counted_ones(arch, tmp_path):
     """run/estimates.py's per-rank and in-full counts, against training/lora.py's targets on the full
     architecture (meta device: no memory): they must move together."""
@@ -143,12 +143,50 @@ def test_the_estimates_lora_sizes_are_the_counted_ones(arch, tmp_path):
     from recipe_runner.training.memory_trace import arch_components
 
     path = tmp_path / "r.yaml"
-    family = {"sd15": "sd1", "sdxl": "sdxl"}[arch]
+    family, base = {
+        "sd15": ("sd1", "tiny-sd"),
+        "sdxl": ("sdxl", "tiny-sd"),
+        "sd35m": ("sd3", "tiny-sd3"),
+        "flux-dev": ("flux", "tiny-flux"),
+    }[arch]
     path.write_text(
-        f"name: t\ndataset: {{source: {{builtin: shapes}}}}\nmodel: {{base: 'builtin:tiny-sd', family: {family}}}\n"
+        f"name: t\ndataset: {{source: {{builtin: shapes}}}}\nmodel: {{base: 'builtin:{base}', family: {family}}}\n"
     )
     c = arch_components(load_recipe(path), arch, tmp_path / "models")
     lora = add_lora(c.controlnet, LoraSpec(rank=8), torch.float16)
     matrices = sum(p.numel() for n, p in lora.named_parameters() if "lora_" in n)
     in_full = sum(p.numel() for n, p in lora.named_parameters() if p.requires_grad and "lora_" not in n)
     assert (matrices, in_full) == (8 * LORA_PARAMS_PER_RANK[family], LORA_FULL_PARAMS[family])
+
+
+@pytest.mark.parametrize("base", ["tiny-sd3", "tiny-flux"])
+def test_a_flow_matching_lora_run_saves_its_familys_controlnet_and_an_adapter_that_reloads(
+    straight_and_resumed, make_run, base
+):
+    """SD3 and FLUX.1 ControlNets take train.lora as SD's do: resumed bit-identically, `controlnet/` an
+    ordinary SD3ControlNetModel / FluxControlNetModel, and `adapter/` plus a fresh ControlNet made from the
+    base transformer give those weights back."""
+    from recipe_runner.export.adapter import load_onto
+    from recipe_runner.families.loading import load_components, resolve_base
+
+    straight, _ = straight_and_resumed(*LORA, f"model.base=builtin:{base}")
+    loaded, folder = make_run(*LORA, f"model.base=builtin:{base}", "train.max_steps=4", name="straight")
+    c = load_components(loaded, resolve_base(loaded, folder.models_cache))
+    saved = c.family.controlnet_class().from_pretrained(straight.controlnet)
+    assert not any("lora" in k for k in saved.state_dict())
+    raw = load_file(straight.checkpoints / "step-4" / "model.safetensors")
+    lora_keys = [k for k in raw if "lora_A" in k]
+    assert lora_keys and all(any(t in k for t in c.family.lora_targets) for k in lora_keys)
+    fresh = plain_copy(load_onto(c.controlnet, straight.adapter)).state_dict()
+    merged = saved.state_dict()
+    assert fresh.keys() == merged.keys()
+    worst = max((fresh[k] - merged[k]).abs().max().item() for k in merged)
+    assert worst < 1e-5
+    # Only the LoRA and the ControlNet's own additions moved: the copied blocks' other weights did not.
+    base_state = c.family.new_controlnet(loaded, c).state_dict()
+    moved = {k for k in merged if not torch.equal(merged[k], base_state[k])}
+    targets = tuple(f"{t}.weight" for t in c.family.lora_targets) + tuple(
+        f"{t}.bias" for t in c.family.lora_targets
+    )
+    in_full = {k for k in moved if k.startswith(c.family.lora_trained_in_full)}
+    assert in_full and moved - in_full and all(k.endswith(targets) for k in moved - in_full)

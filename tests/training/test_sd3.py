@@ -135,7 +135,6 @@ def test_family_is_guessed_from_sd3_names():
 @pytest.mark.parametrize(
     ("override", "field"),
     [
-        ("train.lora={rank: 4}", "train.lora"),
         ("train.snr_gamma=5", "train.snr_gamma"),
         ("model.conditioning_channels=1", "model.conditioning_channels"),
         ("train.attention=eager", "train.attention"),
@@ -219,7 +218,7 @@ def test_a_run_with_t5_trains_and_samples(make_run, sd3_with_t5):
     assert math.isfinite(results["final_loss"]) and (folder.samples / "step-2.png").is_file()
 
 
-def test_plan_offers_fp8_but_no_memory_saver_sd3_refuses(tmp_path):
+def test_plan_offers_fp8_and_lora_but_no_memory_saver_sd3_refuses(tmp_path):
     from recipe_runner.run.estimates import memory_savers
 
     path = tmp_path / "r.yaml"
@@ -229,8 +228,9 @@ def test_plan_offers_fp8_but_no_memory_saver_sd3_refuses(tmp_path):
     )
     savers, lighter = memory_savers(load_recipe(path).recipe)
     assert any("gradient_checkpointing" in s for s in savers)
-    assert any("fp8_base" in s for s in savers) and not any("train.lora" in s for s in savers), savers
-    assert lighter.train.lora is None and lighter.train.fp8_base
+    assert any("fp8_base" in s for s in savers) and any("train.lora" in s for s in savers), savers
+    assert not any("snr_gamma" in s or "attention" in s for s in savers), savers
+    assert lighter.train.lora is not None and lighter.train.fp8_base
 
 
 def test_the_precompute_cache_holds_the_control_latents(make_run):
