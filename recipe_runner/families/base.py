@@ -44,6 +44,10 @@ class Figures:
     lora_full_params: int  # what train.lora still trains in full (conditioning embedding, zero convs)
     images_per_s_at_512: float  # training throughput on one A100-class GPU in fp16
     text_width: int  # width of the cached text embeddings (all encoders side by side)
+    # train.fp8_base: the share of the reference denoiser's weights stored in fp8; the rest (what
+    # diffusers' layerwise casting skips: norms, and the transformers' AdaLN modulation) stays in the
+    # compute dtype. Counted with training/fp8.py on models/archs.py's architectures (2026-12-06).
+    fp8_share: float = 1.0
 
 
 @dataclass

@@ -192,9 +192,11 @@ def estimate_memory(recipe: Recipe, base_dir: Path | None = None) -> MemoryEstim
         grads_at_peak, act_at_peak = (gradients if held else 0.0), act
     else:
         grads_at_peak, act_at_peak = gradients, BACKWARD_ACTIVATION_SHARE * act
-    # train.fp8_base: 1 byte a parameter (norms and biases, a few MB, stay in the compute dtype); the
-    # cast-up copy of the layer running is a temporary, within the traced activations' margin.
-    unet_bytes = 1 if t.fp8_base else frozen_bytes
+    # train.fp8_base: 1 byte a parameter for the family's fp8 share (what layerwise casting skips stays in
+    # the compute dtype); the cast-up copy of the layer running is a temporary, within the traced
+    # activations' margin.
+    share = FAMILIES[family].figures.fp8_share if t.fp8_base else 0.0
+    unet_bytes = share * 1 + (1 - share) * frozen_bytes
     return MemoryEstimate(
         sizes.unet * unet_bytes / GIB,
         controlnet / GIB,

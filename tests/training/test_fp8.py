@@ -109,3 +109,18 @@ def test_fp8_base_trains_the_transformer_families(make_run, base):
     reference = train_controlnet(plain_loaded, plain)
     assert result["final_loss"] != reference["final_loss"]  # the option took effect
     assert result["final_loss"] == pytest.approx(reference["final_loss"], rel=0.2)
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sd35m", "flux-dev"])
+def test_the_estimates_fp8_share_is_the_counted_one(arch, tmp_path):
+    """`recipe plan` sizes an fp8 base by its family's fp8_share: what store_in_fp8 stores in fp8 on the
+    full-size architecture (meta device), against the family's size. FLUX.1-dev keeps 3.25B modulation
+    weights in bf16; counted as fp8, plan said 17 GB for a run that traced 23.6."""
+    from recipe_runner.families import FAMILIES
+    from recipe_runner.models.archs import ARCHS, random_models
+
+    with torch.device("meta"):
+        _, _, denoiser, _ = random_models(arch, tmp_path)
+    figures = FAMILIES[ARCHS[arch].family].figures
+    stored = store_in_fp8(denoiser, torch.bfloat16)
+    assert stored / figures.size.unet == pytest.approx(figures.fp8_share, abs=0.002)
