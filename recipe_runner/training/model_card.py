@@ -78,6 +78,21 @@ def _figures(results: dict) -> str:
     return table + "\n"
 
 
+def _usage(loaded: LoadedRecipe) -> str:
+    """How to load the weights with the family's own diffusers classes, and, for a hub base, sample."""
+    family, base = family_of(loaded.recipe), loaded.recipe.model.base
+    controlnet_cls, pipeline_cls = family.controlnet_class().__name__, family.pipeline_classes()[1].__name__
+    lines = [
+        f"from diffusers import {controlnet_cls}, {pipeline_cls}",
+        "",
+        f'controlnet = {controlnet_cls}.from_pretrained("path/to/this/folder/controlnet")',
+    ]
+    if not base.startswith("builtin:") and not looks_local(base):
+        extra = "".join(f", {k}={v!r}" for k, v in family.pipeline_load_kwargs(loaded, base).items())
+        lines.append(f'pipe = {pipeline_cls}.from_pretrained("{base}", controlnet=controlnet{extra})')
+    return "```python\n" + "\n".join(lines) + "\n```\n"
+
+
 def render(loaded: LoadedRecipe, folder: RunFolder, results: dict) -> str:
     recipe = loaded.recipe
     grid = results.get("sample_grid")
@@ -85,10 +100,7 @@ def render(loaded: LoadedRecipe, folder: RunFolder, results: dict) -> str:
     if grid and Path(grid).is_relative_to(folder.root):
         link = Path(grid).relative_to(folder.root).as_posix()
         sample = f"![validation samples at step {results['steps']}]({link})\n"
-    usage = (
-        "```python\nfrom diffusers import ControlNetModel\n\n"
-        'controlnet = ControlNetModel.from_pretrained("path/to/this/folder/controlnet")\n```\n'
-    )
+    usage = _usage(loaded)
     recipe_yaml = yaml.safe_dump(recipe.resolved_dict(), sort_keys=False)
     parts = [
         _front_matter(loaded),
@@ -101,7 +113,7 @@ def render(loaded: LoadedRecipe, folder: RunFolder, results: dict) -> str:
         if recipe.train.ema_decay is not None
         else "",
         f"Trained as a LoRA of the ControlNet (rank {recipe.train.lora.rank}), merged into these "
-        "weights; the adapter itself is in the run's last checkpoint.\n"
+        "weights; the adapter itself is in the run's `adapter/` (`recipe export --format adapter`).\n"
         if recipe.train.lora is not None
         else "",
         "## Samples\n",

@@ -33,3 +33,27 @@ def test_builtin_and_local_bases_are_not_hub_ids(tmp_path):
 
 def test_the_recipe_license_wins(tmp_path):
     assert meta(tmp_path, "builtin:tiny-sd", "output: {license: mit}\n")["license"] == "mit"
+
+
+def usage(tmp_path, base: str, *overrides: str) -> str:
+    from recipe_runner.training.model_card import _usage
+
+    path = tmp_path / "r.yaml"
+    path.write_text(RECIPE % base)
+    return _usage(load_recipe(path, list(overrides)))
+
+
+def test_the_card_loads_the_weights_with_the_familys_own_classes(tmp_path):
+    """A FLUX.1 card said `ControlNetModel.from_pretrained`, which cannot read a FluxControlNetModel."""
+    flux = usage(tmp_path, "black-forest-labs/FLUX.1-dev")
+    assert 'FluxControlNetModel.from_pretrained("path/to/this/folder/controlnet")' in flux
+    assert (
+        'FluxControlNetPipeline.from_pretrained("black-forest-labs/FLUX.1-dev", controlnet=controlnet)'
+        in flux
+    )
+    sd3 = usage(tmp_path, "stabilityai/stable-diffusion-3.5-medium", "model.t5=false")
+    assert "SD3ControlNetModel.from_pretrained" in sd3
+    assert "controlnet=controlnet, text_encoder_3=None, tokenizer_3=None)" in sd3
+    sd15 = usage(tmp_path, "stable-diffusion-v1-5/stable-diffusion-v1-5")
+    assert "ControlNetModel.from_pretrained" in sd15 and "StableDiffusionControlNetPipeline" in sd15
+    assert "pipe =" not in usage(tmp_path, "builtin:tiny-sd3")  # no hub id to load the base from
