@@ -94,9 +94,10 @@ def export_run(
     result: dict[str, Any] = {"format": fmt}
     target = folder.export / export_file(stem, fmt, dtype=dtype, rank=None)  # but for control-lora
     if fmt == "diffusers":
-        from diffusers import ControlNetModel
+        from recipe_runner.families import FAMILIES
 
-        model = ControlNetModel.from_pretrained(str(folder.controlnet), torch_dtype=DTYPES[dtype])
+        model_cls = FAMILIES[family].controlnet_class()  # SD3 / FLUX.1 ControlNets are their own classes
+        model = model_cls.from_pretrained(str(folder.controlnet), torch_dtype=DTYPES[dtype])
         with atomic_dir(target, marker=None) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
         result["path"] = str(target)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import stat
 
+import pytest
 import torch
 from diffusers import ControlNetModel
 from safetensors.torch import load_file
@@ -114,3 +115,24 @@ def test_the_demo_bases_exports_load_in_diffusers_and_say_which_tools_cannot_rea
     result = run_cli("export", run, "--format", "control-lora", "--rank", "8")
     assert result.exit_code == 0, result.output
     assert "reads Control-LoRAs of 2 layers per block only; this base has 1" in result.output
+
+
+@pytest.mark.parametrize(
+    ("base", "cls"), [("tiny-sd3", "SD3ControlNetModel"), ("tiny-flux", "FluxControlNetModel")]
+)
+def test_the_diffusers_export_of_a_flow_matching_run_loads_with_its_familys_class(tmp_path, base, cls):
+    """`--format diffusers` read an SD3 or FLUX.1 ControlNet as an SD ControlNetModel, whose weights
+    stayed on the meta device ("Cannot copy out of meta tensor", a traceback)."""
+    import diffusers
+
+    folder = train(tmp_path, f"model.base=builtin:{base}", "train.max_steps=1")
+    result = run_cli("export", folder, "--format", "diffusers", "--dtype", "bf16")
+    assert result.exit_code == 0, result.output
+    (exported,) = (folder / "export").iterdir()
+    model_cls = getattr(diffusers, cls)
+    half = model_cls.from_pretrained(exported, torch_dtype=torch.bfloat16)
+    trained = model_cls.from_pretrained(folder / "controlnet")
+    stored = load_file(_only(exported, "*.safetensors"))
+    assert {t.dtype for t in stored.values()} == {torch.bfloat16}
+    for key, value in trained.state_dict().items():
+        assert torch.equal(half.state_dict()[key], value.to(torch.bfloat16)), key
