@@ -22,3 +22,12 @@ class FieldError(ValueError):
     def __init__(self, field: str | tuple[str, ...], message: str):
         super().__init__(message)
         self.field = (field,) if isinstance(field, str) else field
+
+
+class FieldErrors(ValueError):
+    """Several FieldErrors of one validator (pydantic stops a model at its first validator error), each
+    reported at its own field's line."""
+
+    def __init__(self, errors: list[FieldError]):
+        super().__init__("; ".join(str(e) for e in errors))
+        self.errors = errors

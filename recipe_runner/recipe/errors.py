@@ -9,7 +9,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from recipe_runner.errors import Problem
-from recipe_runner.recipe.base import FieldError
+from recipe_runner.recipe.base import FieldError, FieldErrors
 from recipe_runner.recipe.condition import CONDITION_TYPES
 from recipe_runner.recipe.yaml_io import Origin, Path_
 
@@ -76,7 +76,7 @@ def problems_from_validation(
     error: ValidationError, data: dict, origins: dict[Path_, Origin], file: str
 ) -> list[Problem]:
     problems = []
-    for err in error.errors(include_url=False):
+    for err in _each_blamed_field(error.errors(include_url=False)):
         loc = _clean_loc(err["loc"])
         kind = err["type"]
         blamed = err.get("ctx", {}).get("error")
@@ -121,6 +121,19 @@ def problems_from_validation(
             )
         )
     return problems
+
+
+def _each_blamed_field(errors: list[dict]) -> list[dict]:
+    """Pydantic's errors, with a FieldErrors (several cross-field checks of one validator) as one error
+    per FieldError, so that each is reported at its own field."""
+    out = []
+    for err in errors:
+        blamed = err.get("ctx", {}).get("error")
+        if isinstance(blamed, FieldErrors):
+            out += [{**err, "msg": str(e), "ctx": {**err["ctx"], "error": e}} for e in blamed.errors]
+        else:
+            out.append(err)
+    return out
 
 
 def _nearest(loc: Path_, origins: dict[Path_, Origin]) -> Origin | None:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from typing import Annotated
 
 from pydantic import Field, model_validator
 
-from recipe_runner.recipe.base import FieldError, Section
+from recipe_runner.recipe.base import FieldError, FieldErrors, Section
 from recipe_runner.recipe.condition import CannyCondition, Condition
 from recipe_runner.recipe.dataset import DatasetSpec
 from recipe_runner.recipe.marks import NOTHING, REBUILDS, REEVALUATES, RETRAINS, Effect
@@ -61,22 +62,33 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _cross_section(self) -> Recipe:
+        """Every check that spans sections, all of them reported at once (each at its field's line)."""
         family = self.model.resolved_family
+        errors: list[FieldError] = []
         if self.train.micro_conditioning is not None and family != "sdxl":
-            raise FieldError(
-                ("train", "micro_conditioning"),
-                f"train.micro_conditioning applies only to SDXL bases, but model.base {self.model.base!r} is "
-                f"{family}; remove it or set model.family: sdxl",
+            errors.append(
+                FieldError(
+                    ("train", "micro_conditioning"),
+                    "train.micro_conditioning applies only to SDXL bases, but model.base "
+                    f"{self.model.base!r} is {family}; remove it or set model.family: sdxl",
+                )
             )
-        self._family_options(family)
-        self._exports(family)
+        errors += self._family_options(family)
+        errors += self._exports(family)
         if self.evaluate.enabled and self.dataset.holdout == 0:
-            raise FieldError(
-                ("evaluate", "enabled"), "evaluate.enabled needs held-out rows: set dataset.holdout (e.g. 16)"
+            errors.append(
+                FieldError(
+                    ("evaluate", "enabled"),
+                    "evaluate.enabled needs held-out rows: set dataset.holdout (e.g. 16)",
+                )
             )
+        if len(errors) > 1:
+            raise FieldErrors(errors)
+        if errors:
+            raise errors[0]
         return self
 
-    def _exports(self, family: str) -> None:
+    def _exports(self, family: str) -> Iterator[FieldError]:
         """output.export: formats that exist for the family and for how the run trains (checked here, so
         that `recipe validate` and `recipe plan` say so, not the end of a long run)."""
         out, lora = self.output, self.train.lora is not None
@@ -84,26 +96,26 @@ class Recipe(Section):
             families = FAMILY_FORMATS[fmt]
             if families is not None and family not in families:
                 usable = [f for f, fs in FAMILY_FORMATS.items() if fs is None or family in fs]
-                raise FieldError(
+                yield FieldError(
                     ("output", "export"),
                     f"there is no {fmt} format for {family} ControlNets (it exists for "
                     f"{', '.join(families)}); formats for {family}: {', '.join(usable)}",
                 )
             if fmt == "adapter" and not lora:
-                raise FieldError(
+                yield FieldError(
                     ("output", "export"),
                     "adapter needs train.lora; this recipe trains every weight (control-lora with "
                     "output.export_rank makes a low-rank file from a fully trained ControlNet)",
                 )
             if fmt == "control-lora" and not lora and out.export_rank is None:
-                raise FieldError(
+                yield FieldError(
                     ("output", "export"),
                     "control-lora of a fully trained ControlNet needs output.export_rank, e.g. 128 (the "
                     "difference to the base UNet is approximated at that rank; the error is reported), or "
                     "train with train.lora",
                 )
 
-    def _family_options(self, family: str) -> None:
+    def _family_options(self, family: str) -> Iterator[FieldError]:
         """Options that exist for some families only (families/ implements them)."""
         t, m = self.train, self.model
         only = {
@@ -122,7 +134,7 @@ class Recipe(Section):
         }
         for path, (is_set, families, which) in only.items():
             if is_set and family not in families:
-                raise FieldError(
+                yield FieldError(
                     path,
                     f"{'.'.join(path)} applies only to {which} bases, but model.base {m.base!r} is {family}; "
                     f"remove it or set model.family: {families[0]}",
@@ -130,7 +142,7 @@ class Recipe(Section):
         if family not in FLOW_FAMILIES:
             return
         if self.dataset.resolution % 16:
-            raise FieldError(
+            yield FieldError(
                 ("dataset", "resolution"),
                 f"{self.dataset.resolution} is no multiple of 16: {family} transformers take latents in 2x2 "
                 f"patches of the VAE's 8x; use {self.dataset.resolution // 16 * 16 or 16}",
@@ -142,7 +154,7 @@ class Recipe(Section):
         }
         for path, why in NOT_FOR_FLOW.items():
             if used[path]:
-                raise FieldError(path, f"not for SD3 and FLUX.1 bases: {why}; remove it")
+                yield FieldError(path, f"not for SD3 and FLUX.1 bases: {why}; remove it")
 
     @property
     def output_dir(self) -> str:

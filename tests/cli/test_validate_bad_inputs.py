@@ -293,3 +293,29 @@ def test_unquoted_no_precision_means_no(cli, write_recipe, text, overrides):
     assert "mixed_precision: 'no'" in result.stdout
     bad = cli("validate", write_recipe(BASE + "train:\n  mixed_precision: yes\n"))
     assert bad.exit_code == 2 and "train.mixed_precision" in bad.stderr
+
+
+def test_every_cross_section_problem_is_reported_at_once(cli, tmp_path):
+    """The checks that span sections stopped at the first: a user fixed and reran five times."""
+    import json
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(
+        "name: bad\n"
+        "dataset: {source: {builtin: shapes}, resolution: 72}\n"
+        "model: {base: 'builtin:tiny-flux', t5: false}\n"
+        "train: {snr_gamma: 5}\n"
+        "evaluate: {enabled: true}\n"
+        "output: {export: [single-file]}\n"
+    )
+    result = cli("validate", path, "--json")
+    assert result.exit_code == 2
+    problems = json.loads(result.output)["files"][0]["problems"]
+    assert [(p["path"], p["line"]) for p in problems] == [
+        ("dataset.resolution", 2),
+        ("model.t5", 3),
+        ("train.snr_gamma", 4),
+        ("evaluate.enabled", 5),
+        ("output.export", 6),
+    ]
+    assert "no multiple of 16" in problems[0]["message"] and "FLUX.1" in problems[2]["message"]
