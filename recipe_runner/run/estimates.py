@@ -256,10 +256,13 @@ def memory_savers(recipe: Recipe, base_dir: Path | None = None) -> tuple[list[st
     if t.lora is None and "train.lora" not in refused:
         from recipe_runner.recipe.train import LoraSpec
 
+        lora = _with_train(recipe, {"lora": LoraSpec(rank=64)})
+        sizes = estimate_memory(lora, base_dir).sizes
+        share = lora_trainable(lora, sizes) / sizes.controlnet
         found.append(
             (
-                "train.lora: {rank: 64} (a LoRA of the ControlNet: a tenth of the weights train; usually a "
-                "higher learning_rate)",
+                f"train.lora: {{rank: 64}} (a LoRA of the ControlNet: {share:.0%} of its weights train; "
+                "usually a higher learning_rate)",
                 {"lora": LoraSpec(rank=64)},
             )
         )
