@@ -40,7 +40,8 @@ def open_stream(loaded: LoadedRecipe) -> SourceData:
         return hub_source(src.hub, src.config, src.split, src.revision, streaming=True)
     import datasets
 
-    from recipe_runner.data.shards import check_shard_columns, shard_files
+    from recipe_runner.data.shards import check_shard_columns
+    from recipe_runner.recipe.shards import shard_files
 
     files = shard_files(loaded)
     columns = loaded.recipe.dataset.columns

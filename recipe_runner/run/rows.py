@@ -37,7 +37,7 @@ def count_rows(loaded: LoadedRecipe) -> RowCount:
     if src.builtin is not None:
         return RowCount(src.num_samples, f"builtin {src.builtin}: source.num_samples")
     if src.webdataset is not None:
-        from recipe_runner.data.shards import shard_files
+        from recipe_runner.recipe.shards import shard_files
 
         try:
             n = len(shard_files(loaded))

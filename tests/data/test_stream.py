@@ -1,0 +1,170 @@
+"""Streaming sources: WebDataset shards in the recipe, the dataset stage's preview, rows split by rank,
+and stream positions that resume at the next row."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from recipe_runner.errors import RecipeError, UserError
+from recipe_runner.recipe.shards import expand_braces
+from tests.conftest import write_shapes_shards
+
+STREAM = {"webdataset": "shards/{00000..00003}.tar"}
+COLUMNS = {"image": "png", "prompt": "txt"}
+
+
+@pytest.fixture
+def shards(tmp_path: Path) -> Path:
+    return write_shapes_shards(tmp_path / "shards", rows=24, shards=4, resolution=32)
+
+
+def _problems(recipe, **dataset) -> str:
+    with pytest.raises(RecipeError) as info:
+        recipe(dataset)
+    return "\n".join(p.message for p in info.value.problems)
+
+
+def test_brace_patterns_expand_as_braceexpand_does():
+    assert expand_braces("s/{000..002}.tar") == ["s/000.tar", "s/001.tar", "s/002.tar"]
+    assert expand_braces("{a,b}-{1..2}.tar") == ["a-1.tar", "a-2.tar", "b-1.tar", "b-2.tar"]
+    assert expand_braces("{8..10}.tar") == ["8.tar", "9.tar", "10.tar"]
+    assert expand_braces("plain.tar") == ["plain.tar"]
+
+
+def test_a_webdataset_recipe_validates_and_streams(recipe, shards):
+    loaded = recipe({"source": STREAM, "columns": COLUMNS})
+    assert loaded.recipe.dataset.source.streams and loaded.recipe.dataset.source.kind == "webdataset"
+    # Latents of a stream cannot be cached ahead: steps encode, as train.precompute: false does.
+    assert loaded.recipe.train.precompute and not loaded.recipe.precomputes
+    hub = recipe({"source": {"hub": "owner/name", "streaming": True}})
+    assert hub.recipe.dataset.source.streams and not hub.recipe.precomputes
+
+
+def test_what_a_stream_cannot_do_is_refused_with_the_reason(recipe, shards):
+    src = {"source": STREAM, "columns": COLUMNS}
+    assert "bound training with train.max_steps" in _problems(recipe, **src, max_samples=10)
+    assert "every image's size" in _problems(recipe, **src, buckets={"enabled": True, "step": 32})
+    assert "`webdataset` source always streams" in _problems(recipe, source={"path": "x", "streaming": True})
+    assert "applies only to a streaming source" in _problems(
+        recipe, source={"builtin": "shapes", "shuffle_buffer": 10}
+    )
+    assert "exactly one of hub, path, builtin or webdataset" in _problems(
+        recipe, source={**STREAM, "builtin": "shapes"}
+    )
+    with pytest.raises(RecipeError) as info:
+        recipe(src, train={"max_steps": None, "num_epochs": 2})
+    assert "set train.max_steps" in info.value.problems[0].message
+
+
+def test_a_pattern_that_matches_no_file_is_a_located_error(write_recipe, cli, tmp_path):
+    write_shapes_shards(tmp_path / "shards", rows=4, shards=2, resolution=32)
+    text = "name: t\ndataset:\n  source: {webdataset: 'shards/{00000..00003}.tar'}\n  columns: {image: png, prompt: txt}\n"
+    result = cli("validate", write_recipe(text))
+    assert result.exit_code == 2
+    assert "2 of the 4 shards" in result.output and "00002.tar" in result.output
+    result = cli("validate", write_recipe(text.replace("{00000..00003}", "none-*")))
+    assert result.exit_code == 2 and "matches no file" in result.output
+
+
+def test_a_shard_without_the_mapped_column_names_the_shard_and_its_keys(recipe, build, shards):
+    write_shapes_shards(shards, rows=24, shards=4, resolution=32, image_ext="jpg.bad")  # replaces them
+    loaded = recipe({"source": STREAM, "columns": COLUMNS})
+    with pytest.raises(UserError) as info:
+        build(loaded)
+    assert "no 'png' in shard" in info.value.message and "00000.tar" in info.value.message
+    assert "has jpg.bad, txt" in info.value.message
+
+
+def test_a_file_that_is_not_a_tar_is_a_user_error(recipe, build, shards):
+    (shards / "00001.tar").write_bytes(b"not a tar file")
+    with pytest.raises(UserError) as info:
+        build(recipe({"source": STREAM, "columns": COLUMNS}))
+    assert "00001.tar is not a readable tar file" in info.value.message
+
+
+def test_the_dataset_stage_reads_only_the_first_rows(recipe, build, built, folder, shards):
+    loaded = recipe({"source": STREAM, "columns": COLUMNS, "holdout": 3})
+    report = build(loaded)
+    assert report["streaming"] and report["rows_out"] == {"holdout": 3} and report["preview_rows"] == 16
+    assert report["holdout_ids"] == ["00000.tar/000000", "00000.tar/000001", "00000.tar/000002"]
+    data = built()
+    assert set(data) == {"holdout", "preview"} and data["holdout"][0]["image"].size == (32, 32)
+    assert (folder.dataset / "preview.png").is_file()
+    assert build(loaded)["cached"]  # a second run with nothing changed skips it
+    (shards / "00003.tar").touch()  # a shard changed (by its stat: shards are not hashed)
+    assert not build(loaded)["cached"]
+
+
+def _keys(rows, n: int) -> list[str]:
+    """Rows' identities through their prompts and pixels (the shapes data's prompts repeat)."""
+    return [r["prompt"] + str(np.asarray(r["image"]).sum()) for r in itertools.islice(rows, n)]
+
+
+@pytest.mark.parametrize("shard_count", [4, 3])  # whole shards per rank, and every 2nd row
+def test_two_ranks_read_disjoint_rows_that_cover_the_stream(recipe, tmp_path, shard_count):
+    from recipe_runner.data.stream import StreamRows
+
+    write_shapes_shards(tmp_path / "shards", rows=24, shards=shard_count, resolution=32)
+    pattern = f"shards/{{00000..{shard_count - 1:05d}}}.tar"
+    loaded = recipe({"source": {"webdataset": pattern, "shuffle_buffer": 5}, "columns": COLUMNS})
+    one = _keys(StreamRows(loaded), 24)
+    a, b = (_keys(StreamRows(loaded, rank, 2), 12) for rank in (0, 1))
+    assert not set(a) & set(b) and sorted(a + b) == sorted(one)
+
+
+@pytest.mark.parametrize("shuffle", [True, False])  # replayed order, and datasets' state_dict
+def test_a_restored_position_continues_at_the_next_row(recipe, shards, shuffle):
+    from recipe_runner.data.stream import StreamRows
+
+    loaded = recipe({"source": {**STREAM, "shuffle_buffer": 5}, "columns": COLUMNS, "shuffle": shuffle})
+    straight = StreamRows(loaded)
+    rows = iter(straight)
+    _keys(rows, 30)  # into the second epoch (24 rows each)
+    position = json.loads(json.dumps(straight.position()))  # as a checkpoint stores it
+    assert position["epoch"] == 1 and position["rows_read"] == 6
+    assert ("state_dict" in position) is not shuffle
+    expected = _keys(rows, 24)
+    resumed = StreamRows(loaded)
+    resumed.restore(position)
+    assert _keys(iter(resumed), 24) == expected
+    # Epochs differ in order when shuffled (datasets' set_epoch), and repeat when not.
+    first_epoch = _keys(iter(StreamRows(loaded)), 24)
+    assert (first_epoch[6:] == expected[:18]) is not shuffle
+
+
+def test_held_out_rows_are_never_trained_on(recipe, build, shards):
+    from recipe_runner.data.stream import StreamRows, row_identity
+
+    loaded = recipe({"source": STREAM, "columns": COLUMNS, "holdout": 4})
+    held = frozenset(build(loaded)["holdout_ids"])
+    rows = StreamRows(loaded, exclude=held)
+    seen = []
+    for raw in rows.raw_rows():
+        seen.append(row_identity(raw, "png"))
+    assert held <= set(seen) and len(seen) == 24
+    assert len(_keys(iter(rows), 40)) == 40  # 20 a epoch, epoch after epoch
+    assert rows.epoch == 1
+
+
+def test_a_stream_with_no_usable_rows_stops_with_a_message(recipe, tmp_path):
+    from recipe_runner.data.stream import StreamRows
+
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    with tarfile.open(folder / "00000.tar", "w") as tar:
+        for i in range(3):
+            for ext, data in (("png", b"not a png"), ("txt", b"caption")):
+                info = tarfile.TarInfo(f"{i:04d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    loaded = recipe({"source": {"webdataset": "shards/00000.tar"}, "columns": COLUMNS})
+    with pytest.raises(UserError) as info:
+        next(iter(StreamRows(loaded)))
+    assert "no rows to train on" in info.value.message and "3 dropped" in info.value.message
