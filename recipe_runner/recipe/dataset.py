@@ -64,7 +64,9 @@ class Source(Section):
         given = [k for k in SOURCE_KINDS if getattr(self, k) is not None]
         if len(given) != 1:
             found = ", ".join(given) if given else "none"
-            raise ValueError(f"give exactly one of hub, path, builtin or webdataset (found: {found})")
+            raise ValueError(
+                f"give exactly one of hub, path or builtin, or webdataset shards (found: {found})"
+            )
         kind = given[0]
         only_for = {
             "hub": ("split", "config", "revision"),

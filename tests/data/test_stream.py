@@ -55,7 +55,7 @@ def test_what_a_stream_cannot_do_is_refused_with_the_reason(recipe, shards):
     assert "applies only to a streaming source" in _problems(
         recipe, source={"builtin": "shapes", "shuffle_buffer": 10}
     )
-    assert "exactly one of hub, path, builtin or webdataset" in _problems(
+    assert "exactly one of hub, path or builtin, or webdataset shards" in _problems(
         recipe, source={**STREAM, "builtin": "shapes"}
     )
     with pytest.raises(RecipeError) as info:
