@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from recipe_runner.data.process import DROP, RowProcessor, row_plan, template_fields
+from recipe_runner.data.process import DROP, RowError, RowProcessor, row_plan, template_fields
 from recipe_runner.data.sources import ROW, SourceData, hub_source
 from recipe_runner.errors import UserError
 from recipe_runner.recipe.loader import LoadedRecipe
@@ -153,6 +153,14 @@ class StreamRows:
             next(itertools.islice(rows, self.read - 1, self.read), None)
         return rows
 
+    def process(self, raw: dict) -> dict:
+        """One raw row processed (or a drop record); a row that must stop training is a UserError."""
+        try:
+            return self.processor.process(raw)
+        except RowError as e:  # on_bad_image: error, a prompt template that fails
+            where = f" ({raw['__url__']}, sample {raw['__key__']!r})" if raw.get("__key__") else ""
+            raise UserError(f"dataset: {e.args[0]}{where}", hint=e.args[1]) from None
+
     def __iter__(self) -> Iterator[dict]:
         while True:
             kept, started_at = 0, self.read
@@ -160,7 +168,7 @@ class StreamRows:
                 self.read += 1
                 if self.exclude and row_identity(raw, self.plan.image_column) in self.exclude:
                     continue
-                row = self.processor.process({**raw, ROW: self.read - 1})
+                row = self.process({**raw, ROW: self.read - 1})
                 if row[DROP]:
                     self.dropped += 1
                     continue
@@ -193,7 +201,7 @@ def first_rows(loaded: LoadedRecipe, holdout: int, preview: int = PREVIEW_ROWS) 
         holding = len(held) < holdout
         if holding:
             held_ids.append(row_identity(raw, rows.plan.image_column))
-        row = rows.processor.process({**raw, ROW: len(held_ids) + len(shown) + len(drops)})
+        row = rows.process({**raw, ROW: len(held_ids) + len(shown) + len(drops)})
         if row[DROP]:
             drops.append(row)
         else:

@@ -168,3 +168,33 @@ def test_a_stream_with_no_usable_rows_stops_with_a_message(recipe, tmp_path):
     with pytest.raises(UserError) as info:
         next(iter(StreamRows(loaded)))
     assert "no rows to train on" in info.value.message and "3 dropped" in info.value.message
+
+
+def test_a_bad_image_with_on_bad_image_error_names_the_shard_and_sample(recipe, shards):
+    from recipe_runner.data.stream import StreamRows
+
+    with tarfile.open(shards / "00000.tar", "a") as tar:  # a sample whose png is not an image
+        for ext, data in (("png", b"not a png"), ("txt", b"caption")):
+            info = tarfile.TarInfo(f"zzz.{ext}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    loaded = recipe(
+        {"source": STREAM, "columns": COLUMNS, "shuffle": False, "filters": {"on_bad_image": "error"}}
+    )
+    with pytest.raises(UserError) as info:
+        list(itertools.islice(iter(StreamRows(loaded)), 30))
+    assert "unreadable image" in info.value.message and "00000.tar" in info.value.message
+    assert "sample 'zzz'" in info.value.message
+    # Dropped (and counted) by default.
+    rows = StreamRows(recipe({"source": STREAM, "columns": COLUMNS, "shuffle": False}))
+    assert len(list(itertools.islice(iter(rows), 24))) == 24 and rows.dropped == 1
+
+
+def test_a_run_folder_inside_the_shards_folder_is_refused(write_recipe, cli, tmp_path):
+    write_shapes_shards(tmp_path / "shards", rows=4, shards=1, resolution=32)
+    text = (
+        "name: t\ndataset:\n  source: {webdataset: 'shards/00000.tar'}\n  columns: {image: png, prompt: txt}\n"
+        f"output: {{dir: {tmp_path / 'shards' / 'run'}}}\n"
+    )
+    result = cli("validate", write_recipe(text))
+    assert result.exit_code == 2 and "dataset.source.webdataset" in result.output

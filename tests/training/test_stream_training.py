@@ -137,3 +137,21 @@ def test_a_streaming_recipe_runs_then_skips_every_stage(tmp_path: Path, cli):
     assert second.exit_code == 0 and "dataset: skipped" in second.output and "train: skipped" in second.output
     plan = cli("plan", recipe)
     assert "streamed from 2 WebDataset shards" in plan.output
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_processes_stream_their_own_shards_and_resume(stream_run, monkeypatch):
+    """launch.num_processes: 2 on 4 shards: each process reads two whole shards; a run stopped at step 2
+    and resumed ends with the weights of the unbroken two-process run."""
+    settings = ("launch.num_processes=2", "train.batch_size=1")
+    loaded, straight = stream_run(*settings, "train.max_steps=4", name="straight")
+    results = train_controlnet(loaded, straight)
+    assert results["processes"] == 2 and results["steps"] == 4
+    loaded, short = stream_run(*settings, "train.max_steps=2", name="short")
+    train_controlnet(loaded, short)
+    positions = json.loads((short.checkpoints / "step-2" / "state.json").read_text())["stream"]
+    assert [p["rows_read"] >= 2 for p in positions] == [True, True]
+    loaded, _ = stream_run(*settings, "train.max_steps=4", name="short")
+    assert train_controlnet(loaded, short, resume=True)["resumed_from"] == 2
+    assert _same(straight, short)
