@@ -198,3 +198,59 @@ def test_a_run_folder_inside_the_shards_folder_is_refused(write_recipe, cli, tmp
     )
     result = cli("validate", write_recipe(text))
     assert result.exit_code == 2 and "dataset.source.webdataset" in result.output
+
+
+def test_a_hub_source_with_streaming_true_streams(recipe, monkeypatch):
+    """The hub path with `streaming: true` (no hub in tests: datasets.load_dataset gives a generated
+    IterableDataset, as it would a hub stream's)."""
+    import datasets
+    from PIL import Image
+
+    from recipe_runner.data.stream import StreamRows
+
+    def rows():
+        for i in range(6):
+            yield {"picture": Image.new("RGB", (40, 48), (40 * i, 0, 0)), "text": f"row {i}"}
+
+    features = datasets.Features({"picture": datasets.Image(), "text": datasets.Value("string")})
+    calls = []
+
+    def load_dataset(repo, **kw):
+        calls.append((repo, kw))
+        return datasets.IterableDataset.from_generator(rows, features=features)
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    loaded = recipe(
+        {
+            "source": {"hub": "owner/name", "streaming": True},
+            "columns": {"image": "picture", "prompt": "text"},
+            "shuffle": False,
+        }
+    )
+    got = list(itertools.islice(iter(StreamRows(loaded)), 6))
+    assert calls[0][0] == "owner/name" and calls[0][1]["streaming"] is True
+    assert [r["prompt"] for r in got] == [f"row {i}" for i in range(6)]
+    assert got[0]["image"].size == (32, 32) and got[0]["conditioning_image"].size == (32, 32)
+
+
+def test_streamed_rows_are_the_built_rows_of_the_same_images(recipe, build, built, tmp_path):
+    """The stream runs the dataset stage's own processing: the same images as an image folder, built,
+    give the same pixels, conditions (canny, made on the fly) and prompts, row for row."""
+    from recipe_runner.data.builtin_shapes import make_sample
+    from recipe_runner.data.stream import StreamRows
+
+    write_shapes_shards(tmp_path / "shards", rows=6, shards=2, resolution=48)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(6):
+        sample = make_sample(i, seed=0, resolution=48)
+        sample["image"].save(folder / f"{i:06d}.png")
+        (folder / f"{i:06d}.txt").write_text(sample["prompt"])
+    build(recipe({"source": {"path": "images"}, "shuffle": False}))
+    streamed = StreamRows(
+        recipe({"source": {"webdataset": "shards/*.tar"}, "columns": COLUMNS, "shuffle": False})
+    )
+    for row, stream_row in zip(built()["train"], itertools.islice(iter(streamed), 6), strict=True):
+        assert row["prompt"] == stream_row["prompt"]
+        for column in ("image", "conditioning_image"):
+            assert np.array_equal(np.asarray(row[column]), np.asarray(stream_row[column]))
