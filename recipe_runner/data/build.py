@@ -141,13 +141,7 @@ def _build(loaded: LoadedRecipe, tmp: Path, inputs: dict, console: Console | Non
         "source_fingerprint": digest(inputs["source"]),
         "data_sha256": _data_digest(tmp / "data"),
         "referenced_files": refs,
-        "columns": {
-            "image": plan.image_column,
-            "conditioning_image": plan.conditioning_column or f"computed: {loaded.recipe.condition.type}",
-            "prompt": plan.prompt_column
-            if plan.prompt_template is None
-            else f"template: {plan.prompt_template}",
-        },
+        "columns": _columns(loaded, plan),
         "resolution": spec.resolution,
         **({"buckets": buckets} if buckets is not None else {}),
         "rows_in": len(source.dataset),
@@ -223,13 +217,7 @@ def _build_stream(loaded: LoadedRecipe, tmp: Path, inputs: dict, start: float) -
         # Training reads the source itself: its key is the source's (in the cache key) and these rows.
         "data_sha256": digest({"cache_key": key, "rows": data_sha}),
         "referenced_files": None,
-        "columns": {
-            "image": plan.image_column,
-            "conditioning_image": plan.conditioning_column or f"computed: {loaded.recipe.condition.type}",
-            "prompt": plan.prompt_column
-            if plan.prompt_template is None
-            else f"template: {plan.prompt_template}",
-        },
+        "columns": _columns(loaded, plan),
         "resolution": spec.resolution,
         "rows_in": None,
         "rows_processed": len(got["holdout"]) + len(got["preview"]) + len(drops),
@@ -244,6 +232,15 @@ def _build_stream(loaded: LoadedRecipe, tmp: Path, inputs: dict, start: float) -
         "num_proc": 1,
         "batch_size": spec.batch_size,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _columns(loaded: LoadedRecipe, plan: RowPlan) -> dict:
+    """The report's column mapping: where each training column came from."""
+    return {
+        "image": plan.image_column,
+        "conditioning_image": plan.conditioning_column or f"computed: {loaded.recipe.condition.type}",
+        "prompt": plan.prompt_column if plan.prompt_template is None else f"template: {plan.prompt_template}",
     }
 
 

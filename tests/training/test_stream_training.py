@@ -4,41 +4,30 @@ stopped mid-epoch and resumed to the weights of an unbroken run."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 
 from recipe_runner.data.build import build_dataset
 from recipe_runner.errors import Interrupted, UserError
 from recipe_runner.recipe.loader import load_recipe
 from recipe_runner.runfolder.layout import RunFolder
 from recipe_runner.training import train_controlnet
-from recipe_runner.training.progress import TrainingProgress
 from tests.conftest import write_shapes_shards
-from tests.training.conftest import final_weights
+from tests.training.conftest import BASE_RECIPE
+from tests.training.test_resume import _interrupt_at, _same_weights
 
-RECIPE = """\
-name: stream
-seed: 0
-dataset:
-  source: {webdataset: "shards/{00000..00003}.tar", shuffle_buffer: 6}
-  columns: {image: png, prompt: txt}
-  resolution: 64
-  holdout: 2
-model:
-  base: builtin:tiny-sd
-train:
-  max_steps: 8
-  batch_size: 2
-  learning_rate: 1.0e-4
-  checkpoint_every: 100
-  validation: {every: 1000, num_images: 1, num_rows: 1, num_inference_steps: 1, guidance_scale: 1.0}
-logging: {tracker: none, every: 1}
-"""
+RECIPE = (
+    BASE_RECIPE.replace("name: tiny", "name: stream")
+    .replace(
+        "  source: {builtin: shapes, num_samples: 10}\n",
+        '  source: {webdataset: "shards/{00000..00003}.tar", shuffle_buffer: 6}\n'
+        "  columns: {image: png, prompt: txt}\n  holdout: 2\n",
+    )
+    .replace("max_steps: 4", "max_steps: 8")
+    .replace("checkpoint_every: 2", "checkpoint_every: 100")
+)
 
 
 @pytest.fixture
@@ -55,22 +44,6 @@ def stream_run(tmp_path: Path):
         return loaded, folder
 
     return make
-
-
-def _interrupt_at(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
-    update = TrainingProgress.update
-
-    def update_then_signal(self, current: int, loss, lr) -> None:
-        update(self, current, loss, lr)
-        if current == step:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    monkeypatch.setattr(TrainingProgress, "update", update_then_signal)
-
-
-def _same(a: RunFolder, b: RunFolder) -> bool:
-    wa, wb = final_weights(a), final_weights(b)
-    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 @pytest.mark.parametrize(
@@ -95,7 +68,7 @@ def test_a_stream_stopped_mid_epoch_resumes_to_the_unbroken_runs_weights(stream_
     assert ("state_dict" in position) is (shuffle == "false")
     results = train_controlnet(loaded, stopped, resume=True)
     assert results["resumed_from"] == 3 and results["steps"] == 8
-    assert _same(straight, stopped)
+    assert _same_weights(straight, stopped)
 
 
 def test_a_stream_trains_other_weights_than_another_order(stream_run):
@@ -105,7 +78,7 @@ def test_a_stream_trains_other_weights_than_another_order(stream_run):
     train_controlnet(loaded, a)
     loaded, b = stream_run("train.max_steps=3", "dataset.source.shuffle_buffer=2", name="b")
     train_controlnet(loaded, b)
-    assert not _same(a, b)
+    assert not _same_weights(a, b)
 
 
 def test_resuming_a_stream_with_another_process_count_is_refused(stream_run):
@@ -154,4 +127,4 @@ def test_two_processes_stream_their_own_shards_and_resume(stream_run, monkeypatc
     assert [p["rows_read"] >= 2 for p in positions] == [True, True]
     loaded, _ = stream_run(*settings, "train.max_steps=4", name="short")
     assert train_controlnet(loaded, short, resume=True)["resumed_from"] == 2
-    assert _same(straight, short)
+    assert _same_weights(straight, short)
