@@ -217,6 +217,12 @@ def _restore_stream(session: Session, saved: dict) -> None:
     session.stream.restore(positions[session.accelerator.process_index])
 
 
+def _stream_summary(session: Session) -> dict | None:
+    if session.stream is None:
+        return None
+    return {k: v for k, v in session.stream.position().items() if k != "state_dict"}
+
+
 def _save_controlnet(session: Session) -> None:
     accelerator = session.accelerator
     if accelerator.is_main_process:
@@ -261,6 +267,8 @@ def _results(session: Session, state: LoopState, start_step: int, start_seconds:
         "peak_memory_accelerator_mb": peak_accelerator_memory_mb(),
         "device": str(session.device),
         "precomputed": session.cache is not None,
+        # A streaming source: where this process is in it (epoch, rows read in it, rows dropped so far).
+        "stream": _stream_summary(session),
         "precompute_seconds": session.precompute_seconds,  # 0.0-ish when the cache was already there
         "sample_grid": state.last_sample,
         "last_checkpoint": state.last_checkpoint,
