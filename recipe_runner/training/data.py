@@ -1,7 +1,9 @@
 """Training rows and their order: which rows each process sees at each micro-step.
 
 The order is a pure function of (seed, epoch), never of a global RNG or a DataLoader's state, so a resumed
-run can jump to any micro-step and see exactly the batches an uninterrupted run would have seen.
+run can jump to any micro-step and see exactly the batches an uninterrupted run would have seen. A
+streaming source (`stream_batches`) has no such plan: its rows come in the stream's order, and a resumed
+run continues from the position its checkpoint stored (data/stream.py).
 """
 
 from __future__ import annotations
@@ -38,9 +40,8 @@ def load_rows(data_dir: Path, recipe: Recipe) -> DatasetDict:
             hint="build it first: recipe build-dataset RECIPE (recipe train does this when it is missing)",
         )
     data = load_from_disk(str(data_dir))
-    split = (
-        "preview" if recipe.dataset.source.streams else "train"
-    )  # a stream's dataset/ holds its first rows
+    # A streaming source's dataset/ holds only its first rows (preview, holdout): the stream is the rest.
+    split = "preview" if recipe.dataset.source.streams else "train"
     if not isinstance(data, DatasetDict) or split not in data:
         raise UserError(
             f"the dataset at {data_dir} has no `{split}` split", hint="rebuild it: recipe build-dataset"

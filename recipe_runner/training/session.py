@@ -7,6 +7,7 @@ base in the half dtype, ControlNet in fp32, optimizer, lr schedule, accelerator.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
 from collections.abc import Iterator
@@ -271,8 +272,6 @@ def open_session(
 
 def held_out_rows(folder: RunFolder) -> list[str]:
     """The rows of a streaming source that the dataset stage held out (report.json), which training skips."""
-    import json
-
     try:
         return list(json.loads((folder.dataset / "report.json").read_text()).get("holdout_ids") or [])
     except (OSError, ValueError):
