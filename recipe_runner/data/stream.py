@@ -117,6 +117,8 @@ class StreamRows:
         texts = set(template_fields(p.prompt_template)) if p.prompt_template else {p.prompt_column}
         ds = _raw(source, images, images | texts)
         self.shuffled = spec.shuffle if shuffle is None else shuffle
+        # The order a position counts rows in: a position of another order would be another place.
+        self.order = f"shuffled, buffer {spec.source.shuffle_buffer}" if self.shuffled else "shard order"
         if self.shuffled:
             ds = ds.shuffle(seed=loaded.recipe.seed, buffer_size=spec.source.shuffle_buffer)
         if world > 1:
@@ -130,13 +132,20 @@ class StreamRows:
 
     def position(self) -> dict:
         """Where this process is in the stream: what a checkpoint stores (JSON)."""
-        out = {"epoch": self.epoch, "rows_read": self.read, "dropped": self.dropped}
+        out = {"epoch": self.epoch, "rows_read": self.read, "dropped": self.dropped, "order": self.order}
         if not self.shuffled:
             out["state_dict"] = self.dataset.state_dict()
         return out
 
     def restore(self, position: dict) -> None:
         """Continue at `position` (from `position()` of a run of the same recipe and process count)."""
+        if position.get("order", self.order) != self.order:
+            raise UserError(
+                f"the checkpoint read the stream in another order ({position['order']}) than this recipe "
+                f"does ({self.order}): it would continue at another row",
+                hint="resume with the checkpoint's dataset.shuffle and dataset.source.shuffle_buffer, or run "
+                "without --resume to start over",
+            )
         self.epoch, self.read = int(position["epoch"]), int(position["rows_read"])
         self.dropped = int(position.get("dropped", 0))
         self._state = position.get("state_dict") if not self.shuffled else None

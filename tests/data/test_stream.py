@@ -134,6 +134,10 @@ def test_a_restored_position_continues_at_the_next_row(recipe, shards, shuffle):
     resumed = StreamRows(loaded)
     resumed.restore(position)
     assert _keys(iter(resumed), 24) == expected
+    other = {"source": {**STREAM, "shuffle_buffer": 7}, "columns": COLUMNS, "shuffle": shuffle}
+    if shuffle:  # a position counted in another order is refused, not continued elsewhere
+        with pytest.raises(UserError, match="another order"):
+            StreamRows(recipe(other)).restore(position)
     # Epochs differ in order when shuffled (datasets' set_epoch), and repeat when not.
     first_epoch = _keys(iter(StreamRows(loaded)), 24)
     assert (first_epoch[6:] == expected[:18]) is not shuffle
