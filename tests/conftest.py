@@ -70,3 +70,31 @@ def cli():
         return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
     return invoke
+
+
+def write_shapes_shards(
+    folder: Path, rows: int, shards: int, *, resolution: int = 64, seed: int = 0, image_ext: str = "png"
+) -> Path:
+    """The builtin shapes data as WebDataset shards folder/00000.tar ...: NNNNNN.png + NNNNNN.txt per row
+    (the images only: the condition is made while training), rows spread evenly over the shards."""
+    import io
+    import tarfile
+
+    from recipe_runner.data.builtin_shapes import make_sample
+
+    folder.mkdir(parents=True, exist_ok=True)
+    per = -(-rows // shards)
+    for s in range(shards):
+        with tarfile.open(folder / f"{s:05d}.tar", "w") as tar:
+            for i in range(s * per, min(rows, (s + 1) * per)):
+                sample = make_sample(i, seed=seed, resolution=resolution)
+                buf = io.BytesIO()
+                sample["image"].save(buf, format="PNG")
+                for name, data in (
+                    (f"{i:06d}.{image_ext}", buf.getvalue()),
+                    (f"{i:06d}.txt", sample["prompt"].encode()),
+                ):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return folder

@@ -9,7 +9,6 @@ named by path as the build recorded it (`referenced_files.json`).
 from __future__ import annotations
 
 import contextlib
-import difflib
 import hashlib
 import json
 import shutil
@@ -25,7 +24,6 @@ from rich.markup import escape
 from recipe_runner.data import references
 from recipe_runner.data.buckets import (
     bucket_counts,
-    dataset_buckets,
     global_batch,
     image_sizes,
     small_buckets,
@@ -72,7 +70,9 @@ def build_dataset(
     if old is not None:
         if console is not None:
             console.print(
-                f"dataset: unchanged, using {escape(str(folder.dataset))} ({_rows(old)} rows)", soft_wrap=True
+                f"dataset: unchanged, using {escape(str(folder.dataset))} "
+                + ("(streaming: its preview)" if old.get("streaming") else f"({_rows(old)} rows)"),
+                soft_wrap=True,
             )
         return {**old, "cached": True}
     import datasets
@@ -95,6 +95,8 @@ def _build(loaded: LoadedRecipe, tmp: Path, inputs: dict, console: Console | Non
     from recipe_runner.data.process import BOOKKEEPING, DROP, FILE, NOTES, RowError
 
     spec, key = loaded.recipe.dataset, digest(inputs)
+    if spec.source.streams:
+        return _build_stream(loaded, tmp, inputs, start)
     work = tmp / ".work"  # datasets' cache files: on the run folder's disk, removed before the rename
     try:
         source = load_source(loaded, work)
@@ -139,13 +141,7 @@ def _build(loaded: LoadedRecipe, tmp: Path, inputs: dict, console: Console | Non
         "source_fingerprint": digest(inputs["source"]),
         "data_sha256": _data_digest(tmp / "data"),
         "referenced_files": refs,
-        "columns": {
-            "image": plan.image_column,
-            "conditioning_image": plan.conditioning_column or f"computed: {loaded.recipe.condition.type}",
-            "prompt": plan.prompt_column
-            if plan.prompt_template is None
-            else f"template: {plan.prompt_template}",
-        },
+        "columns": _columns(loaded, plan),
         "resolution": spec.resolution,
         **({"buckets": buckets} if buckets is not None else {}),
         "rows_in": len(source.dataset),
@@ -162,52 +158,96 @@ def _build(loaded: LoadedRecipe, tmp: Path, inputs: dict, console: Console | Non
     }
 
 
+def _build_stream(loaded: LoadedRecipe, tmp: Path, inputs: dict, start: float) -> dict:
+    """A streaming source is not built: its first rows are read for the held-out split (never trained on)
+    and a preview (preview.png, default validation conditions); training reads the rest as it goes."""
+    import datasets
+
+    from recipe_runner.data import preview
+    from recipe_runner.data.process import DROP, FILE, NOTES, ROW, png
+    from recipe_runner.data.stream import first_rows
+
+    spec, key = loaded.recipe.dataset, digest(inputs)
+    got = first_rows(loaded, spec.holdout)
+    if len(got["holdout"]) < spec.holdout or not got["preview"]:
+        found = len(got["holdout"]) + len(got["preview"])
+        raise UserError(
+            f"dataset: only {found} usable rows at the start of {got['source']} "
+            f"(dataset.holdout is {spec.holdout}, and training needs more; {len(got['drops'])} dropped)",
+            hint="lower dataset.holdout, or check the shards' first rows",
+        )
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "conditioning_image": datasets.Image(),
+            "prompt": datasets.Value("string"),
+        }
+    )
+
+    def split(rows: list[dict]) -> datasets.Dataset:
+        return datasets.Dataset.from_list(
+            [
+                {
+                    "image": png(r["image"]),
+                    "conditioning_image": png(r["conditioning_image"]),
+                    "prompt": r["prompt"],
+                }
+                for r in rows
+            ],
+            features=features,
+        )
+
+    splits = {"preview": split(got["preview"])}
+    if spec.holdout:
+        splits["holdout"] = split(got["holdout"])
+    datasets.DatasetDict(splits).save_to_disk(str(tmp / "data"))
+    preview.write_preview(splits["preview"], tmp / "preview.png")
+    drops = got["drops"]
+    rows, files, reasons, notes = ([d[c] for d in drops] for c in (ROW, FILE, DROP, NOTES))
+    plan = got["plan"]
+    seconds = time.perf_counter() - start
+    data_sha = _data_digest(tmp / "data")
+    return {
+        "cached": False,
+        "streaming": True,
+        "cache_key": key,
+        "key_inputs": inputs,
+        "source": got["source"],
+        "source_fingerprint": digest(inputs["source"]),
+        # Training reads the source itself: its key is the source's (in the cache key) and these rows.
+        "data_sha256": digest({"cache_key": key, "rows": data_sha}),
+        "referenced_files": None,
+        "columns": _columns(loaded, plan),
+        "resolution": spec.resolution,
+        "rows_in": None,
+        "rows_processed": len(got["holdout"]) + len(got["preview"]) + len(drops),
+        "rows_out": {"holdout": len(got["holdout"])} if spec.holdout else {},
+        "preview_rows": len(got["preview"]),
+        "holdout_ids": got["holdout_ids"],
+        "rows_dropped": len(drops),
+        "dropped": _tally(rows, files, reasons, notes),
+        "warnings": {},
+        "seconds": round(seconds, 3),
+        "rows_per_second": round((len(got["holdout"]) + len(got["preview"])) / seconds, 1),
+        "num_proc": 1,
+        "batch_size": spec.batch_size,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _columns(loaded: LoadedRecipe, plan: RowPlan) -> dict:
+    """The report's column mapping: where each training column came from."""
+    return {
+        "image": plan.image_column,
+        "conditioning_image": plan.conditioning_column or f"computed: {loaded.recipe.condition.type}",
+        "prompt": plan.prompt_column if plan.prompt_template is None else f"template: {plan.prompt_template}",
+    }
+
+
 def _row_plan(loaded: LoadedRecipe, source: SourceData) -> RowPlan:
-    """The column mapping checked against the source's columns, as settings for the workers."""
-    from recipe_runner.data.process import RowPlan, template_fields
+    from recipe_runner.data.process import row_plan
 
-    spec, cols = loaded.recipe.dataset, source.columns
-    cond = spec.columns.conditioning_image or ("conditioning_image" if spec.source.conditioning_dir else None)
-    _need(cols, spec.columns.image, "dataset.columns.image", source)
-    if cond is not None:
-        _need(cols, cond, "dataset.columns.conditioning_image", source)
-    if spec.prompt is not None:
-        try:
-            fields = template_fields(spec.prompt)
-        except ValueError as e:
-            raise UserError(
-                f"dataset.prompt: {spec.prompt!r} is not a valid template: {e}",
-                hint="write {{ and }} for literal braces",
-            ) from None
-        for name in fields:
-            _need(cols, name, f"dataset.prompt: placeholder {{{name}}}", source)
-    else:
-        _need(cols, spec.columns.prompt, "dataset.columns.prompt", source)
-    f = spec.filters
-    return RowPlan(
-        resolution=spec.resolution,
-        crop=spec.crop,
-        seed=loaded.recipe.seed,
-        min_size=f.min_size,
-        on_bad_image=f.on_bad_image,
-        image_column=spec.columns.image,
-        conditioning_column=cond,
-        prompt_column=None if spec.prompt is not None else spec.columns.prompt,
-        prompt_template=spec.prompt,
-        builtin=source.builtin,
-        drop_blank=f.on_blank_conditioning == "drop",
-        buckets=tuple(dataset_buckets(spec)),
-    )
-
-
-def _need(columns: list[str], name: str | None, field: str, source: SourceData) -> None:
-    if name in columns:
-        return
-    close = difflib.get_close_matches(str(name), columns, n=1)
-    raise UserError(
-        f"{field}: no column {name!r} in {source.description} (columns: {', '.join(columns)})",
-        hint=f"did you mean {close[0]!r}?" if close else "name one of the columns above",
-    )
+    return row_plan(loaded, source)
 
 
 def _order(n: int, spec: DatasetSpec, seed: int) -> Any:
@@ -366,6 +406,20 @@ def _rows(report: dict) -> int:
 
 
 def _summary(console: Console, report: dict, folder: RunFolder, loaded: LoadedRecipe) -> None:
+    if report.get("streaming"):
+        held = (report.get("rows_out") or {}).get("holdout", 0)
+        console.print(
+            escape(
+                f"dataset: streaming from {report['source']}: not built; training reads and processes the "
+                f"rows as it goes. Read its first rows: {report['preview_rows']} for the preview"
+                + (f", {held} held out (never trained on)" if held else "")
+                + (f", {report['rows_dropped']} dropped" if report["rows_dropped"] else "")
+                + f" -> {folder.dataset}"
+            ),
+            soft_wrap=True,
+            highlight=False,
+        )
+        return
     out = ", ".join(f"{n} {split}" for split, n in report["rows_out"].items())
     dropped = report["rows_dropped"]
     why = "; ".join(f"{k}: {v['count']}" for k, v in report["dropped"].items())

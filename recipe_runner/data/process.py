@@ -18,6 +18,7 @@ Choices, and why:
 
 from __future__ import annotations
 
+import difflib
 import io
 import math
 import os
@@ -31,9 +32,11 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from recipe_runner.conditions.base import to_rgb
-from recipe_runner.data.buckets import target_size
+from recipe_runner.data.buckets import dataset_buckets, target_size
 from recipe_runner.data.references import local_path
-from recipe_runner.data.sources import BASE_DIR, ROW
+from recipe_runner.data.sources import BASE_DIR, ROW, SourceData
+from recipe_runner.errors import UserError
+from recipe_runner.recipe.loader import LoadedRecipe
 
 DROP, FILE, COLUMN, NOTES = "__drop__", "__file__", "__column__", "__notes__"
 BOOKKEEPING = (ROW, DROP, FILE, COLUMN, NOTES)
@@ -96,6 +99,52 @@ def template_fields(template: str) -> list[str]:
             raise ValueError("placeholders must name a column, e.g. {name}; positional {} cannot be filled")
         names.append(name)
     return names
+
+
+def row_plan(loaded: LoadedRecipe, source: SourceData) -> RowPlan:
+    """The column mapping checked against the source's columns, as settings for the workers."""
+    spec, cols = loaded.recipe.dataset, source.columns
+    cond = spec.columns.conditioning_image or ("conditioning_image" if spec.source.conditioning_dir else None)
+    need_column(cols, spec.columns.image, "dataset.columns.image", source)
+    if cond is not None:
+        need_column(cols, cond, "dataset.columns.conditioning_image", source)
+    if spec.prompt is not None:
+        try:
+            fields = template_fields(spec.prompt)
+        except ValueError as e:
+            raise UserError(
+                f"dataset.prompt: {spec.prompt!r} is not a valid template: {e}",
+                hint="write {{ and }} for literal braces",
+            ) from None
+        for name in fields:
+            need_column(cols, name, f"dataset.prompt: placeholder {{{name}}}", source)
+    else:
+        need_column(cols, spec.columns.prompt, "dataset.columns.prompt", source)
+    f = spec.filters
+    return RowPlan(
+        resolution=spec.resolution,
+        crop=spec.crop,
+        seed=loaded.recipe.seed,
+        min_size=f.min_size,
+        on_bad_image=f.on_bad_image,
+        image_column=spec.columns.image,
+        conditioning_column=cond,
+        prompt_column=None if spec.prompt is not None else spec.columns.prompt,
+        prompt_template=spec.prompt,
+        builtin=source.builtin,
+        drop_blank=f.on_blank_conditioning == "drop",
+        buckets=tuple(dataset_buckets(spec)),
+    )
+
+
+def need_column(columns: list[str], name: str | None, field: str, source: SourceData) -> None:
+    if name in columns:
+        return
+    close = difflib.get_close_matches(str(name), columns, n=1)
+    raise UserError(
+        f"{field}: no column {name!r} in {source.description} (columns: {', '.join(columns)})",
+        hint=f"did you mean {close[0]!r}?" if close else "name one of the columns above",
+    )
 
 
 def text(value: Any) -> str:
@@ -229,6 +278,14 @@ class RowProcessor:
         return make_sample(values[ROW], seed=self.plan.seed, resolution=self.plan.resolution)
 
     def _row(self, raw: dict) -> dict:
+        out = self.process(raw)
+        if not out[DROP]:  # a kept row's images, encoded for the arrow writer
+            out["image"], out["conditioning_image"] = png(out["image"]), png(out["conditioning_image"])
+        return out
+
+    def process(self, raw: dict) -> dict:
+        """One source row as a training row with PIL images (or a drop record, DROP saying why); the
+        dataset stage encodes the images, a streaming source trains on them as they are."""
         p, row = self.plan, raw[ROW]
         values, base = self._values(raw), raw.get(BASE_DIR)
         notes = []
@@ -271,8 +328,8 @@ class RowProcessor:
         if not prompt.strip():
             notes.append(EMPTY_PROMPT)
         return {
-            "image": png(rgb),
-            "conditioning_image": png(cond),
+            "image": rgb,
+            "conditioning_image": cond,
             "prompt": prompt,
             ROW: row,
             DROP: "",

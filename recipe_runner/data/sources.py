@@ -71,7 +71,7 @@ def load_source(loaded: LoadedRecipe, work_dir: Path) -> SourceData:
             ds, f"builtin {src.builtin} ({n} rows)", list(BUILTIN_COLUMNS[src.builtin]), src.builtin
         )
     if src.hub is not None:
-        data = _hub(src.hub, src.config, src.split, src.revision)
+        data = hub_source(src.hub, src.config, src.split, src.revision)
     else:
         data = _local(loaded, work_dir)
     if len(data.dataset) == 0:
@@ -80,20 +80,24 @@ def load_source(loaded: LoadedRecipe, work_dir: Path) -> SourceData:
     return data
 
 
-def _hub(repo: str, config: str | None, split: str, revision: str | None) -> SourceData:
+def hub_source(
+    repo: str, config: str | None, split: str, revision: str | None, *, streaming: bool = False
+) -> SourceData:
+    """A hub dataset's split, downloaded (a `datasets.Dataset`) or streamed (an `IterableDataset`)."""
     import datasets
     from datasets.exceptions import DatasetNotFoundError
 
     where = f"hub dataset {repo}" + (f" ({config})" if config else "") + (f"@{revision}" if revision else "")
     try:
-        ds = datasets.load_dataset(repo, name=config, split=split, revision=revision)
+        ds = datasets.load_dataset(repo, name=config, split=split, revision=revision, streaming=streaming)
     except (ConnectionError, DatasetNotFoundError) as e:
         raise UserError(
             f"dataset.source.hub: {where} could not be reached ({e})", hint=_OFFLINE_HINT
         ) from None
     except Exception as e:  # bad split/config names and the like; the library's message says which
         raise UserError(f"dataset.source.hub: could not load {where}: {e}", hint=_OFFLINE_HINT) from None
-    return SourceData(ds, f"{where} split {split!r}", list(ds.column_names))
+    columns = list(ds.column_names or (ds.features or {}))  # a stream may know its columns only once read
+    return SourceData(ds, f"{where} split {split!r}", columns)
 
 
 def _local(loaded: LoadedRecipe, work_dir: Path) -> SourceData:
@@ -322,7 +326,14 @@ def source_fingerprint(loaded: LoadedRecipe) -> dict:
     """
     src = loaded.recipe.dataset.source
     if src.hub is not None:
-        return {"hub": src.hub, "split": src.split, "config": src.config, "revision": src.revision}
+        fp = {"hub": src.hub, "split": src.split, "config": src.config, "revision": src.revision}
+        if src.streaming:  # the training order depends on the buffer (absent: keys of built hub data stay)
+            fp.update(streaming=True, shuffle_buffer=src.shuffle_buffer)
+        return fp
+    if src.webdataset is not None:
+        from recipe_runner.data.shards import shards_fingerprint
+
+        return {**shards_fingerprint(loaded), "shuffle_buffer": src.shuffle_buffer}
     if src.builtin is not None:
         # The generator's code is part of the data: a change to it must rebuild.
         code = hashlib.sha256(Path(__file__).with_name(f"builtin_{src.builtin}.py").read_bytes()).hexdigest()

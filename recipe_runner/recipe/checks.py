@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from recipe_runner.errors import Problem
+from recipe_runner.errors import Problem, UserError
 from recipe_runner.recipe.dataset import HUB_ID_RE
 from recipe_runner.recipe.loader import LoadedRecipe
+from recipe_runner.recipe.shards import shard_files
 from recipe_runner.recipe.yaml_io import Path_
 
 
@@ -78,6 +79,12 @@ def check_inputs(loaded: LoadedRecipe) -> list[Problem]:
             problems.append(
                 problem_at(loaded, ("dataset", "source", key), f"{ref!r} not found (looked at {where})")
             )
+    if src.webdataset is not None:
+        try:
+            shard_files(loaded)
+        except UserError as e:
+            message = e.message.removeprefix("dataset.source.webdataset: ")
+            problems.append(problem_at(loaded, ("dataset", "source", "webdataset"), message))
     problems += _model_ref(loaded, ("model", "base"), r.model.base, "base model")
     problems += _model_ref(loaded, ("model", "controlnet"), r.model.controlnet, "controlnet")
     problems += _model_ref(loaded, ("model", "vae"), r.model.vae, "vae")

@@ -75,6 +75,14 @@ class Recipe(Section):
             )
         errors += self._family_options(family)
         errors += self._exports(family)
+        if self.dataset.source.streams and self.train.max_steps is None:
+            errors.append(
+                FieldError(
+                    ("train", "num_epochs"),
+                    "a streaming source's length is unknown before it is read, so epochs give no step "
+                    "count: set train.max_steps (and train.num_epochs: null)",
+                )
+            )
         if self.evaluate.enabled and self.dataset.holdout == 0:
             errors.append(
                 FieldError(
@@ -87,6 +95,13 @@ class Recipe(Section):
         if errors:
             raise errors[0]
         return self
+
+    @property
+    def precomputes(self) -> bool:
+        """Whether latents and text embeddings are encoded once into the precompute cache before training:
+        `train.precompute`, except with a streaming source, whose rows are not known ahead (each step then
+        encodes its rows, as `train.precompute: false` does; the results are the same, only slower)."""
+        return self.train.precompute and not self.dataset.source.streams
 
     def _exports(self, family: str) -> Iterator[FieldError]:
         """output.export: formats that exist for the family and for how the run trains (checked here, so

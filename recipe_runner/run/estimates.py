@@ -179,7 +179,7 @@ def estimate_memory(recipe: Recipe, base_dir: Path | None = None) -> MemoryEstim
     gradients = trained * 4 / GIB
     # With precompute, latents and text embeddings are cached before training and the encoders leave the
     # accelerator; without it they stay resident (frozen, in the autocast dtype).
-    encoders = 0.0 if t.precompute else (sizes.vae + sizes.text_encoders) * frozen_bytes
+    encoders = 0.0 if recipe.precomputes else (sizes.vae + sizes.text_encoders) * frozen_bytes
     per_image = ACTIVATION_GB_PER_IMAGE_AT_512[family][(half, t.gradient_checkpointing)]
     act = per_image * (recipe.dataset.resolution / 512) ** 2 * t.batch_size
     act *= min(1.0, sizes.unet / FAMILY_SIZES[family].unet)  # smaller (builtin, pruned) UNets, fewer
@@ -241,7 +241,7 @@ def memory_savers(recipe: Recipe, base_dir: Path | None = None) -> tuple[list[st
                 {"batch_size": 1, "gradient_accumulation_steps": acc},
             )
         )
-    if not t.precompute:
+    if not t.precompute and not recipe.dataset.source.streams:
         found.append(
             ("train.precompute: true (VAE and text encoders off the accelerator)", {"precompute": True})
         )
@@ -341,7 +341,7 @@ def estimate_time(recipe: Recipe, steps: int | None) -> TimeEstimate:
             images /= 1.5 if t.allow_tf32 else 3.0  # fp32 runs at a fraction of tensor-core speed
         if t.gradient_checkpointing:
             images *= 0.75  # the recomputed forward pass
-        if not t.precompute:
+        if not recipe.precomputes:
             images *= 0.8  # VAE and text encoders run on every batch
         procs = recipe.launch.total_processes
         scaling = 0.9 if procs > 1 else 1.0  # gradient all-reduce

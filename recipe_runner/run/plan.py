@@ -270,6 +270,11 @@ def make_plan(loaded: LoadedRecipe, output_dir: str | Path | None = None, *, tra
         )
     if steps is None:
         warnings.append("steps unknown until the dataset size is known (num_epochs with an uncounted source)")
+    if ds.source.streams:
+        warnings.append(
+            "streaming source: rows are read, processed (condition included) and VAE-encoded at every step, "
+            "with no precompute cache; only the first rows are read before training (preview, holdout)"
+        )
     if (note := resolution_note(loaded)) is not None:
         warnings.append(note)
     if (note := learning_rate_note(recipe)) is not None:

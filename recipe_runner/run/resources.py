@@ -46,7 +46,7 @@ def disk_needed(loaded: LoadedRecipe, stages: list[str]) -> dict[str, float]:
         size = model_size(recipe, loaded.base_dir)
         builtin = recipe.model.base.startswith("builtin:")
         cache = 0.0
-        if recipe.train.precompute:
+        if recipe.precomputes:
             latents = rows * 4 * (res // 8) ** 2 * 4 * 2  # mean and std, fp32
             text_dim = 32 if builtin else family_of(recipe).figures.text_width
             cache = latents + rows * TEXT_TOKENS * text_dim * 4

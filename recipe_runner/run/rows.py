@@ -36,6 +36,16 @@ def count_rows(loaded: LoadedRecipe) -> RowCount:
     src = loaded.recipe.dataset.source
     if src.builtin is not None:
         return RowCount(src.num_samples, f"builtin {src.builtin}: source.num_samples")
+    if src.webdataset is not None:
+        from recipe_runner.recipe.shards import shard_files
+
+        try:
+            n = len(shard_files(loaded))
+        except UserError as e:
+            return RowCount(None, f"unknown ({e.message})")
+        return RowCount(None, f"unknown: streamed from {n} WebDataset shard{'s' * (n > 1)} while training")
+    if src.hub is not None and src.streaming:
+        return RowCount(None, "unknown: streamed from the hub while training")
     if src.hub is not None:
         return RowCount(None, "unknown until downloaded (hub dataset)")
     root = loaded.resolve(src.path)

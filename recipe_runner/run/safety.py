@@ -15,6 +15,7 @@ from pathlib import Path
 from recipe_runner.errors import Problem, RecipeError, UserError
 from recipe_runner.recipe.checks import looks_local, problem_at
 from recipe_runner.recipe.loader import LoadedRecipe
+from recipe_runner.recipe.shards import shard_files
 from recipe_runner.recipe.yaml_io import Path_
 from recipe_runner.runfolder.layout import RUN_MARKERS, RunFolder
 
@@ -43,6 +44,13 @@ def recipe_inputs(loaded: LoadedRecipe) -> Iterator[tuple[Path_, str, Path]]:
     for key in ("path", "conditioning_dir"):
         if (ref := getattr(src, key)) is not None:
             yield ("dataset", "source", key), f"dataset.source.{key}", loaded.resolve(ref)
+    if src.webdataset is not None:  # the folders holding the shards
+        try:
+            folders = dict.fromkeys(f.parent for f in shard_files(loaded))
+        except UserError:  # no shards yet: `recipe validate` says so
+            folders = {}
+        for folder in folders:
+            yield ("dataset", "source", "webdataset"), "the folder of dataset.source.webdataset", folder
     for key in ("base", "controlnet", "vae"):
         ref = getattr(r.model, key)
         if ref and not ref.startswith("builtin:"):

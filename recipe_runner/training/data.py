@@ -1,12 +1,15 @@
 """Training rows and their order: which rows each process sees at each micro-step.
 
 The order is a pure function of (seed, epoch), never of a global RNG or a DataLoader's state, so a resumed
-run can jump to any micro-step and see exactly the batches an uninterrupted run would have seen.
+run can jump to any micro-step and see exactly the batches an uninterrupted run would have seen. A
+streaming source (`stream_batches`) has no such plan: its rows come in the stream's order, and a resumed
+run continues from the position its checkpoint stored (data/stream.py).
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import os
 import signal
@@ -37,11 +40,13 @@ def load_rows(data_dir: Path, recipe: Recipe) -> DatasetDict:
             hint="build it first: recipe build-dataset RECIPE (recipe train does this when it is missing)",
         )
     data = load_from_disk(str(data_dir))
-    if not isinstance(data, DatasetDict) or "train" not in data:
+    # A streaming source's dataset/ holds only its first rows (preview, holdout): the stream is the rest.
+    split = "preview" if recipe.dataset.source.streams else "train"
+    if not isinstance(data, DatasetDict) or split not in data:
         raise UserError(
-            f"the dataset at {data_dir} has no `train` split", hint="rebuild it: recipe build-dataset"
+            f"the dataset at {data_dir} has no `{split}` split", hint="rebuild it: recipe build-dataset"
         )
-    train = data["train"]
+    train = data[split]
     missing = [c for c in COLUMNS if c not in train.column_names]
     if missing or len(train) == 0:
         what = f"lacks columns {', '.join(missing)}" if missing else "has no rows"
@@ -265,3 +270,23 @@ def micro_batches(
     )
     for batch, (_, positions) in zip(loader, schedule(), strict=True):
         yield batch, positions
+
+
+def stream_batches(
+    rows: Iterator[dict], batch_size: int, rank: int, resolution: int, channels: int
+) -> Iterator[tuple[dict, list[int]]]:
+    """(batch, global positions) from a streaming source's processed rows (data/stream.py), read in this
+    process as training asks: nothing is read ahead, so the stream's position is that of the steps done."""
+    positions = list(range(rank * batch_size, (rank + 1) * batch_size))
+    while True:
+        items = []
+        for row in itertools.islice(rows, batch_size):
+            items.append(
+                {
+                    "index": -1,  # no precompute cache to look rows up in
+                    "conditioning": to_conditioning(row["conditioning_image"], resolution, channels),
+                    "pixels": to_pixels(row["image"], resolution),
+                    "prompt": row["prompt"],
+                }
+            )
+        yield collate(items), positions

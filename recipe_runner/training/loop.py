@@ -19,7 +19,7 @@ import torch
 
 from recipe_runner.errors import Interrupted, RunFailed
 from recipe_runner.training import checkpoints, validation
-from recipe_runner.training.data import RowSource, loader_workers, micro_batches
+from recipe_runner.training.data import RowSource, loader_workers, micro_batches, stream_batches
 from recipe_runner.training.ema import averaged
 from recipe_runner.training.keys import resume_fields
 from recipe_runner.training.lora import trainable
@@ -51,7 +51,14 @@ class LoopState:
 
     def for_checkpoint(self, session: Session) -> dict:
         state = {k: v for k, v in asdict(self).items() if k in _RESUMED}
-        state["epoch"] = self.micro_step // session.plan.batches_per_epoch
+        if session.stream is not None:  # every process's place in its share of the stream
+            from accelerate.utils import gather_object
+
+            positions = gather_object([session.stream.position()])
+            state["stream"] = positions
+            state["epoch"] = positions[0]["epoch"]
+        else:
+            state["epoch"] = self.micro_step // session.plan.batches_per_epoch
         state["recipe_hash"] = session.recipe.content_hash()
         state["resume_fields"] = resume_fields(session.recipe)
         return state
@@ -145,6 +152,12 @@ def _evaluate(session: Session, state: LoopState, controlnet: torch.nn.Module) -
 
 def _micro_batches(session: Session, state: LoopState, total_micro: int) -> Iterator[tuple[dict, list[int]]]:
     recipe = session.recipe
+    if session.stream is not None:
+        rows = iter(session.stream)
+        rank = session.accelerator.process_index
+        res, channels = recipe.dataset.resolution, recipe.model.conditioning_channels
+        return stream_batches(rows, recipe.train.batch_size, rank, res, channels)
+    assert session.plan is not None
     source = RowSource(
         session.data["train"],
         None if recipe.dataset.buckets.enabled else recipe.dataset.resolution,

@@ -205,7 +205,7 @@ def trace(
     if dtype != torch.float32:  # what accelerator.prepare does to the ControlNet (the UNet runs in half)
         controlnet.forward = _autocast_forward(controlnet.forward, dtype, autocast_cache)
     on_device = [c.unet, controlnet]
-    if not train.precompute:  # reference mode: the encoders stay on the accelerator
+    if not recipe.precomputes:  # reference mode: the encoders stay on the accelerator
         place_encoders(c, recipe, "meta", dtype)
         on_device += [c.vae, *c.text_encoders]
 
@@ -249,7 +249,7 @@ def trace(
                     )
                 cond = torch.zeros(b, recipe.model.conditioning_channels, height, width)
                 with live.phase("inputs"):
-                    if train.precompute:
+                    if recipe.precomputes:
                         inputs = StepInputs(
                             torch.zeros(b, *shape, dtype=dtype),
                             torch.zeros(b, *shape, dtype=dtype),

@@ -32,7 +32,16 @@ def _front_matter(loaded: LoadedRecipe) -> str:
     return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n"
 
 
-_REPORT_FIELDS = ("source", "rows_out", "rows_dropped", "resolution", "buckets", "columns", "data_sha256")
+_REPORT_FIELDS = (
+    "source",
+    "streaming",
+    "rows_out",
+    "rows_dropped",
+    "resolution",
+    "buckets",
+    "columns",
+    "data_sha256",
+)
 
 
 def _dataset_summary(folder: RunFolder) -> str:

@@ -7,6 +7,7 @@ base in the half dtype, ControlNet in fp32, optimizer, lr schedule, accelerator.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
 from collections.abc import Iterator
@@ -52,7 +53,7 @@ class Session:
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
     data: DatasetDict
-    plan: BatchPlan
+    plan: BatchPlan | None  # None for a streaming source: `stream` gives the rows
     cache: EncodedCache | None
     weight_dtype: torch.dtype
     max_steps: int
@@ -61,6 +62,7 @@ class Session:
     ema: ControlNetEMA | None = None  # train.ema_decay's average of the ControlNet's weights
     precompute_seconds: float | None = None  # opening (or building) the precompute cache
     eval_condition: Any = None  # the condition evaluate.at_validation re-extracts with, set up once
+    stream: Any = None  # data/stream.py's StreamRows: this process's share of a streaming source
 
     @property
     def recipe(self) -> Recipe:
@@ -201,7 +203,7 @@ def open_session(
         c = load_components(loaded, base)
         c.family.check_scheduler(recipe, c)
     cache, precompute_seconds = None, None
-    if train.precompute:  # several processes: each encodes its share of the rows on its own device
+    if recipe.precomputes:  # several processes: each encodes its share of the rows on its own device
         shard = _shard(accelerator) if accelerator.num_processes > 1 else None
         started = time.perf_counter()
         cache = ensure_cache(loaded, folder, c, base, data["train"], device, dtype, console, shard)
@@ -210,7 +212,8 @@ def open_session(
     else:  # reference mode: prompts are encoded (and truncated) at each step
         place_encoders(c, recipe, device, dtype)
         if accelerator.is_main_process:
-            warn_overlong(c, list(dict.fromkeys(data["train"]["prompt"])), console)
+            rows = data["preview" if recipe.dataset.source.streams else "train"]  # a stream: its first rows
+            warn_overlong(c, list(dict.fromkeys(rows["prompt"])), console)
 
     controlnet = place_models(recipe, c, device, dtype)
     if train.compile:
@@ -221,10 +224,18 @@ def open_session(
     if train.scale_lr:
         lr *= train.gradient_accumulation_steps * train.batch_size * processes
     optimizer = features.make_optimizer(recipe, trainable(controlnet), lr)
-    plan = batch_plan(recipe, data["train"], processes, accelerator.process_index)
-    max_steps = train.max_steps or math.ceil(
-        train.num_epochs * plan.batches_per_epoch / train.gradient_accumulation_steps
-    )
+    plan, stream = None, None
+    if recipe.dataset.source.streams:  # validation requires max_steps: a stream's length is unknown
+        from recipe_runner.data.stream import StreamRows
+
+        held = frozenset(held_out_rows(folder))
+        stream = StreamRows(loaded, accelerator.process_index, processes, exclude=held)
+        max_steps = train.max_steps
+    else:
+        plan = batch_plan(recipe, data["train"], processes, accelerator.process_index)
+        max_steps = train.max_steps or math.ceil(
+            train.num_epochs * plan.batches_per_epoch / train.gradient_accumulation_steps
+        )
     # Like the reference: the prepared scheduler steps once per process per optimizer step.
     lr_scheduler = get_scheduler(
         train.lr_scheduler,
@@ -255,7 +266,16 @@ def open_session(
         console=console,
         ema=ema,
         precompute_seconds=precompute_seconds,
+        stream=stream,
     )
+
+
+def held_out_rows(folder: RunFolder) -> list[str]:
+    """The rows of a streaming source that the dataset stage held out (report.json), which training skips."""
+    try:
+        return list(json.loads((folder.dataset / "report.json").read_text()).get("holdout_ids") or [])
+    except (OSError, ValueError):
+        return []
 
 
 def tracker_config(loaded: LoadedRecipe) -> dict:

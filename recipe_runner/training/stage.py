@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from recipe_runner.errors import RunFailed
+from recipe_runner.errors import RunFailed, UserError
 from recipe_runner.families.loading import load_components, resolve_base
 from recipe_runner.recipe.loader import LoadedRecipe
 from recipe_runner.runfolder.atomic import atomic_dir
@@ -67,7 +67,7 @@ def prepare_training(
     recipe = loaded.recipe
     features.check_environment(recipe)
     base = resolve_base(loaded, folder.models_cache)
-    if not (recipe.train.precompute and precompute):
+    if not (recipe.precomputes and precompute):
         return PreparedTraining(base, None)
     data = load_rows(folder.dataset_data, recipe)
     dtype = features.weight_dtype(recipe)
@@ -180,6 +180,8 @@ def _start(session: Session, resume: bool) -> LoopState:
         saved = checkpoints.resume(accelerator, folder, resume_fields(session.recipe), say)
         if saved is not None:
             state = LoopState.from_checkpoint(saved)
+            if session.stream is not None:
+                _restore_stream(session, saved)
             before = saved_processes(saved["resume_fields"])
             if before is not None and before != accelerator.num_processes:
                 checkpoints.realign_schedule(
@@ -196,6 +198,29 @@ def _start(session: Session, resume: bool) -> LoopState:
         checkpoints.clear_for_fresh_start(folder, say)
     accelerator.wait_for_everyone()
     return LoopState()
+
+
+def _restore_stream(session: Session, saved: dict) -> None:
+    """Each process continues its share of a streaming source at the row after the checkpoint's."""
+    positions, processes = saved.get("stream"), session.accelerator.num_processes
+    if not positions:
+        raise UserError(
+            f"checkpoint {saved.get('path')} holds no stream position (made before the source streamed)",
+            hint="run without --resume to start over",
+        )
+    if len(positions) != processes:
+        raise UserError(
+            f"checkpoint {saved.get('path')} was made by {len(positions)} process(es), each reading its own "
+            f"share of the stream, and this run has {processes}: the shares would differ",
+            hint=f"resume with launch.num_processes: {len(positions)}, or run without --resume to start over",
+        )
+    session.stream.restore(positions[session.accelerator.process_index])
+
+
+def _stream_summary(session: Session) -> dict | None:
+    if session.stream is None:
+        return None
+    return {k: v for k, v in session.stream.position().items() if k != "state_dict"}
 
 
 def _save_controlnet(session: Session) -> None:
@@ -242,6 +267,8 @@ def _results(session: Session, state: LoopState, start_step: int, start_seconds:
         "peak_memory_accelerator_mb": peak_accelerator_memory_mb(),
         "device": str(session.device),
         "precomputed": session.cache is not None,
+        # A streaming source: where this process is in it (epoch, rows read in it, rows dropped so far).
+        "stream": _stream_summary(session),
         "precompute_seconds": session.precompute_seconds,  # 0.0-ish when the cache was already there
         "sample_grid": state.last_sample,
         "last_checkpoint": state.last_checkpoint,

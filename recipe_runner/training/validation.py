@@ -50,7 +50,12 @@ def validation_pairs(loaded: LoadedRecipe, data: DatasetDict) -> list[Validation
             except OSError as e:
                 raise UserError(f"train.validation.conditioning_images: cannot read {path}: {e}") from None
         return out
-    split = data["holdout"] if "holdout" in data and len(data["holdout"]) else data["train"]
+    # A streaming source's dataset/ has no train split: its preview holds the stream's first rows.
+    split = (
+        data["holdout"]
+        if "holdout" in data and len(data["holdout"])
+        else data.get("train", data.get("preview"))
+    )
     rows = split.select(range(min(v.num_rows, len(split))))
     return [
         ValidationPair(p, im.convert("RGB"))

@@ -34,7 +34,8 @@ BASE = {
 HUB, FILE = {"hub": "me/data"}, {"path": "data/rows.jsonl"}
 # The source a field of `dataset.source` applies to (`builtin` is changed to from a hub source).
 SOURCES = {"hub": HUB, "split": HUB, "config": HUB, "revision": HUB, "builtin": HUB, "path": FILE,
-           "format": FILE, "conditioning_dir": {"path": "images"}}  # fmt: skip
+           "format": FILE, "conditioning_dir": {"path": "images"}, "streaming": HUB, "webdataset": HUB,
+           "shuffle_buffer": {**HUB, "streaming": True}}  # fmt: skip
 # What a field needs around it to be changed at all (exact dotted path, or a prefix ending in ".").
 CONTEXT: dict[str, dict[str, Any]] = {
     "dataset.buckets.": {"dataset.buckets.enabled": True},
@@ -63,6 +64,7 @@ VALUES: dict[str, tuple[str, Any]] = {
     "dataset.buckets.step": ("dataset.buckets.step", 32),
     "dataset.source.builtin": ("dataset.source", {"builtin": "shapes", "num_samples": 64}),  # from a hub
     "dataset.source.path": ("dataset.source.path", "data/other.jsonl"),
+    "dataset.source.webdataset": ("dataset.source", {"webdataset": "shards/{0..1}.tar"}),  # from a hub
     "dataset.source.conditioning_dir": ("dataset.source.conditioning_dir", "conds"),
     "model.base": ("model.base", "builtin:shapes-sd"),
     "launch.mixed_precision": ("launch.mixed_precision", "bf16"),  # null is train's `no`: another one
