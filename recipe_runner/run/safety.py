@@ -44,13 +44,15 @@ def recipe_inputs(loaded: LoadedRecipe) -> Iterator[tuple[Path_, str, Path]]:
     for key in ("path", "conditioning_dir"):
         if (ref := getattr(src, key)) is not None:
             yield ("dataset", "source", key), f"dataset.source.{key}", loaded.resolve(ref)
-    if src.webdataset is not None:  # the folders holding the shards
+    if src.webdataset is not None:
+        # The shard files themselves, not their folder: a pattern reads only the files it names, so a run
+        # folder beside them (runs/ next to shards in the recipe's folder) touches none of them.
         try:
-            folders = dict.fromkeys(f.parent for f in shard_files(loaded))
+            shards = shard_files(loaded)
         except UserError:  # no shards yet: `recipe validate` says so
-            folders = {}
-        for folder in folders:
-            yield ("dataset", "source", "webdataset"), "the folder of dataset.source.webdataset", folder
+            shards = []
+        for shard in shards:
+            yield ("dataset", "source", "webdataset"), "a shard of dataset.source.webdataset", shard
     for key in ("base", "controlnet", "vae"):
         ref = getattr(r.model, key)
         if ref and not ref.startswith("builtin:"):

@@ -194,14 +194,15 @@ def test_a_bad_image_with_on_bad_image_error_names_the_shard_and_sample(recipe, 
     assert len(list(itertools.islice(iter(rows), 24))) == 24 and rows.dropped == 1
 
 
-def test_a_run_folder_inside_the_shards_folder_is_refused(write_recipe, cli, tmp_path):
+def test_a_run_folder_that_holds_a_shard_is_refused_one_beside_them_is_not(write_recipe, cli, tmp_path):
+    """The shards are inputs; their folder is not: a recipe, its shards and runs/ side by side in one
+    folder is the usual layout, and a run writes nothing that the pattern reads."""
     write_shapes_shards(tmp_path / "shards", rows=4, shards=1, resolution=32)
-    text = (
-        "name: t\ndataset:\n  source: {webdataset: 'shards/00000.tar'}\n  columns: {image: png, prompt: txt}\n"
-        f"output: {{dir: {tmp_path / 'shards' / 'run'}}}\n"
-    )
-    result = cli("validate", write_recipe(text))
-    assert result.exit_code == 2 and "dataset.source.webdataset" in result.output
+    text = "name: t\ndataset:\n  source: {webdataset: 'shards/00000.tar'}\n  columns: {image: png, prompt: txt}\n"
+    holds = cli("validate", write_recipe(text + f"output: {{dir: {tmp_path / 'shards'}}}\n"))
+    assert holds.exit_code == 2 and "holds a shard of dataset.source.webdataset" in holds.output
+    beside = cli("validate", write_recipe(text + f"output: {{dir: {tmp_path / 'shards' / 'run'}}}\n"))
+    assert beside.exit_code == 0, beside.output
 
 
 def test_a_hub_source_with_streaming_true_streams(recipe, monkeypatch):
