@@ -48,13 +48,15 @@ def _kill_and_resume(recipe: Path, out: Path, kills: int, rng: random.Random, ru
     """Start, SIGKILL after a random delay, repeat `kills` times, then let a resumed run finish.
 
     Delays are drawn over the uninterrupted run's own duration (start-up included), not fixed seconds:
-    a faster machine or faster training must not let every run finish before its kill."""
+    a faster machine or faster training must not let every run finish before its kill. At most 0.75 of
+    it: a run as fast as the reference's, on a machine whose load fell, still meets its kill (at 0.85 both
+    kills of one try missed)."""
     killed = 0
     for _ in range(kills):
         args = _recipe_cmd(recipe, out, "--resume") if out.exists() else _recipe_cmd(recipe, out)
         proc = subprocess.Popen(args, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            proc.wait(timeout=rng.uniform(0.3, 0.9) * run_seconds)
+            proc.wait(timeout=rng.uniform(0.25, 0.75) * run_seconds)
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
