@@ -72,6 +72,32 @@ def cli():
     return invoke
 
 
+HEAVY_MODULES = ("torch", "diffusers", "datasets", "transformers")
+
+
+def cli_in_a_fresh_process(*commands: list[str]) -> tuple[list[str], list[str]]:
+    """Run `recipe` commands in one new Python process (each must exit 0): (their outputs, which of
+    HEAVY_MODULES that process imported). For the commands that must start without torch."""
+    import json
+    import subprocess
+    import sys
+
+    code = (
+        "import json, sys\nfrom typer.testing import CliRunner\nfrom recipe_runner.cli import app\n"
+        "outputs = []\n"
+        f"for args in {[list(map(str, c)) for c in commands]!r}:\n"
+        "    r = CliRunner().invoke(app, args)\n"
+        "    assert r.exit_code == 0, r.output\n"
+        "    outputs.append(r.output)\n"
+        f"heavy = sorted(m for m in {HEAVY_MODULES!r} if m in sys.modules)\n"
+        "print(json.dumps([outputs, heavy]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    outputs, heavy = json.loads(done.stdout.strip().splitlines()[-1])
+    return outputs, heavy
+
+
 def write_shapes_shards(
     folder: Path, rows: int, shards: int, *, resolution: int = 64, seed: int = 0, image_ext: str = "png"
 ) -> Path:

@@ -92,7 +92,7 @@ def _build(loaded: LoadedRecipe, tmp: Path, inputs: dict, console: Console | Non
     import datasets
 
     from recipe_runner.data import preview
-    from recipe_runner.data.process import BOOKKEEPING, DROP, FILE, NOTES, RowError
+    from recipe_runner.data.process import BOOKKEEPING, DROP, FILE, NOTES, RowError, row_plan
 
     spec, key = loaded.recipe.dataset, digest(inputs)
     if spec.source.streams:
@@ -100,7 +100,7 @@ def _build(loaded: LoadedRecipe, tmp: Path, inputs: dict, console: Console | Non
     work = tmp / ".work"  # datasets' cache files: on the run folder's disk, removed before the rename
     try:
         source = load_source(loaded, work)
-        plan = _row_plan(loaded, source)
+        plan = row_plan(loaded, source)
         condition = None
         if plan.conditioning_column is None:
             from recipe_runner.conditions import build_condition
@@ -242,12 +242,6 @@ def _columns(loaded: LoadedRecipe, plan: RowPlan) -> dict:
         "conditioning_image": plan.conditioning_column or f"computed: {loaded.recipe.condition.type}",
         "prompt": plan.prompt_column if plan.prompt_template is None else f"template: {plan.prompt_template}",
     }
-
-
-def _row_plan(loaded: LoadedRecipe, source: SourceData) -> RowPlan:
-    from recipe_runner.data.process import row_plan
-
-    return row_plan(loaded, source)
 
 
 def _order(n: int, spec: DatasetSpec, seed: int) -> Any:

@@ -1,6 +1,6 @@
 """The column names a recipe gives, checked against a local source's header at `recipe validate` time.
 
-The build (`data/build.py` `_row_plan`) stops on a misspelt column only after loading the data; here the
+The build (`data/process.py` `row_plan`) stops on a misspelt column only after loading the data; here the
 same names are checked by reading only a header: a jsonl's first row, a csv's header line, a parquet
 footer, an arrow schema, a saved dataset's dataset_info.json, an image folder's metadata file plus the
 columns its loader adds (`data/sources.py`). A name is reported only when the source cannot have it,
@@ -89,7 +89,7 @@ def _template_fields(template: str) -> list[str] | None:
 
 
 def _named(loaded: LoadedRecipe) -> list[tuple[Path_, str, str]]:
-    """(field, column, message prefix) for each column the build will look up, as `_row_plan` does."""
+    """(field, column, message prefix) for each column the build will look up, as `row_plan` does."""
     spec = loaded.recipe.dataset
     out: list[tuple[Path_, str, str]] = [(("dataset", "columns", "image"), spec.columns.image, "")]
     if spec.columns.conditioning_image is not None:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import cli_in_a_fresh_process
 
 RECIPE = """\
 name: x
@@ -182,18 +182,8 @@ def test_does_not_import_torch(write_recipe, tmp_path, command):
         if command == "plan"
         else ["diff", str(recipe), str(recipe)]
     )
-    code = (
-        "import sys\n"
-        "from typer.testing import CliRunner\n"
-        "from recipe_runner.cli import app\n"
-        f"r = CliRunner().invoke(app, {args!r})\n"
-        "assert r.exit_code == 0, r.output\n"
-        "heavy = sorted(m for m in ('torch', 'diffusers', 'datasets', 'transformers') if m in sys.modules)\n"
-        "print('HEAVY', heavy)\n"
-    )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert "HEAVY []" in done.stdout
+    _, heavy = cli_in_a_fresh_process(args)
+    assert heavy == []
 
 
 def test_trace_gives_the_step_peak_from_the_models_configs_alone(cli, write_recipe, tmp_path):

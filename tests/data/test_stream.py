@@ -14,7 +14,7 @@ import pytest
 
 from recipe_runner.errors import RecipeError, UserError
 from recipe_runner.recipe.shards import expand_braces
-from tests.conftest import write_shapes_shards
+from tests.conftest import cli_in_a_fresh_process, write_shapes_shards
 
 STREAM = {"webdataset": "shards/{00000..00003}.tar"}
 COLUMNS = {"image": "png", "prompt": "txt"}
@@ -262,24 +262,11 @@ def test_streamed_rows_are_the_built_rows_of_the_same_images(recipe, build, buil
 
 
 def test_validate_and_plan_of_a_streaming_recipe_import_no_torch_or_datasets(write_recipe, tmp_path):
-    import subprocess
-    import sys
-
     write_shapes_shards(tmp_path / "shards", rows=4, shards=2, resolution=32)
     recipe = write_recipe(
         "name: t\ndataset:\n  source: {webdataset: 'shards/{00000..00001}.tar'}\n"
         "  columns: {image: png, prompt: txt}\n  resolution: 32\nmodel: {base: 'builtin:tiny-sd'}\n"
         "train: {max_steps: 2, batch_size: 2}\n"
     )
-    code = (
-        "import sys\nfrom typer.testing import CliRunner\nfrom recipe_runner.cli import app\n"
-        f"for args in (['validate', {str(recipe)!r}], ['plan', {str(recipe)!r}, '-o', {str(tmp_path / 'run')!r}]):\n"
-        "    r = CliRunner().invoke(app, args)\n"
-        "    assert r.exit_code == 0, r.output\n"
-        "print('PLAN', r.output.replace(chr(10), ' '))\n"
-        "heavy = sorted(m for m in ('torch', 'diffusers', 'datasets', 'transformers') if m in sys.modules)\n"
-        "print('HEAVY', heavy)\n"
-    )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert "HEAVY []" in done.stdout and "streamed from 2 WebDataset shards" in done.stdout
+    (_, plan), heavy = cli_in_a_fresh_process(["validate", recipe], ["plan", recipe, "-o", tmp_path / "run"])
+    assert heavy == [] and "streamed from 2 WebDataset shards" in plan.replace("\n", " ")

@@ -296,13 +296,13 @@ def test_what_the_build_may_accept_stays_valid(cli, write_recipe, tmp_path, name
 
 
 def _build_rejects(loaded, work: Path) -> str | None:
-    """The build's own column check (`_row_plan` on the loaded source): its message, or None."""
-    from recipe_runner.data.build import _row_plan
+    """The build's own column check (`row_plan` on the loaded source): its message, or None."""
+    from recipe_runner.data.process import row_plan
     from recipe_runner.data.sources import load_source
     from recipe_runner.errors import UserError
 
     try:
-        _row_plan(loaded, load_source(loaded, work))
+        row_plan(loaded, load_source(loaded, work))
     except UserError as e:
         return e.message
     return None
