@@ -10,7 +10,6 @@ import contextlib
 import io
 from typing import Any
 
-import cv2
 import numpy as np
 from PIL import Image
 
@@ -50,6 +49,8 @@ class MediapipeFace(BaseCondition):
         return _import_detector("mediapipe_face.mediapipe_face_common", "generate_annotation")
 
     def _apply(self, image: Image.Image) -> np.ndarray:
+        import cv2  # here, not at the top: conditions/simple.py says why
+
         rgb = np.asarray(image)
         h, w = rgb.shape[:2]
         k = DETECT_RESOLUTION / min(h, w)

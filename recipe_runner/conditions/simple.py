@@ -1,8 +1,11 @@
-"""Conditions computed with OpenCV and NumPy alone: no weights, no torch, no controlnet_aux."""
+"""Conditions computed with OpenCV and NumPy alone: no weights, no torch, no controlnet_aux.
+
+OpenCV is imported where it is used: a run whose dataset brings its own conditioning images never
+loads it (40 MiB of a training process's memory).
+"""
 
 from __future__ import annotations
 
-import cv2
 import numpy as np
 from PIL import Image
 
@@ -18,6 +21,8 @@ from recipe_runner.recipe.condition import (
 def _edges(rgb: np.ndarray, low: int, high: int) -> np.ndarray:
     # On the colour image, as ControlNet's own canny annotator does: edges between colours of equal
     # brightness count too.
+    import cv2
+
     return cv2.Canny(rgb, low, high)
 
 
@@ -28,6 +33,8 @@ class Canny(BaseCondition):
     cfg: CannyCondition
 
     def _apply(self, image: Image.Image) -> np.ndarray:
+        import cv2
+
         edges = _edges(np.asarray(image), self.cfg.low_threshold, self.cfg.high_threshold)
         return cv2.cvtColor(edges, cv2.COLOR_GRAY2RGB)
 
@@ -39,6 +46,8 @@ class Scribble(BaseCondition):
     cfg: ScribbleCondition
 
     def _apply(self, image: Image.Image) -> np.ndarray:
+        import cv2
+
         edges = _edges(np.asarray(image), self.cfg.low_threshold, self.cfg.high_threshold)
         t = self.cfg.thickness
         if t > 1:
@@ -48,6 +57,8 @@ class Scribble(BaseCondition):
 
 def _noise_disk(rng: np.random.Generator, h: int, w: int, f: int) -> np.ndarray:
     # controlnet_aux.util.make_noise_disk, drawing from `rng` instead of the global RNG.
+    import cv2
+
     noise = rng.uniform(0.0, 1.0, size=(h // f + 2, w // f + 2))
     noise = cv2.resize(noise, (w + 2 * f, h + 2 * f), interpolation=cv2.INTER_CUBIC)[f : f + h, f : f + w]
     noise -= noise.min()
@@ -66,6 +77,8 @@ class Shuffle(BaseCondition):
     cfg: ShuffleCondition
 
     def _apply(self, image: Image.Image) -> np.ndarray:
+        import cv2
+
         rgb = np.asarray(image)
         h, w = rgb.shape[:2]
         rng = np.random.default_rng(image_seed(rgb))
