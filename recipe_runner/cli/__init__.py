@@ -9,7 +9,9 @@ from recipe_runner.cli.app import app
 
 
 def main() -> None:
-    app()
+    from recipe_runner.cli.process import run_and_exit
+
+    run_and_exit(app)
 
 
 __all__ = ["app", "main"]

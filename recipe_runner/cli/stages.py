@@ -14,6 +14,7 @@ import typer
 
 from recipe_runner.cli.app import JsonOpt, OutputDirOpt, QuietOpt, SetOpt, app, load_checked
 from recipe_runner.cli.output import emit_json, err, handles_errors
+from recipe_runner.cli.process import keep_out
 
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the newest complete checkpoint.")]
 
@@ -39,9 +40,11 @@ def _threads_for(loaded) -> None:
             os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 
-def _heavy() -> None:
+def _heavy(*, sampling_only: bool = False) -> None:
     from recipe_runner.runfolder.log import quiet_libraries
 
+    if sampling_only:
+        keep_out(None)
     quiet_libraries()
 
 
@@ -52,6 +55,7 @@ def _run(file: Path, overrides, output_dir, stages, *, resume=False, quiet=False
 
     loaded = load_checked(file, overrides, output_dir=output_dir)
     _threads_for(loaded)
+    keep_out(loaded.recipe)  # optional packages the run will not use, before the libraries import them
     # No _heavy() here: run_recipe quiets the libraries once it knows a stage will run, so that a run
     # with nothing to do never imports torch or diffusers.
     with json_lines(json_) as emit:
@@ -140,7 +144,7 @@ def sample(
     """Generate images from a trained run; saved under RUN_DIR/samples/."""
     from recipe_runner.run.sample import sample_run
 
-    _heavy()
+    _heavy(sampling_only=True)
     result = sample_run(
         run_dir,
         condition,
@@ -166,7 +170,7 @@ def evaluate(
     """Condition fidelity of a trained run against its base model, on held-out conditions."""
     from recipe_runner.run.pipeline import evaluate_run
 
-    _heavy()
+    _heavy(sampling_only=True)
     result = evaluate_run(run_dir, quiet=json_)
     if json_:
         emit_json(result)
