@@ -1,12 +1,14 @@
-"""The `recipe` process itself: optional packages it will not use kept out of it, and a quick exit.
+"""The `recipe` process itself: optional packages it will not use kept out of it, how busy the machine
+was as it started, and a quick exit.
 
-Both only for a process the command line started. In-process callers (tests, notebooks) keep every
-package and their interpreter's normal exit.
+Keeping packages out and the quick exit apply only to a process the command line started. In-process
+callers (tests, notebooks) keep every package and their interpreter's normal exit.
 
 Measured on the 2-core CPU (importing what a training run imports, then exiting; benchmarks/RESULTS.md):
 - diffusers imports torch._dynamo, which imports triton (100 MiB, 0.6 s) for GPU kernels, and peft
   imports bitsandbytes, which imports torch._inductor (1-1.5 s). A CPU run without torch.compile uses
   neither, and a recipe without 8-bit AdamW never calls bitsandbytes.
+- diffusers' schedulers import scipy.stats (60 MiB, 0.3 s), for beta sigmas only.
 - Python's own teardown of torch's CUDA build took 1.4-1.7 s and touched 184 MiB more than the run's
   peak, every run, after everything was written.
 """
@@ -14,24 +16,41 @@ Measured on the 2-core CPU (importing what a training run imports, then exiting;
 from __future__ import annotations
 
 import atexit
+import json
 import logging
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+from recipe_runner.recipe.checks import looks_local
+from recipe_runner.recipe.loader import LoadedRecipe
 from recipe_runner.recipe.recipe import Recipe
 
 _command_line = False  # set by run_and_exit: this process is `recipe ...` or `python -m recipe_runner ...`
+_cpu_at_start: tuple[float, float, float] | None = None  # _cpu_now() as run_and_exit began
 
 # Device nodes of NVIDIA's and AMD's drivers: where they exist, triton may compile GPU kernels.
 GPU_DEVICE_NODES = ("/dev/nvidiactl", "/dev/kfd")
 
 
-def unused_packages(recipe: Recipe | None, *, gpu_nodes: tuple[str, ...] = GPU_DEVICE_NODES) -> list[str]:
+# Conditions made (conditions/simple.py) and scored (evaluate/metrics.py) with OpenCV and NumPy alone. The
+# others may call scipy: controlnet_aux's annotators do, and so does scikit-image's SSIM, evaluate's score
+# for the conditions without a metric of their own.
+SCIPY_FREE_CONDITIONS = frozenset({"canny", "scribble", "color_palette"})
+
+
+def unused_packages(
+    recipe: Recipe | None,
+    *,
+    gpu_nodes: tuple[str, ...] = GPU_DEVICE_NODES,
+    scheduler: dict[str, Any] | None = None,
+) -> list[str]:
     """The optional packages a run of `recipe` (None: sampling only) never calls, though the libraries
-    import them when they are installed."""
+    import them when they are installed. `scheduler`: the base's scheduler config (None: unknown)."""
     unused = []
     if recipe is None or recipe.train.optimizer != "adamw_8bit":
         unused.append("bitsandbytes")
@@ -39,18 +58,51 @@ def unused_packages(recipe: Recipe | None, *, gpu_nodes: tuple[str, ...] = GPU_D
     gpu = any(Path(node).exists() for node in gpu_nodes)
     if not gpu and (recipe is None or (not recipe.train.compile and recipe.train.attention != "xformers")):
         unused.append("triton")
+    # scipy: diffusers' schedulers call it only for beta sigmas, which the base's scheduler config sets
+    if (
+        recipe is not None
+        and recipe.condition.type in SCIPY_FREE_CONDITIONS
+        and scheduler is not None
+        and not scheduler.get("use_beta_sigmas")
+    ):
+        unused.append("scipy")
     return unused
 
 
-def keep_out(recipe: Recipe | None) -> None:
-    """In a process the command line started, before torch is imported: make `import NAME` fail for
-    each of `unused_packages`, as if it were not installed.
+def scheduler_config(loaded: LoadedRecipe) -> dict[str, Any] | None:
+    """The base model's scheduler config, if it can be read without loading anything or going online:
+    a local folder's, a hub model's already in the hub cache, a builtin's (none sets beta sigmas)."""
+    spec = loaded.recipe.model
+    if spec.base.startswith("builtin:"):
+        return {}
+    name = "scheduler/scheduler_config.json"
+    if looks_local(spec.base) or loaded.resolve(spec.base).is_dir():
+        found: object = loaded.resolve(spec.base) / name
+    else:
+        from huggingface_hub import try_to_load_from_cache
 
-    The libraries import these inside `try: ... except ImportError` (peft, torch._dynamo) or check them
-    with importlib.util.find_spec (diffusers, peft), which then answers None."""
+        found = try_to_load_from_cache(spec.base, name, revision=spec.revision)
+    try:
+        config = (
+            json.loads(Path(found).read_text(encoding="utf-8")) if isinstance(found, (str, Path)) else None
+        )
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def keep_out(loaded: LoadedRecipe | None) -> None:
+    """In a process the command line started, before torch is imported: make `import NAME` fail for
+    each of `unused_packages` of `loaded`'s recipe (None: sampling only), as if it were not installed.
+
+    The libraries import these inside `try: ... except ImportError` (peft, torch._dynamo, diffusers'
+    schedulers) or check them with importlib.util.find_spec (diffusers, peft), which then answers None."""
     if not _command_line or "torch" in sys.modules:
         return
-    packages = unused_packages(recipe)
+    if loaded is None:
+        packages = unused_packages(None)
+    else:
+        packages = unused_packages(loaded.recipe, scheduler=scheduler_config(loaded))
     for name in packages:
         sys.modules.setdefault(name, None)  # type: ignore[arg-type]  (None in sys.modules: "not installed")
     if "triton" in packages:  # torch warns once, at import, that it cannot count triton kernels' FLOPs
@@ -64,8 +116,9 @@ def run_and_exit(app: Callable[[], object]) -> None:
     then every exit handler runs (logging's, and those of whatever started us: coverage, profilers,
     benchmarks/step_clock.py), then the output is flushed. What is skipped is freeing each module and
     object one by one, which the operating system does at once."""
-    global _command_line
+    global _command_line, _cpu_at_start
     _command_line = True
+    _cpu_at_start = _cpu_now()
     try:
         app()
         code = 0
@@ -75,6 +128,33 @@ def run_and_exit(app: Callable[[], object]) -> None:
         code = e.code or 0
     if "torch" in sys.modules:
         _exit_now(code)
+
+
+def _cpu_now() -> tuple[float, float, float]:
+    """(monotonic time, CPU seconds the whole machine has spent busy, CPU seconds of this process)."""
+    import psutil
+
+    t = psutil.cpu_times()
+    busy = sum(getattr(t, f, 0.0) for f in ("user", "nice", "system", "irq", "softirq", "steal"))
+    own = os.times()
+    return time.monotonic(), busy, own.user + own.system
+
+
+def others_cpu_percent(least_s: float = 0.2) -> float:
+    """The share of the machine's CPU time (percent) that other processes used since the command line
+    started, over `least_s` seconds at least (waiting for the rest).
+
+    Sampled from the start, while the recipe loads, and not over a pause of its own (0.2 s of every run
+    before): this process's own CPU time is left out of the machine's."""
+    import psutil
+
+    start = _cpu_at_start or _cpu_now()
+    waited = time.monotonic() - start[0]
+    if waited < least_s:
+        time.sleep(least_s - waited)
+    end = _cpu_now()
+    others = (end[1] - start[1]) - (end[2] - start[2])
+    return max(0.0, 100.0 * others / ((end[0] - start[0]) * (psutil.cpu_count() or 1)))
 
 
 def _exit_now(code: int) -> None:

@@ -12,9 +12,9 @@ from typing import Annotated
 
 import typer
 
+from recipe_runner.cli import process
 from recipe_runner.cli.app import JsonOpt, OutputDirOpt, QuietOpt, SetOpt, app, load_checked
 from recipe_runner.cli.output import emit_json, err, handles_errors
-from recipe_runner.cli.process import keep_out
 
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the newest complete checkpoint.")]
 
@@ -33,18 +33,15 @@ def _threads_for(loaded) -> None:
         return
     if loaded.recipe.train.threads is not None:
         os.environ["OMP_NUM_THREADS"] = str(loaded.recipe.train.threads)
-    if "OMP_WAIT_POLICY" not in os.environ:
-        import psutil
-
-        if psutil.cpu_percent(interval=0.2) >= BUSY_PERCENT:
-            os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    if "OMP_WAIT_POLICY" not in os.environ and process.others_cpu_percent() >= BUSY_PERCENT:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 
 def _heavy(*, sampling_only: bool = False) -> None:
     from recipe_runner.runfolder.log import quiet_libraries
 
     if sampling_only:
-        keep_out(None)
+        process.keep_out(None)
     quiet_libraries()
 
 
@@ -55,7 +52,7 @@ def _run(file: Path, overrides, output_dir, stages, *, resume=False, quiet=False
 
     loaded = load_checked(file, overrides, output_dir=output_dir)
     _threads_for(loaded)
-    keep_out(loaded.recipe)  # optional packages the run will not use, before the libraries import them
+    process.keep_out(loaded)  # optional packages the run will not use, before the libraries import them
     # No _heavy() here: run_recipe quiets the libraries once it knows a stage will run, so that a run
     # with nothing to do never imports torch or diffusers.
     with json_lines(json_) as emit:

@@ -7,21 +7,29 @@ import json
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from recipe_runner.cli import process
+from recipe_runner.recipe.loader import LoadedRecipe, load_recipe
 from recipe_runner.recipe.recipe import Recipe
 from tests.conftest import MINIMAL
 
 
-def _recipe(**train: object) -> Recipe:
-    import yaml
-
+def _recipe(condition: str = "canny", **train: object) -> Recipe:
     data = yaml.safe_load(MINIMAL)
     data["train"].update(train)
+    data["condition"] = {"type": condition}
     return Recipe.model_validate(data)
+
+
+def _loaded(tmp_path: Path, base: str) -> LoadedRecipe:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(MINIMAL.replace("builtin:tiny-sd", base), encoding="utf-8")
+    return load_recipe(path)
 
 
 def test_unused_packages_follow_the_recipe_and_the_machine(tmp_path: Path) -> None:
@@ -35,14 +43,82 @@ def test_unused_packages_follow_the_recipe_and_the_machine(tmp_path: Path) -> No
     assert process.unused_packages(None, gpu_nodes=none) == ["bitsandbytes", "triton"]  # sampling
 
 
+def test_scipy_is_kept_out_only_where_nothing_can_call_it() -> None:
+    none: tuple[str, ...] = ()
+    unused = lambda recipe, scheduler: process.unused_packages(recipe, gpu_nodes=none, scheduler=scheduler)  # noqa: E731
+    assert "scipy" in unused(_recipe("canny"), {"_class_name": "DDPMScheduler"})
+    assert "scipy" in unused(_recipe("color_palette"), {})
+    assert "scipy" not in unused(_recipe("openpose"), {})  # controlnet_aux's openpose calls scipy
+    assert "scipy" not in unused(_recipe("shuffle"), {})  # evaluated with scikit-image's SSIM
+    assert "scipy" not in unused(_recipe("canny"), {"use_beta_sigmas": True})
+    assert "scipy" not in unused(_recipe("canny"), None)  # the scheduler's config is not known
+    assert "scipy" not in unused(None, {})
+
+
+def test_the_scheduler_config_is_read_without_loading_or_going_online(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert process.scheduler_config(_loaded(tmp_path, "builtin:tiny-sd")) == {}
+    folder = tmp_path / "base"
+    (folder / "scheduler").mkdir(parents=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text('{"use_beta_sigmas": true}')
+    assert process.scheduler_config(_loaded(tmp_path, "./base")) == {"use_beta_sigmas": True}
+    (folder / "scheduler" / "scheduler_config.json").write_text("{not json")
+    assert process.scheduler_config(_loaded(tmp_path, "./base")) is None
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    assert process.scheduler_config(_loaded(tmp_path, "someone/not-downloaded")) is None
+
+
+def test_the_machine_s_busy_share_leaves_this_process_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sampled since the command line started: our own work meanwhile (loading the recipe) is not another
+    process's. (time, machine's busy CPU s, our CPU s) at the start and at the end, on 2 CPUs:"""
+    import psutil
+
+    monkeypatch.setattr(psutil, "cpu_count", lambda: 2)
+    monkeypatch.setattr(process, "_cpu_at_start", (0.0, 100.0, 10.0))
+    monkeypatch.setattr(process.time, "monotonic", lambda: 1.0)
+    monkeypatch.setattr(process, "_cpu_now", lambda: (1.0, 101.5, 11.5))  # all of it ours
+    assert process.others_cpu_percent() == 0.0
+    monkeypatch.setattr(process, "_cpu_now", lambda: (1.0, 101.5, 10.5))  # one CPU-second someone else's
+    assert process.others_cpu_percent() == 50.0
+
+
+def test_another_busy_process_counts() -> None:
+    spinner = subprocess.Popen(
+        [sys.executable, "-c", "import time\nend = time.time() + 3\nwhile time.time() < end: pass"]
+    )
+    try:
+        time.sleep(0.5)  # the child starts
+        start = process._cpu_now()
+        began = time.monotonic()
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(process, "_cpu_at_start", start)
+            share = process.others_cpu_percent(least_s=0.5)
+        assert time.monotonic() - began >= 0.5  # it waited out the rest of the interval
+        assert share > process_share_of_one_core(0.5)
+    finally:
+        spinner.kill()
+        spinner.wait()
+
+
+def process_share_of_one_core(fraction: float) -> float:
+    """`fraction` of one core, as a percentage of the whole machine's CPU time."""
+    import psutil
+
+    return 100.0 * fraction / (psutil.cpu_count() or 1)
+
+
 def test_an_in_process_caller_keeps_every_package(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(process, "_command_line", False)
     for name in ("torch", "bitsandbytes", "triton"):  # as if none were imported yet
         monkeypatch.delitem(sys.modules, name, raising=False)
-    process.keep_out(_recipe())
+    process.keep_out(None)
     assert "bitsandbytes" not in sys.modules and "triton" not in sys.modules
     monkeypatch.setattr(process, "_command_line", True)  # what the test would see if it were `recipe`
-    process.keep_out(_recipe())
+    process.keep_out(None)
     assert sys.modules["bitsandbytes"] is None and sys.modules["triton"] is None
 
 
@@ -87,7 +163,7 @@ def test_a_run_keeps_out_what_it_does_not_use_and_skips_only_the_teardown(tmp_pa
         import atexit, json, runpy, sys
 
         def report():
-            names = ("torch", "triton", "bitsandbytes", "torch._inductor.compile_fx")
+            names = ("torch", "triton", "bitsandbytes", "torch._inductor.compile_fx", "scipy")
             with open({str(report)!r}, "w") as f:
                 json.dump({{n: sys.modules.get(n) is not None for n in names}}, f)
 
@@ -110,5 +186,6 @@ def test_a_run_keeps_out_what_it_does_not_use_and_skips_only_the_teardown(tmp_pa
         "triton": False,
         "bitsandbytes": False,
         "torch._inductor.compile_fx": False,
+        "scipy": False,
     }
     assert not finalised.exists()  # no module-by-module teardown

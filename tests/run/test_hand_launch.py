@@ -77,9 +77,7 @@ def test_train_threads_is_set_before_torch_starts_its_threads(tmp_path):
 
 def test_threads_sleep_when_the_machine_is_busy_as_a_run_starts(monkeypatch, tmp_path):
     """OMP_WAIT_POLICY: PASSIVE beside other work, untouched on an idle machine or when the user set it."""
-    import psutil
-
-    from recipe_runner.cli import stages
+    from recipe_runner.cli import process, stages
     from recipe_runner.recipe.loader import load_recipe
 
     recipe = tmp_path / "r.yaml"
@@ -87,7 +85,7 @@ def test_threads_sleep_when_the_machine_is_busy_as_a_run_starts(monkeypatch, tmp
     loaded = load_recipe(recipe)
     monkeypatch.setattr(stages, "sys", type("S", (), {"modules": {}})())  # as if torch were not loaded yet
     for busy, given, expected in [(80.0, None, "PASSIVE"), (3.0, None, None), (80.0, "ACTIVE", "ACTIVE")]:
-        monkeypatch.setattr(psutil, "cpu_percent", lambda interval, busy=busy: busy)
+        monkeypatch.setattr(process, "others_cpu_percent", lambda busy=busy: busy)
         if given is None:
             monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
         else:
