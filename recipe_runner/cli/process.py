@@ -8,7 +8,8 @@ Measured on the 2-core CPU (importing what a training run imports, then exiting;
 - diffusers imports torch._dynamo, which imports triton (100 MiB, 0.6 s) for GPU kernels, and peft
   imports bitsandbytes, which imports torch._inductor (1-1.5 s). A CPU run without torch.compile uses
   neither, and a recipe without 8-bit AdamW never calls bitsandbytes.
-- diffusers' schedulers import scipy.stats (60 MiB, 0.3 s), for beta sigmas only.
+- diffusers' schedulers import scipy.stats (60 MiB, 0.3 s), for beta sigmas only, and transformers'
+  image utilities import torchvision (57 MiB), which controlnet_aux's annotators need, not training.
 - Python's own teardown of torch's CUDA build took 1.4-1.7 s and touched 184 MiB more than the run's
   peak, every run, after everything was written.
 """
@@ -38,9 +39,9 @@ GPU_DEVICE_NODES = ("/dev/nvidiactl", "/dev/kfd")
 
 
 # Conditions made (conditions/simple.py) and scored (evaluate/metrics.py) with OpenCV and NumPy alone. The
-# others may call scipy: controlnet_aux's annotators do, and so does scikit-image's SSIM, evaluate's score
-# for the conditions without a metric of their own.
-SCIPY_FREE_CONDITIONS = frozenset({"canny", "scribble", "color_palette"})
+# others may call scipy and torchvision: controlnet_aux's annotators do, and scikit-image's SSIM, evaluate's
+# score for the conditions without a metric of their own, calls scipy.
+OPENCV_CONDITIONS = frozenset({"canny", "scribble", "color_palette"})
 
 
 def unused_packages(
@@ -58,14 +59,12 @@ def unused_packages(
     gpu = any(Path(node).exists() for node in gpu_nodes)
     if not gpu and (recipe is None or (not recipe.train.compile and recipe.train.attention != "xformers")):
         unused.append("triton")
+    opencv_only = recipe is not None and recipe.condition.type in OPENCV_CONDITIONS
     # scipy: diffusers' schedulers call it only for beta sigmas, which the base's scheduler config sets
-    if (
-        recipe is not None
-        and recipe.condition.type in SCIPY_FREE_CONDITIONS
-        and scheduler is not None
-        and not scheduler.get("use_beta_sigmas")
-    ):
+    if opencv_only and scheduler is not None and not scheduler.get("use_beta_sigmas"):
         unused.append("scipy")
+    if opencv_only:  # diffusers and transformers use torchvision only for models and pipelines we never load
+        unused.append("torchvision")
     return unused
 
 

@@ -34,16 +34,17 @@ def _loaded(tmp_path: Path, base: str) -> LoadedRecipe:
 
 def test_unused_packages_follow_the_recipe_and_the_machine(tmp_path: Path) -> None:
     none: tuple[str, ...] = ()
-    assert process.unused_packages(_recipe(), gpu_nodes=none) == ["bitsandbytes", "triton"]
-    assert process.unused_packages(_recipe(optimizer="adamw_8bit"), gpu_nodes=none) == ["triton"]
-    assert process.unused_packages(_recipe(compile=True), gpu_nodes=none) == ["bitsandbytes"]
+    depth = "depth"  # a condition that may need scipy and torchvision: neither is kept out
+    assert process.unused_packages(_recipe(depth), gpu_nodes=none) == ["bitsandbytes", "triton"]
+    assert process.unused_packages(_recipe(depth, optimizer="adamw_8bit"), gpu_nodes=none) == ["triton"]
+    assert process.unused_packages(_recipe(depth, compile=True), gpu_nodes=none) == ["bitsandbytes"]
     node = tmp_path / "nvidiactl"
     node.touch()
-    assert process.unused_packages(_recipe(), gpu_nodes=(str(node),)) == ["bitsandbytes"]
+    assert process.unused_packages(_recipe(depth), gpu_nodes=(str(node),)) == ["bitsandbytes"]
     assert process.unused_packages(None, gpu_nodes=none) == ["bitsandbytes", "triton"]  # sampling
 
 
-def test_scipy_is_kept_out_only_where_nothing_can_call_it() -> None:
+def test_scipy_and_torchvision_are_kept_out_only_where_nothing_can_call_them() -> None:
     none: tuple[str, ...] = ()
     unused = lambda recipe, scheduler: process.unused_packages(recipe, gpu_nodes=none, scheduler=scheduler)  # noqa: E731
     assert "scipy" in unused(_recipe("canny"), {"_class_name": "DDPMScheduler"})
@@ -53,6 +54,9 @@ def test_scipy_is_kept_out_only_where_nothing_can_call_it() -> None:
     assert "scipy" not in unused(_recipe("canny"), {"use_beta_sigmas": True})
     assert "scipy" not in unused(_recipe("canny"), None)  # the scheduler's config is not known
     assert "scipy" not in unused(None, {})
+    assert "torchvision" in unused(_recipe("canny"), None)
+    assert "torchvision" not in unused(_recipe("depth"), {})  # controlnet_aux's annotators need it
+    assert "torchvision" not in unused(None, {})  # `recipe evaluate` may run annotators
 
 
 def test_the_scheduler_config_is_read_without_loading_or_going_online(
@@ -163,7 +167,7 @@ def test_a_run_keeps_out_what_it_does_not_use_and_skips_only_the_teardown(tmp_pa
         import atexit, json, runpy, sys
 
         def report():
-            names = ("torch", "triton", "bitsandbytes", "torch._inductor.compile_fx", "scipy")
+            names = ("torch", "triton", "bitsandbytes", "torch._inductor.compile_fx", "scipy", "torchvision")
             with open({str(report)!r}, "w") as f:
                 json.dump({{n: sys.modules.get(n) is not None for n in names}}, f)
 
@@ -187,5 +191,6 @@ def test_a_run_keeps_out_what_it_does_not_use_and_skips_only_the_teardown(tmp_pa
         "bitsandbytes": False,
         "torch._inductor.compile_fx": False,
         "scipy": False,
+        "torchvision": False,
     }
     assert not finalised.exists()  # no module-by-module teardown
