@@ -160,9 +160,15 @@ def _exit_now(code: int) -> None:
     run_exit_handlers = getattr(atexit, "_run_exitfuncs", None)  # CPython's; absent elsewhere
     if run_exit_handlers is None:
         sys.exit(code)
-    for thread in threading.enumerate():
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()
+    # What the interpreter does first at exit: threading's own exit callbacks (they stop the idle workers
+    # of thread pools nobody shut down, which would otherwise wait forever), then join non-daemon threads.
+    shutdown_threads = getattr(threading, "_shutdown", None)  # CPython's
+    if shutdown_threads is not None:
+        shutdown_threads()
+    else:
+        for thread in threading.enumerate():
+            if thread is not threading.main_thread() and not thread.daemon:
+                thread.join()
     run_exit_handlers()
     for stream in (sys.stdout, sys.stderr):
         try:

@@ -140,6 +140,29 @@ def test_the_exit_status_survives_the_quick_exit(monkeypatch: pytest.MonkeyPatch
     assert calls == ["handlers", code]
 
 
+def test_the_quick_exit_waits_for_threads_and_never_for_idle_pool_workers() -> None:
+    """A thread pool nobody shut down (a library's) must not hang the exit; a running thread finishes
+    before the exit handlers, as at a normal exit."""
+    program = textwrap.dedent("""
+        import atexit, concurrent.futures, threading, time
+        from recipe_runner.cli import process
+
+        pool = concurrent.futures.ThreadPoolExecutor(2)
+        pool.submit(lambda: 1).result()  # its workers now wait for more work
+
+        def work():
+            time.sleep(0.3)
+            print("thread done", flush=True)
+
+        threading.Thread(target=work).start()
+        atexit.register(lambda: print("exit handler", flush=True))
+        process._exit_now(3)
+        """)
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 3, done.stderr
+    assert done.stdout.split("\n")[:2] == ["thread done", "exit handler"]
+
+
 def test_a_message_or_a_traceback_exits_as_python_does(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(process, "_command_line", False)
     monkeypatch.setattr(process.os, "_exit", lambda c: pytest.fail("os._exit called"))
