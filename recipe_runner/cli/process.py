@@ -6,8 +6,9 @@ callers (tests, notebooks) keep every package and their interpreter's normal exi
 
 Measured on the 2-core CPU (importing what a training run imports, then exiting; benchmarks/RESULTS.md):
 - diffusers imports torch._dynamo, which imports triton (100 MiB, 0.6 s) for GPU kernels, and peft
-  imports bitsandbytes, which imports torch._inductor (1-1.5 s). A CPU run without torch.compile uses
-  neither, and a recipe without 8-bit AdamW never calls bitsandbytes.
+  (0.3-0.5 s), which imports bitsandbytes, which imports torch._inductor (1-1.5 s). A CPU run without
+  torch.compile uses no triton, a recipe without 8-bit AdamW never calls bitsandbytes, one without
+  train.lora never calls peft.
 - diffusers' schedulers import scipy.stats (60 MiB, 0.3 s), for beta sigmas only, and transformers'
   image utilities import torchvision (57 MiB), which controlnet_aux's annotators need, not training.
 - Python's own teardown of torch's CUDA build took 1.4-1.7 s and touched 184 MiB more than the run's
@@ -55,6 +56,8 @@ def unused_packages(
     unused = []
     if recipe is None or recipe.train.optimizer != "adamw_8bit":
         unused.append("bitsandbytes")
+    if recipe is not None and recipe.train.lora is None:  # diffusers imports it for adapters we never load
+        unused.append("peft")
     # triton: torch.compile's GPU code generator (the CPU's is C++), also used by xformers' kernels
     gpu = any(Path(node).exists() for node in gpu_nodes)
     if not gpu and (recipe is None or (not recipe.train.compile and recipe.train.attention != "xformers")):

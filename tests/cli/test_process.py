@@ -35,12 +35,18 @@ def _loaded(tmp_path: Path, base: str) -> LoadedRecipe:
 def test_unused_packages_follow_the_recipe_and_the_machine(tmp_path: Path) -> None:
     none: tuple[str, ...] = ()
     depth = "depth"  # a condition that may need scipy and torchvision: neither is kept out
-    assert process.unused_packages(_recipe(depth), gpu_nodes=none) == ["bitsandbytes", "triton"]
-    assert process.unused_packages(_recipe(depth, optimizer="adamw_8bit"), gpu_nodes=none) == ["triton"]
-    assert process.unused_packages(_recipe(depth, compile=True), gpu_nodes=none) == ["bitsandbytes"]
+    lora = {"rank": 4}
+    assert process.unused_packages(_recipe(depth, lora=lora), gpu_nodes=none) == ["bitsandbytes", "triton"]
+    assert process.unused_packages(_recipe(depth), gpu_nodes=none) == ["bitsandbytes", "peft", "triton"]
+    assert process.unused_packages(_recipe(depth, optimizer="adamw_8bit", lora=lora), gpu_nodes=none) == [
+        "triton"
+    ]
+    assert process.unused_packages(_recipe(depth, compile=True, lora=lora), gpu_nodes=none) == [
+        "bitsandbytes"
+    ]
     node = tmp_path / "nvidiactl"
     node.touch()
-    assert process.unused_packages(_recipe(depth), gpu_nodes=(str(node),)) == ["bitsandbytes"]
+    assert process.unused_packages(_recipe(depth, lora=lora), gpu_nodes=(str(node),)) == ["bitsandbytes"]
     assert process.unused_packages(None, gpu_nodes=none) == ["bitsandbytes", "triton"]  # sampling
 
 
@@ -190,7 +196,7 @@ def test_a_run_keeps_out_what_it_does_not_use_and_skips_only_the_teardown(tmp_pa
         import atexit, json, runpy, sys
 
         def report():
-            names = ("torch", "triton", "bitsandbytes", "torch._inductor.compile_fx", "scipy", "torchvision")
+            names = ("torch", "triton", "bitsandbytes", "torch._inductor.compile_fx", "scipy", "torchvision", "peft")
             with open({str(report)!r}, "w") as f:
                 json.dump({{n: sys.modules.get(n) is not None for n in names}}, f)
 
@@ -215,5 +221,6 @@ def test_a_run_keeps_out_what_it_does_not_use_and_skips_only_the_teardown(tmp_pa
         "torch._inductor.compile_fx": False,
         "scipy": False,
         "torchvision": False,
+        "peft": False,
     }
     assert not finalised.exists()  # no module-by-module teardown
