@@ -136,6 +136,10 @@ def test_an_in_process_caller_keeps_every_package(monkeypatch: pytest.MonkeyPatc
 def test_the_exit_status_survives_the_quick_exit(monkeypatch: pytest.MonkeyPatch, raised, code) -> None:
     calls: list[object] = []
     monkeypatch.setattr(process, "_command_line", False)
+    monkeypatch.setattr(process, "_cpu_at_start", None)
+    # Stand-ins: the real ones would end this test process (and threading's would stop every thread pool
+    # of the tests that follow from taking work).
+    monkeypatch.setattr(process.threading, "_shutdown", lambda: calls.append("threads"))
     monkeypatch.setattr(process.atexit, "_run_exitfuncs", lambda: calls.append("handlers"))
     monkeypatch.setattr(process.os, "_exit", lambda c: calls.append(c))
 
@@ -143,7 +147,7 @@ def test_the_exit_status_survives_the_quick_exit(monkeypatch: pytest.MonkeyPatch
         raise raised
 
     process.run_and_exit(app)
-    assert calls == ["handlers", code]
+    assert calls == ["threads", "handlers", code]
 
 
 def test_the_quick_exit_waits_for_threads_and_never_for_idle_pool_workers() -> None:
@@ -171,6 +175,7 @@ def test_the_quick_exit_waits_for_threads_and_never_for_idle_pool_workers() -> N
 
 def test_a_message_or_a_traceback_exits_as_python_does(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(process, "_command_line", False)
+    monkeypatch.setattr(process, "_cpu_at_start", None)
     monkeypatch.setattr(process.os, "_exit", lambda c: pytest.fail("os._exit called"))
 
     def message() -> None:
