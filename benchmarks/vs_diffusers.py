@@ -370,13 +370,15 @@ def run_child(cmd: list[str], env: dict[str, str], cwd: Path, log: Path) -> dict
     """Run `cmd` (under step_clock.py) to its end; wall time, peak RSS, exit status and its step clock."""
     clock_file = cwd / "step-clock.json"
     full = [sys.executable, str(HERE / "step_clock.py"), str(clock_file), *cmd]
-    busy_before = _busy_cpu_seconds()
+    from recipe_runner.cli.process import busy_cpu_seconds
+
+    busy_before = busy_cpu_seconds()
     with log.open("wb") as out:
         start = time.monotonic()
         child = subprocess.Popen(full, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(child.pid, 0)
         wall = time.monotonic() - start
-    others = _busy_cpu_seconds() - busy_before - usage.ru_utime - usage.ru_stime
+    others = busy_cpu_seconds() - busy_before - usage.ru_utime - usage.ru_stime
     child.returncode = os.waitstatus_to_exitcode(status)
     if child.returncode != 0:
         tail = log.read_text(errors="replace").splitlines()[-25:]
@@ -399,14 +401,6 @@ def run_child(cmd: list[str], env: dict[str, str], cwd: Path, log: Path) -> dict
         "others_cpu_share": max(0.0, others) / (wall * (os.cpu_count() or 1)),
         "omp_wait_policy": clock.get("omp_wait_policy"),
     }
-
-
-def _busy_cpu_seconds() -> float:
-    """CPU seconds the whole machine has spent busy (all cores, all processes) since it started."""
-    import psutil
-
-    t = psutil.cpu_times()
-    return sum(getattr(t, f, 0.0) for f in ("user", "nice", "system", "irq", "softirq", "steal"))
 
 
 class Bench:

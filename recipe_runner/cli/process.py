@@ -78,8 +78,9 @@ def scheduler_config(loaded: LoadedRecipe) -> dict[str, Any] | None:
     if spec.base.startswith("builtin:"):
         return {}
     name = "scheduler/scheduler_config.json"
-    if looks_local(spec.base) or loaded.resolve(spec.base).is_dir():
-        found: object = loaded.resolve(spec.base) / name
+    local = loaded.resolve(spec.base)
+    if looks_local(spec.base) or local.is_dir():
+        found: object = local / name
     else:
         from huggingface_hub import try_to_load_from_cache
 
@@ -132,14 +133,18 @@ def run_and_exit(app: Callable[[], object]) -> None:
         _exit_now(code)
 
 
-def _cpu_now() -> tuple[float, float, float]:
-    """(monotonic time, CPU seconds the whole machine has spent busy, CPU seconds of this process)."""
+def busy_cpu_seconds() -> float:
+    """CPU seconds the whole machine has spent busy (all cores, all processes) since it started."""
     import psutil
 
     t = psutil.cpu_times()
-    busy = sum(getattr(t, f, 0.0) for f in ("user", "nice", "system", "irq", "softirq", "steal"))
+    return sum(getattr(t, f, 0.0) for f in ("user", "nice", "system", "irq", "softirq", "steal"))
+
+
+def _cpu_now() -> tuple[float, float, float]:
+    """(monotonic time, busy_cpu_seconds(), CPU seconds of this process)."""
     own = os.times()
-    return time.monotonic(), busy, own.user + own.system
+    return time.monotonic(), busy_cpu_seconds(), own.user + own.system
 
 
 def others_cpu_percent(least_s: float = 0.2) -> float:
