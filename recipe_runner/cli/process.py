@@ -9,6 +9,8 @@ Measured on the 2-core CPU (importing what a training run imports, then exiting;
   (0.3-0.5 s), which imports bitsandbytes, which imports torch._inductor (1-1.5 s). A CPU run without
   torch.compile uses no triton, a recipe without 8-bit AdamW never calls bitsandbytes, one without
   train.lora never calls peft.
+- torch.cuda imports cuda-python's driver and runtime bindings when installed (15 MiB, unused without a
+  GPU).
 - diffusers' schedulers import scipy.stats (60 MiB, 0.3 s), for beta sigmas only, and transformers'
   image utilities import torchvision (57 MiB), which controlnet_aux's annotators need, not training.
 - Python's own teardown of torch's CUDA build took 1.4-1.7 s and touched 184 MiB more than the run's
@@ -35,8 +37,9 @@ from recipe_runner.recipe.recipe import Recipe
 _command_line = False  # set by run_and_exit: this process is `recipe ...` or `python -m recipe_runner ...`
 _cpu_at_start: tuple[float, float, float] | None = None  # _cpu_now() as run_and_exit began
 
-# Device nodes of NVIDIA's and AMD's drivers: where they exist, triton may compile GPU kernels.
-GPU_DEVICE_NODES = ("/dev/nvidiactl", "/dev/kfd")
+# Device nodes of NVIDIA's and AMD's drivers (and WSL's): where they exist, triton may compile GPU kernels
+# and torch may call the CUDA driver through cuda-python.
+GPU_DEVICE_NODES = ("/dev/nvidiactl", "/dev/kfd", "/dev/dxg")
 
 
 # Conditions made (conditions/simple.py) and scored (evaluate/metrics.py) with OpenCV and NumPy alone. The
@@ -62,6 +65,8 @@ def unused_packages(
     gpu = any(Path(node).exists() for node in gpu_nodes)
     if not gpu and (recipe is None or (not recipe.train.compile and recipe.train.attention != "xformers")):
         unused.append("triton")
+    if not gpu:  # cuda-python: torch.cuda imports its driver bindings (15 MiB) in case it has a GPU to call
+        unused.append("cuda.bindings")
     opencv_only = recipe is not None and recipe.condition.type in OPENCV_CONDITIONS
     # scipy: diffusers' schedulers call it only for beta sigmas, which the base's scheduler config sets
     if opencv_only and scheduler is not None and not scheduler.get("use_beta_sigmas"):

@@ -36,18 +36,25 @@ def test_unused_packages_follow_the_recipe_and_the_machine(tmp_path: Path) -> No
     none: tuple[str, ...] = ()
     depth = "depth"  # a condition that may need scipy and torchvision: neither is kept out
     lora = {"rank": 4}
-    assert process.unused_packages(_recipe(depth, lora=lora), gpu_nodes=none) == ["bitsandbytes", "triton"]
-    assert process.unused_packages(_recipe(depth), gpu_nodes=none) == ["bitsandbytes", "peft", "triton"]
+    cpu = "cuda.bindings"  # torch.cuda's driver bindings: kept out wherever there is no GPU
+    assert process.unused_packages(_recipe(depth, lora=lora), gpu_nodes=none) == [
+        "bitsandbytes",
+        "triton",
+        cpu,
+    ]
+    assert process.unused_packages(_recipe(depth), gpu_nodes=none) == ["bitsandbytes", "peft", "triton", cpu]
     assert process.unused_packages(_recipe(depth, optimizer="adamw_8bit", lora=lora), gpu_nodes=none) == [
-        "triton"
+        "triton",
+        cpu,
     ]
     assert process.unused_packages(_recipe(depth, compile=True, lora=lora), gpu_nodes=none) == [
-        "bitsandbytes"
+        "bitsandbytes",
+        cpu,
     ]
     node = tmp_path / "nvidiactl"
     node.touch()
     assert process.unused_packages(_recipe(depth, lora=lora), gpu_nodes=(str(node),)) == ["bitsandbytes"]
-    assert process.unused_packages(None, gpu_nodes=none) == ["bitsandbytes", "triton"]  # sampling
+    assert process.unused_packages(None, gpu_nodes=none) == ["bitsandbytes", "triton", cpu]  # sampling
 
 
 def test_scipy_and_torchvision_are_kept_out_only_where_nothing_can_call_them() -> None:
@@ -201,7 +208,8 @@ def test_a_run_keeps_out_what_it_does_not_use_and_skips_only_the_teardown(tmp_pa
         import atexit, json, runpy, sys
 
         def report():
-            names = ("torch", "triton", "bitsandbytes", "torch._inductor.compile_fx", "scipy", "torchvision", "peft")
+            names = ("torch", "triton", "bitsandbytes", "torch._inductor.compile_fx", "scipy", "torchvision", "peft",
+                     "cuda.bindings")
             with open({str(report)!r}, "w") as f:
                 json.dump({{n: sys.modules.get(n) is not None for n in names}}, f)
 
@@ -227,5 +235,6 @@ def test_a_run_keeps_out_what_it_does_not_use_and_skips_only_the_teardown(tmp_pa
         "scipy": False,
         "torchvision": False,
         "peft": False,
+        "cuda.bindings": False,
     }
     assert not finalised.exists()  # no module-by-module teardown
