@@ -41,7 +41,8 @@ program's own per-step progress bar advances, patching nothing else):
             same 2 warm-up steps left out for both tools, each step timed to its progress-bar update
   outside   wall - (last step - the progress bar's creation just before the loop): everything but the
             loop (the warm-up steps are inside it)
-  peak RSS  the child's ru_maxrss from os.wait4 (its own, not a running maximum over children)
+  peak RSS  the child's own ru_maxrss, through benchmarks/own_usage.py (started from this process, it
+            would report at least this process's RSS: Linux carries it into a child across fork and exec)
 Run it alone on the machine. Beside other jobs the figures mean little: recipe-runner sleeps its
 OpenMP threads (OMP_WAIT_POLICY=PASSIVE) when the CPU is busy as it starts, where the scripts' spinning
 threads slowed 15-20x here beside two other engineers' jobs. Each run records the share of the CPU
@@ -67,7 +68,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -368,21 +368,21 @@ def recipe_yaml(name: str, model: Path, data: DataPaths, s: Settings) -> str:
 
 def run_child(cmd: list[str], env: dict[str, str], cwd: Path, log: Path) -> dict:
     """Run `cmd` (under step_clock.py) to its end; wall time, peak RSS, exit status and its step clock."""
-    clock_file = cwd / "step-clock.json"
+    clock_file, usage_file = cwd / "step-clock.json", cwd / "own-usage.json"
     full = [sys.executable, str(HERE / "step_clock.py"), str(clock_file), *cmd]
     from recipe_runner.cli.process import busy_cpu_seconds
 
     busy_before = busy_cpu_seconds()
     with log.open("wb") as out:
-        start = time.monotonic()
-        child = subprocess.Popen(full, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(child.pid, 0)
-        wall = time.monotonic() - start
-    others = busy_cpu_seconds() - busy_before - usage.ru_utime - usage.ru_stime
-    child.returncode = os.waitstatus_to_exitcode(status)
-    if child.returncode != 0:
+        # Through own_usage.py: a child of this process would report at least this process's own RSS.
+        launcher = [sys.executable, str(HERE / "own_usage.py"), str(usage_file), *full]
+        code = subprocess.run(launcher, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
+    if code != 0:
         tail = log.read_text(errors="replace").splitlines()[-25:]
-        raise SystemExit(f"vs_diffusers: exit {child.returncode}: {' '.join(full)}\n  " + "\n  ".join(tail))
+        raise SystemExit(f"vs_diffusers: exit {code}: {' '.join(full)}\n  " + "\n  ".join(tail))
+    usage = json.loads(usage_file.read_text())
+    start, wall = usage["started"], usage["ended"] - usage["started"]
+    others = busy_cpu_seconds() - busy_before - usage["cpu_s"]
     clock = json.loads(clock_file.read_text())
     steps = clock["steps"]
     if len(steps) <= WARMUP_STEPS or clock["loop_start"] is None:
@@ -395,7 +395,7 @@ def run_child(cmd: list[str], env: dict[str, str], cwd: Path, log: Path) -> dict
         "outside_s": wall - loop,
         "before_loop_s": clock["loop_start"] - start,
         "after_loop_s": start + wall - steps[-1],
-        "peak_rss_mb": usage.ru_maxrss / 1024,  # KiB on Linux
+        "peak_rss_mb": usage["peak_rss_kib"] / 1024,
         "steps": len(steps),
         # CPU time other processes used meanwhile, as a share of the machine: contention
         "others_cpu_share": max(0.0, others) / (wall * (os.cpu_count() or 1)),

@@ -184,3 +184,26 @@ def test_the_t5_tokenizer_reads_the_shapes_prompts_as_words():
     tokenizer = vs_diffusers.t5_tokenizer()
     ids = tokenizer("a red circle on a blue background").input_ids
     assert len(ids) == 8 and ids[-1] == tokenizer.eos_token_id == 1 and tokenizer.unk_token_id not in ids
+
+
+def test_a_child_reports_its_own_peak_memory_not_the_benchmarks(tmp_path):
+    """Started straight from a process holding memory, a child's ru_maxrss is at least that process's
+    RSS (Linux carries it across fork and exec); through own_usage.py it is the child's own."""
+    import json
+    import subprocess
+
+    import numpy as np
+
+    held = np.ones(400 * 2**20 // 8)  # 400 MiB this process holds while it starts the child
+    small = [sys.executable, "-c", "pass"]
+    direct = subprocess.Popen(small)
+    _, _, usage = os.wait4(direct.pid, 0)
+    assert usage.ru_maxrss > 400 * 1024  # KiB: the parent's memory, counted for a child that has none
+    out = tmp_path / "usage.json"
+    script = Path(vs_diffusers.HERE) / "own_usage.py"
+    assert subprocess.run([sys.executable, str(script), str(out), *small]).returncode == 0
+    record = json.loads(out.read_text())
+    assert record["peak_rss_kib"] < 100 * 1024 and record["exit_code"] == 0
+    assert record["ended"] > record["started"] and held.sum() > 0
+    failing = [sys.executable, "-c", "raise SystemExit(3)"]
+    assert subprocess.run([sys.executable, str(script), str(out), *failing]).returncode == 3
