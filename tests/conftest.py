@@ -46,6 +46,24 @@ train:
 """
 
 
+CLOSED_ENDPOINT = "http://127.0.0.1:9"  # the discard port: nothing listens, connections are refused at once
+
+
+@pytest.fixture
+def hub_unprobed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This process as a user's without HF_HUB_OFFLINE (the suite sets it) whose Hub is not probed yet
+    (recipe_runner/offline.py)."""
+    from huggingface_hub import constants
+
+    from recipe_runner import offline
+
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", *offline.PROXY_VARIABLES):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(offline, "_looked", False)
+    monkeypatch.setattr(offline, "_unreachable", None)
+
+
 @pytest.fixture
 def write_recipe(tmp_path: Path):
     """Write a recipe (dedented) into tmp_path and return its path."""

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from recipe_runner.errors import UserError
+from recipe_runner.offline import cache_only_reason, offline_unless_reachable
 from recipe_runner.recipe.loader import resolve_against
 
 EXAMPLE_FOLDER = "models/annotators"
@@ -49,6 +50,7 @@ def _from_hub(repo: str, files: Sequence[str], condition: str, folder: Path, def
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, HFValidationError
 
+    offline_unless_reachable()
     paths: list[Path] = []
     failed: list[str] = []
     reason = ""
@@ -80,7 +82,7 @@ def _reason(error: Exception) -> str:
     from huggingface_hub import errors as hub
 
     if constants.is_offline_mode() or isinstance(error, hub.OfflineModeIsEnabled):
-        return "HF_HUB_OFFLINE is set and the files are not in the local cache"
+        return f"{cache_only_reason()} and the files are not in the local cache"
     if isinstance(error, hub.LocalEntryNotFoundError):
         return "the Hub could not be reached and the files are not in the local cache"
     if isinstance(error, hub.GatedRepoError):

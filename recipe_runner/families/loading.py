@@ -12,6 +12,7 @@ from pathlib import Path
 from recipe_runner.errors import UserError
 from recipe_runner.families import family_of
 from recipe_runner.families.base import Components
+from recipe_runner.offline import offline_unless_reachable
 from recipe_runner.recipe.loader import LoadedRecipe
 
 
@@ -40,6 +41,9 @@ def load_components(
 ) -> Components:
     """The recipe's family loads its parts (see ModelFamily.load); `unet`: the denoiser too."""
     family = family_of(loaded.recipe)
+    spec = loaded.recipe.model
+    if any(ref and not loaded.resolve(ref).is_dir() for ref in (base, spec.vae, spec.controlnet)):
+        offline_unless_reachable()  # a hub id: without a network, read the cache at once (offline.py)
     if Path(base).is_dir():
         family.check_folder(loaded.recipe, Path(base))
     return family.load(loaded, base, denoiser=unet, controlnet=controlnet, weights=weights)

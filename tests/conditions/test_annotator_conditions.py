@@ -6,6 +6,7 @@ None of these tests has weights, reaches the network or imports torch in this pr
 from __future__ import annotations
 
 import importlib.util
+import socket
 import sys
 import types
 from pathlib import Path
@@ -148,3 +149,21 @@ def test_mediapipe_without_solutions(monkeypatch) -> None:
     error = _error(build_condition(MediapipeFaceCondition()))
     assert "mediapipe 0.10.30" in error.message and "0.10.22" in error.message
     assert "mediapipe==0.10.21" in error.hint
+
+
+def test_without_a_network_the_hub_cache_is_read_at_once(monkeypatch, hub_unprobed) -> None:
+    from huggingface_hub import constants
+    from huggingface_hub.utils import _http
+
+    from tests.conftest import CLOSED_ENDPOINT
+
+    def refused(address: tuple, timeout: float) -> None:
+        raise ConnectionRefusedError(address)  # this folder's tests never open a socket (conftest.py)
+
+    monkeypatch.setattr(socket, "create_connection", refused)
+    monkeypatch.setattr(constants, "ENDPOINT", CLOSED_ENDPOINT)
+    waits: list[float] = []
+    monkeypatch.setattr(_http.time, "sleep", waits.append)  # huggingface_hub's back-off between retries
+    error = _error(build_condition(HedCondition()))
+    assert waits == []
+    assert f"{CLOSED_ENDPOINT} could not be reached" in error.message and "ControlNetHED.pth" in error.message

@@ -1,0 +1,71 @@
+"""Reading the Hugging Face Hub's cache at once when the Hub cannot be reached.
+
+huggingface_hub retries a request that cannot connect, waiting longer each time (1, 2, 4, 8 s ...), for
+every file it looks up. On a machine without a network and without HF_HUB_OFFLINE, `recipe plan --trace`
+of a hub base waited 46 s before it fell back to the offline architecture. A base already in the hub
+cache waited as long for each file before it was read. Here one connection attempt decides instead:
+if the Hub's host cannot be reached within a few seconds, this process, and the workers it starts, read
+the hub cache only, as HF_HUB_OFFLINE=1 would make them.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from urllib.parse import urlsplit
+
+PROBE_TIMEOUT_S = 3.0
+# Behind a proxy the Hub's host may be unreachable directly and fine through it: huggingface_hub decides.
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+_DEFAULT_ENDPOINT = "https://huggingface.co"
+
+_unreachable: str | None = None  # the endpoint this process found unreachable, once it has looked
+_looked = False
+
+
+def _endpoint() -> str:
+    hub = sys.modules.get("huggingface_hub.constants")
+    return getattr(hub, "ENDPOINT", None) or os.environ.get("HF_ENDPOINT", _DEFAULT_ENDPOINT)
+
+
+def _reachable(endpoint: str) -> bool:
+    parts = urlsplit(endpoint)
+    port = parts.port or (80 if parts.scheme == "http" else 443)
+    try:
+        socket.create_connection((parts.hostname or "", port), timeout=PROBE_TIMEOUT_S).close()
+    except OSError:  # no DNS, refused, no route, timed out
+        return False
+    return True
+
+
+def offline_unless_reachable() -> None:
+    """Before the first hub lookup: go offline if the Hub cannot be reached. Once per process; never when
+    the user set HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) either way, or a proxy."""
+    global _looked, _unreachable
+    if _looked:
+        return
+    _looked = True
+    decided = any(os.environ.get(name) is not None for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    if decided or any(os.environ.get(name) for name in PROXY_VARIABLES):
+        return
+    endpoint = _endpoint()
+    if _reachable(endpoint):
+        return
+    _unreachable = endpoint
+    os.environ["HF_HUB_OFFLINE"] = "1"  # for huggingface_hub if not imported yet, and for child processes
+    hub = sys.modules.get("huggingface_hub.constants")
+    if hub is not None:  # read at each lookup (constants.is_offline_mode(), the session's offline check)
+        hub.HF_HUB_OFFLINE = True
+
+
+def unreachable() -> str | None:
+    """The Hub endpoint this process could not reach (and so reads the cache only), or None."""
+    return _unreachable
+
+
+def cache_only_reason() -> str:
+    """Why the hub cache alone was read, for messages about files that were not in it."""
+    if _unreachable is not None:
+        return f"{_unreachable} could not be reached (no network?)"
+    return "HF_HUB_OFFLINE is set"
