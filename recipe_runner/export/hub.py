@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from recipe_runner.errors import RunFailed, UserError
+from recipe_runner.offline import cache_only_reason
 from recipe_runner.runfolder.layout import RunFolder
 
 # What goes up: the run's weights, card, sample grids and exports (the dataset, cache and checkpoints stay).
@@ -49,7 +50,7 @@ def check_push(repo_id: str | None) -> str:
     if _offline():
         raise UserError(
             f"output.push_to_hub: cannot push to {repo_id}: the Hugging Face Hub is offline here "
-            "(HF_HUB_OFFLINE=1)",
+            f"({cache_only_reason()})",
             hint="unset HF_HUB_OFFLINE on a machine with a network, or set output.push_to_hub: false and "
             "later run `recipe push RUN_DIR` where there is one",
         )
