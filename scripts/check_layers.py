@@ -19,7 +19,7 @@ from pathlib import Path
 
 PACKAGE = "recipe_runner"
 LAYERS = [
-    {"errors", "__init__", "runfolder"},  # the run folder, atomic writes, log, progress events
+    {"errors", "offline", "__init__", "runfolder"},  # the run folder, atomic writes, log, progress events
     {"recipe"},  # the recipe's model and loading (no torch)
     {"conditions"},  # conditioning images from photos
     {"data"},  # the dataset stage
