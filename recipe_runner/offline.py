@@ -2,8 +2,8 @@
 
 huggingface_hub retries a request that cannot connect, waiting longer each time (1, 2, 4, 8 s ...), for
 every file it looks up. On a machine without a network and without HF_HUB_OFFLINE, `recipe plan --trace`
-of a hub base waited 46 s before it fell back to the offline architecture. A base already in the hub
-cache waited as long for each file before it was read. Here one connection attempt decides instead:
+of a hub base waited 46 s before it fell back to the offline architecture, and loading a tiny base
+already in the hub cache took 99 s instead of 5, every file waiting. Here one connection attempt decides:
 if the Hub's host cannot be reached within a few seconds, this process, and the workers it starts, read
 the hub cache only, as HF_HUB_OFFLINE=1 would make them.
 """
