@@ -62,8 +62,10 @@ class Flux(FlowMatchingFamily):
         # 16-channel VAE, CLIP-L (T5-XXL's 4.7B stay on the CPU with the precompute cache). Counted from
         # models/archs.py's flux-dev.
         ModelSize(11.9e9, 2.05e9, 84e6, 123e6, "FLUX.1 sizes: transformer 11.9B, 4+4-block ControlNet 2.05B"),
-        # Traced on FLUX.1-dev (benchmarks/memory.py --arch flux-dev: batch 2 less batch 1 at 512 px).
-        {(True, False): 9.20, (True, True): 0.08, (False, False): 14.85, (False, True): 0.02},
+        # Traced on FLUX.1-dev (benchmarks/memory.py --arch flux-dev --preset low-vram: batch 2 less batch 1
+        # at 512 px, the higher of the forward and backward peaks; traced again on 2026-12-06, when the
+        # checkpointed figures had been 0.08 and 0.02, which put plan 3.4 GB under the trace at 1024 px).
+        {(True, False): 9.63, (True, True): 1.11, (False, False): 14.85, (False, True): 2.07},
         lora_params_per_rank=651_264,  # counted on the full-size architecture with lora_targets
         lora_full_params=75_721_728,
         images_per_s_at_512=0.8,  # not measured: a rough quarter of SDXL's

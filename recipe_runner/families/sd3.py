@@ -56,8 +56,10 @@ class StableDiffusion3(FlowMatchingFamily):
         # its 24 blocks), the 16-channel VAE, CLIP-L + CLIP-G (T5-XXL's 4.7B stay on the CPU with the
         # precompute cache). Counted from models/archs.py's sd35m.
         ModelSize(2.47e9, 1.26e9, 84e6, 818e6, "SD 3.5 Medium sizes: MMDiT 2.5B, 12-block ControlNet 1.26B"),
-        # Traced on SD 3.5 Medium (benchmarks/memory.py --arch sd35m: batch 2 less batch 1 at 512 px).
-        {(True, False): 3.93, (True, True): 0.20, (False, False): 5.27, (False, True): 0.17},
+        # Traced on SD 3.5 Medium (benchmarks/memory.py --arch sd35m --preset low-vram: batch 2 less batch 1
+        # at 512 px, the higher of the forward and backward peaks; checkpointed figures traced again on
+        # 2026-12-06, when they had been 0.20 and 0.17).
+        {(True, False): 3.94, (True, True): 0.28, (False, False): 5.27, (False, True): 0.49},
         lora_params_per_rank=811_008,  # counted on the full-size architecture with lora_targets
         lora_full_params=28_429_824,
         images_per_s_at_512=3.0,  # not measured: SDXL's
