@@ -33,6 +33,9 @@ class ModelSize:
     source: str
 
 
+IMAGE_TOKENS_AT_512 = 1024  # SD3's and FLUX.1's: a 512 px image is 64x64 latents in 2x2 patches
+
+
 @dataclass(frozen=True)
 class Figures:
     """What `recipe plan` estimates a family's runs with (no model is loaded for a plan)."""
@@ -48,6 +51,17 @@ class Figures:
     # diffusers' layerwise casting skips: norms, and the transformers' AdaLN modulation) stays in the
     # compute dtype. Counted with training/fp8.py on models/archs.py's architectures (2026-12-06).
     fp8_share: float = 1.0
+    # A transformer's activations grow with its tokens: the image's (1,024 at 512 px for SD3's and FLUX.1's
+    # 2x2 patches of 8x latents) grow with the pixels, the text's (CLIP and T5) do not. 0: a UNet, whose
+    # activations grow with the pixels alone.
+    text_tokens: int = 0
+
+    def activation_scale(self, resolution: int) -> float:
+        """Activations at `resolution` px over those at 512 px (the figures above)."""
+        pixels = (resolution / 512) ** 2
+        if not self.text_tokens:
+            return pixels
+        return (IMAGE_TOKENS_AT_512 * pixels + self.text_tokens) / (IMAGE_TOKENS_AT_512 + self.text_tokens)
 
 
 @dataclass

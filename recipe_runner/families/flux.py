@@ -72,6 +72,7 @@ class Flux(FlowMatchingFamily):
         text_width=4096,
         # 8.65B of the 11.9B: the AdaLN modulation's 3.25B stay in bf16 (their names hold "norm").
         fp8_share=0.727,
+        text_tokens=T5_TOKENS,  # the text stream: T5's tokens (CLIP-L's pooled output is one vector)
     )
 
     def memory_savers(self, recipe: Recipe) -> list[tuple[str, dict[str, Any]]]:

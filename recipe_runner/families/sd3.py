@@ -67,6 +67,7 @@ class StableDiffusion3(FlowMatchingFamily):
         # 1.48B of the 2.47B (the MMDiT's 2.24B parameters and 0.23B of position embeddings): its AdaLN
         # modulation (0.77B) and the position embeddings stay in bf16.
         fp8_share=0.597,
+        text_tokens=77 + T5_TOKENS,  # the text stream: CLIP-L and CLIP-G's 77 tokens, then T5's
     )
 
     # --- loading -----------------------------------------------------------------------------------

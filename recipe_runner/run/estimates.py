@@ -181,7 +181,7 @@ def estimate_memory(recipe: Recipe, base_dir: Path | None = None) -> MemoryEstim
     # accelerator; without it they stay resident (frozen, in the autocast dtype).
     encoders = 0.0 if recipe.precomputes else (sizes.vae + sizes.text_encoders) * frozen_bytes
     per_image = ACTIVATION_GB_PER_IMAGE_AT_512[family][(half, t.gradient_checkpointing)]
-    act = per_image * (recipe.dataset.resolution / 512) ** 2 * t.batch_size
+    act = per_image * FAMILIES[family].figures.activation_scale(recipe.dataset.resolution) * t.batch_size
     act *= min(1.0, sizes.unet / FAMILY_SIZES[family].unet)  # smaller (builtin, pruned) UNets, fewer
     if half:  # (a LoRA's frozen copy is stored half already: only its small trained part is cast)
         act += trained * 2 / GIB * CAST_COPIES_KEPT[t.gradient_checkpointing]

@@ -134,3 +134,13 @@ def test_the_cpu_time_of_the_demos_follows_their_bases(tmp_path):
     sd3 = estimate_time(load_recipe(repo / "recipes" / "demo-sd3.yaml").recipe, 600)
     assert sd3.seconds > 2 * sd.seconds
     assert "6.1 ms per 64 px image" in sd.assumption and "6.1 ms" not in sd3.assumption
+
+
+def test_a_transformer_s_activations_grow_with_its_image_tokens_not_its_text_tokens():
+    from recipe_runner.families import FAMILIES
+
+    assert FAMILIES["sd1"].figures.activation_scale(1024) == 4.0  # a UNet: with the pixels
+    flux = FAMILIES["flux"].figures
+    assert flux.activation_scale(512) == 1.0
+    assert flux.activation_scale(1024) == pytest.approx((4096 + 512) / (1024 + 512))  # 3.0, not 4
+    assert FAMILIES["sd3"].figures.activation_scale(1024) == pytest.approx((4096 + 154) / (1024 + 154))
