@@ -8,13 +8,9 @@ named by path as the build recorded it (`referenced_files.json`).
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import shutil
-import threading
 import time
-from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,10 +20,9 @@ from rich.markup import escape
 from recipe_runner.data import references
 from recipe_runner.data.buckets import (
     bucket_counts,
-    global_batch,
     image_sizes,
-    small_buckets,
 )
+from recipe_runner.data.build_progress import build_progress, interrupts_stay_interrupts
 from recipe_runner.data.cache_key import (
     DATASET_CODE_VERSION,
     computes_condition,
@@ -37,6 +32,7 @@ from recipe_runner.data.cache_key import (
     digest,
     key_inputs,
 )
+from recipe_runner.data.report import check_rows, data_digest, print_summary, report_rows, tally
 from recipe_runner.data.sources import BASE_DIR, ROW, SourceData, fingerprinted_files, load_source
 from recipe_runner.errors import UserError
 from recipe_runner.recipe.loader import LoadedRecipe
@@ -58,7 +54,6 @@ __all__ = [
     "dataset_status",
     "key_inputs",
 ]
-_EXAMPLES = 5
 
 
 def build_dataset(
@@ -71,7 +66,7 @@ def build_dataset(
         if console is not None:
             console.print(
                 f"dataset: unchanged, using {escape(str(folder.dataset))} "
-                + ("(streaming: its preview)" if old.get("streaming") else f"({_rows(old)} rows)"),
+                + ("(streaming: its preview)" if old.get("streaming") else f"({report_rows(old)} rows)"),
                 soft_wrap=True,
             )
         return {**old, "cached": True}
@@ -84,7 +79,7 @@ def build_dataset(
         report["path"] = str(folder.dataset_data)
         write_text(tmp / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     if console is not None:
-        _summary(console, report, folder, loaded)
+        print_summary(console, report, folder, loaded)
     return report
 
 
@@ -119,9 +114,9 @@ def _build(loaded: LoadedRecipe, tmp: Path, inputs: dict, console: Console | Non
             raise UserError(f"dataset: {e.args[0]}", hint=e.args[1]) from None
         rows, drops, files, notes = (out.data.column(c).to_pylist() for c in (ROW, DROP, FILE, NOTES))
         kept = [i for i, d in enumerate(drops) if not d]
-        dropped = _tally(rows, files, drops, notes)  # a dropped row's notes say why in detail
-        warnings = _tally(rows, files, [n if not d else "" for n, d in zip(notes, drops, strict=True)])
-        _check_rows(len(kept), len(drops), dropped, spec.holdout, source)
+        dropped = tally(rows, files, drops, notes)  # a dropped row's notes say why in detail
+        warnings = tally(rows, files, [n if not d else "" for n, d in zip(notes, drops, strict=True)])
+        check_rows(len(kept), len(drops), dropped, spec.holdout, source)
         final = out.select(kept).remove_columns(list(BOOKKEEPING))
         n_train = len(final) - spec.holdout
         splits = {"train": final.select(range(n_train))}
@@ -139,7 +134,7 @@ def _build(loaded: LoadedRecipe, tmp: Path, inputs: dict, console: Console | Non
         "key_inputs": inputs,
         "source": source.description,
         "source_fingerprint": digest(inputs["source"]),
-        "data_sha256": _data_digest(tmp / "data"),
+        "data_sha256": data_digest(tmp / "data"),
         "referenced_files": refs,
         "columns": _columns(loaded, plan),
         "resolution": spec.resolution,
@@ -206,7 +201,7 @@ def _build_stream(loaded: LoadedRecipe, tmp: Path, inputs: dict, start: float) -
     rows, files, reasons, notes = ([d[c] for d in drops] for c in (ROW, FILE, DROP, NOTES))
     plan = got["plan"]
     seconds = time.perf_counter() - start
-    data_sha = _data_digest(tmp / "data")
+    data_sha = data_digest(tmp / "data")
     return {
         "cached": False,
         "streaming": True,
@@ -225,7 +220,7 @@ def _build_stream(loaded: LoadedRecipe, tmp: Path, inputs: dict, start: float) -
         "preview_rows": len(got["preview"]),
         "holdout_ids": got["holdout_ids"],
         "rows_dropped": len(drops),
-        "dropped": _tally(rows, files, reasons, notes),
+        "dropped": tally(rows, files, reasons, notes),
         "warnings": {},
         "seconds": round(seconds, 3),
         "rows_per_second": round((len(got["holdout"]) + len(got["preview"])) / seconds, 1),
@@ -279,7 +274,7 @@ def _map(
     from recipe_runner.data.process import RowProcessor, output_features
 
     num_proc = min(spec.num_proc, len(ds))
-    with _progress(console, len(ds), work) as pdir, _interrupts_stay_interrupts():
+    with build_progress(console, len(ds), work) as pdir, interrupts_stay_interrupts():
         return ds.map(
             RowProcessor(plan, condition, pdir),
             batched=True,
@@ -291,170 +286,3 @@ def _map(
             cache_file_name=str(work / "rows.arrow"),
             new_fingerprint=key[:40],  # skips hashing the condition object; the cache key says it all
         )
-
-
-@contextlib.contextmanager
-def _interrupts_stay_interrupts() -> Iterator[None]:
-    """Ctrl-C or SIGTERM during a `num_proc` map: datasets' pool clean-up can raise its own error (a
-    multiprocess TimeoutError) while handling the KeyboardInterrupt; the user asked to stop, so stop."""
-    try:
-        yield
-    except KeyboardInterrupt:
-        raise
-    except Exception as e:
-        cause: BaseException | None = e
-        while cause is not None and not isinstance(cause, KeyboardInterrupt):
-            cause = cause.__context__
-        if cause is None:
-            raise
-        raise cause from None
-
-
-@contextlib.contextmanager
-def _progress(console: Console | None, total: int, work: Path) -> Iterator[str | None]:
-    """A rich progress bar fed by the workers' row counts (files in a folder: works across processes),
-    and the same count as the run's throttled progress lines (log.txt, a pipe, --json)."""
-    if console is None:
-        yield None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from recipe_runner.data.process import rows_done
-    from recipe_runner.runfolder.events import reporter
-
-    report = reporter(console)
-    report.progress("dataset", 0, total)  # starts its clock: rate and ETA
-
-    pdir = work / "progress"
-    pdir.mkdir(parents=True, exist_ok=True)
-    rate = TextColumn("{task.fields[rate]}")
-    with Progress(
-        TextColumn("dataset"), BarColumn(), MofNCompleteColumn(), rate, TimeRemainingColumn(), console=console
-    ) as bar:
-        task = bar.add_task("rows", total=total, rate="")
-        stop = threading.Event()
-
-        def poll() -> None:
-            while not stop.wait(0.25):
-                speed, done = bar.tasks[task].speed, rows_done(str(pdir))
-                bar.update(task, completed=done, rate=f"{speed:,.1f} rows/s" if speed else "")
-                report.progress("dataset", done, total)
-
-        thread = threading.Thread(target=poll, daemon=True)
-        thread.start()
-        try:
-            yield str(pdir)
-        finally:
-            stop.set()
-            thread.join()
-            done = rows_done(str(pdir))
-            bar.update(task, completed=done)
-            report.progress("dataset", done, total)
-
-
-def _tally(rows: list[int], files: list[str], labels: list[str], details: list[str] | None = None) -> dict:
-    """{label: {count, examples: [{row, file[, detail]}]}} over the non-empty labels ("a|b" holds two)."""
-    out: dict[str, dict] = {}
-    for i, (row, file, label) in enumerate(zip(rows, files, labels, strict=True)):
-        for name in filter(None, label.split("|")):
-            entry = out.setdefault(name, {"count": 0, "examples": []})
-            entry["count"] += 1
-            if len(entry["examples"]) < _EXAMPLES:
-                example = {"row": row, "file": file}
-                entry["examples"].append(
-                    {**example, "detail": details[i]} if details and details[i] else example
-                )
-    return out
-
-
-def _check_rows(kept: int, processed: int, dropped: dict, holdout: int, source: SourceData) -> None:
-    if kept == 0:
-        reasons = "; ".join(
-            f"{reason}: {d['count']} (e.g. row {d['examples'][0]['row']} {d['examples'][0]['file']})".rstrip()
-            for reason, d in dropped.items()
-        )
-        raise UserError(
-            f"dataset: no rows left from {source.description}: all {processed} rows were dropped ({reasons})",
-            hint="fix the files named above, or relax dataset.filters",
-        )
-    if kept <= holdout:
-        raise UserError(
-            f"dataset: only {kept} rows left after filtering, but dataset.holdout is {holdout}",
-            hint="lower dataset.holdout, or add rows",
-        )
-
-
-def _data_digest(data: Path) -> str:
-    """sha256 of the built arrow files: equal for equal rows (the build is deterministic)."""
-    h = hashlib.sha256()
-    for f in sorted(data.rglob("*.arrow")):
-        h.update(f.relative_to(data).as_posix().encode() + b"\0")
-        with open(f, "rb") as fh:
-            while chunk := fh.read(1 << 20):
-                h.update(chunk)
-    return h.hexdigest()
-
-
-def _rows(report: dict) -> int:
-    return sum((report.get("rows_out") or {}).values())
-
-
-def _summary(console: Console, report: dict, folder: RunFolder, loaded: LoadedRecipe) -> None:
-    if report.get("streaming"):
-        held = (report.get("rows_out") or {}).get("holdout", 0)
-        console.print(
-            escape(
-                f"dataset: streaming from {report['source']}: not built; training reads and processes the "
-                f"rows as it goes. Read its first rows: {report['preview_rows']} for the preview"
-                + (f", {held} held out (never trained on)" if held else "")
-                + (f", {report['rows_dropped']} dropped" if report["rows_dropped"] else "")
-                + f" -> {folder.dataset}"
-            ),
-            soft_wrap=True,
-            highlight=False,
-        )
-        return
-    out = ", ".join(f"{n} {split}" for split, n in report["rows_out"].items())
-    dropped = report["rows_dropped"]
-    why = "; ".join(f"{k}: {v['count']}" for k, v in report["dropped"].items())
-    console.print(
-        escape(
-            f"dataset: {out} rows from {report['source']}"
-            + (f", {dropped} dropped ({why})" if dropped else "")
-            + f" in {report['seconds']:.1f} s ({report['rows_per_second']} rows/s) -> {folder.dataset}"
-        ),
-        soft_wrap=True,  # keep the path in one piece
-        highlight=False,
-    )
-    if report.get("buckets"):
-        shares = ", ".join(f"{size} {n}" for size, n in report["buckets"].items())
-        console.print(f"  aspect-ratio buckets (train rows): {shares}", highlight=False)
-        if (few := small_buckets(report["buckets"], global_batch(loaded.recipe))) is not None:
-            console.print(f"[yellow]warning:[/] {escape(few)}", highlight=False)
-    for note, entry in report.get("warnings", {}).items():
-        first = entry["examples"][0]
-        example = f"e.g. row {first['row']}" + (f" {first['file']}" if first["file"] else "")
-        rows = f"{entry['count']} row{'' if entry['count'] == 1 else 's'}"
-        console.print(escape(f"  {rows}: {note} ({example})"), highlight=False, soft_wrap=True)
-    from recipe_runner.data.process import BLANK
-
-    kept = sum(report["rows_out"].values())
-    blanks = report.get("warnings", {}).get(BLANK, {}).get("count", 0)
-    if blanks and blanks >= 0.05 * kept:
-        console.print(f"[yellow]warning:[/] {escape(_blank_hint(loaded, blanks, kept))}", highlight=False)
-
-
-def _blank_hint(loaded: LoadedRecipe, blanks: int, kept: int) -> str:
-    """Why a share of conditioning images came out blank, and what to change."""
-    cond = loaded.recipe.condition
-    share = f"{blanks} of {kept} conditioning images ({blanks / kept:.0%}) are one flat colour"
-    if not computes_condition(loaded):
-        cause = "check that dataset.columns.conditioning_image (or conditioning_dir) holds the conditions"
-    elif cond.type == "canny":
-        cause = (
-            f"the canny condition found no edges in them: lower its thresholds "
-            f"({cond.low_threshold}/{cond.high_threshold})"
-        )
-    else:
-        cause = f"the {cond.type} condition found nothing in them: check its settings"
-    return f"{share}: {cause}, or set dataset.filters.on_blank_conditioning: drop"

@@ -111,9 +111,9 @@ def test_touching_a_file_of_an_image_folder_keeps_the_dataset(cli, image_folder,
     _flip_last_byte(tmp_path / "tagged" / "002.txt", keep_mtime=True)
     assert _plan(cli, image_folder, run) == ("would run", "source changed (files changed)")
     assert "dataset: running (source changed (files changed))" in _build(cli, image_folder, run)
-    from recipe_runner.data.build import _data_digest
+    from recipe_runner.data.report import data_digest
 
-    assert _data_digest(run / "dataset" / "data") != report["data_sha256"]
+    assert data_digest(run / "dataset" / "data") != report["data_sha256"]
     assert _plan(cli, image_folder, run)[0] == "cached"
 
 
