@@ -159,7 +159,8 @@ def _build_stream(loaded: LoadedRecipe, tmp: Path, inputs: dict, start: float) -
     import datasets
 
     from recipe_runner.data import preview
-    from recipe_runner.data.process import DROP, FILE, NOTES, ROW, png
+    from recipe_runner.data.images import png
+    from recipe_runner.data.process import DROP, FILE, NOTES, ROW
     from recipe_runner.data.stream import first_rows
 
     spec, key = loaded.recipe.dataset, digest(inputs)
