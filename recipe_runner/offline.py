@@ -12,21 +12,14 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 from urllib.parse import urlsplit
 
 PROBE_TIMEOUT_S = 3.0
 # Behind a proxy the Hub's host may be unreachable directly and fine through it: huggingface_hub decides.
 PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
-_DEFAULT_ENDPOINT = "https://huggingface.co"
 
 _unreachable: str | None = None  # the endpoint this process found unreachable, once it has looked
 _looked = False
-
-
-def _endpoint() -> str:
-    hub = sys.modules.get("huggingface_hub.constants")
-    return getattr(hub, "ENDPOINT", None) or os.environ.get("HF_ENDPOINT", _DEFAULT_ENDPOINT)
 
 
 def _reachable(endpoint: str) -> bool:
@@ -49,14 +42,13 @@ def offline_unless_reachable() -> None:
     decided = any(os.environ.get(name) is not None for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
     if decided or any(os.environ.get(name) for name in PROXY_VARIABLES):
         return
-    endpoint = _endpoint()
-    if _reachable(endpoint):
+    from huggingface_hub import constants  # its endpoint (HF_ENDPOINT's, or the Hub's) and offline switch
+
+    if _reachable(constants.ENDPOINT):
         return
-    _unreachable = endpoint
-    os.environ["HF_HUB_OFFLINE"] = "1"  # for huggingface_hub if not imported yet, and for child processes
-    hub = sys.modules.get("huggingface_hub.constants")
-    if hub is not None:  # read at each lookup (constants.is_offline_mode(), the session's offline check)
-        hub.HF_HUB_OFFLINE = True
+    _unreachable = constants.ENDPOINT
+    constants.HF_HUB_OFFLINE = True  # read at each lookup (is_offline_mode(), the session's offline check)
+    os.environ["HF_HUB_OFFLINE"] = "1"  # for the processes this one starts
 
 
 def unreachable() -> str | None:

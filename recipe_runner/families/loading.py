@@ -41,9 +41,9 @@ def load_components(
 ) -> Components:
     """The recipe's family loads its parts (see ModelFamily.load); `unet`: the denoiser too."""
     family = family_of(loaded.recipe)
-    spec = loaded.recipe.model
-    if any(ref and not loaded.resolve(ref).is_dir() for ref in (base, spec.vae, spec.controlnet)):
+    spec, local = loaded.recipe.model, Path(base).is_dir()
+    if not local or any(ref and not loaded.resolve(ref).is_dir() for ref in (spec.vae, spec.controlnet)):
         offline_unless_reachable()  # a hub id: without a network, read the cache at once (offline.py)
-    if Path(base).is_dir():
+    if local:
         family.check_folder(loaded.recipe, Path(base))
     return family.load(loaded, base, denoiser=unet, controlnet=controlnet, weights=weights)
