@@ -1,5 +1,5 @@
 """The `recipe` process itself: optional packages it will not use kept out of it, how busy the machine
-was as it started, and a quick exit.
+was as it started, its allocator's settings, and a quick exit.
 
 Keeping packages out and the quick exit apply only to a process the command line started. In-process
 callers (tests, notebooks) keep every package and their interpreter's normal exit.
@@ -13,6 +13,8 @@ Measured on the 2-core CPU (importing what a training run imports, then exiting;
   GPU).
 - diffusers' schedulers import scipy.stats (60 MiB, 0.3 s), for beta sigmas only, and transformers'
   image utilities import torchvision (57 MiB), which controlnet_aux's annotators need, not training.
+- glibc's allocator handed each batch's freed activations back to the kernel and faulted them in again
+  (cli/malloc.py).
 - Python's own teardown of torch's CUDA build took 1.4-1.7 s and touched 184 MiB more than the run's
   peak, every run, after everything was written.
 """
@@ -30,6 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from recipe_runner.cli.malloc import keep_freed_memory
 from recipe_runner.recipe.checks import looks_local
 from recipe_runner.recipe.loader import LoadedRecipe
 from recipe_runner.recipe.recipe import Recipe
@@ -127,6 +130,7 @@ def run_and_exit(app: Callable[[], object]) -> None:
     global _command_line, _cpu_at_start
     _command_line = True
     _cpu_at_start = _cpu_now()
+    keep_freed_memory()
     try:
         app()
         code = 0
