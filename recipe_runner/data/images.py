@@ -16,6 +16,12 @@ from recipe_runner.data.references import local_path
 
 _ROTATED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 
+# The attribute an image decoded from PNG bytes carries while it is those bytes' pixels as they are: `png`
+# stores the source's own bytes instead of encoding the same pixels again (fill50k's 512 px PNGs at
+# resolution 512: two encodes a row saved). PIL copies no attribute of ours to a derived image (crop,
+# resize, convert, copy), and rows' images are never changed in place.
+_SOURCE_PNG = "_recipe_runner_source_png"
+
 
 class BadImage(Exception):
     def __init__(self, reason: str, file: str, detail: str = ""):
@@ -36,8 +42,10 @@ def open_image(
         value = value.get("bytes") or file or None
     if value is None:
         raise BadImage("no image", file)
+    raw = None  # the encoded bytes, where they are at hand
     if isinstance(value, (bytes, bytearray)):
-        src: Any = io.BytesIO(value)
+        raw = bytes(value)
+        src: Any = io.BytesIO(raw)
     elif isinstance(value, str):
         file = value
         local = local_path(value, base_dir)  # as the dataset cache records it (references.py)
@@ -47,6 +55,9 @@ def open_image(
             src = local
             if not src.is_file():
                 raise BadImage("missing file", file, f"looked at {src}")
+            if src.suffix.lower() == ".png":
+                raw = src.read_bytes()
+                src = io.BytesIO(raw)
     else:
         raise BadImage("not an image", file, f"a {type(value).__name__} value")
     try:
@@ -56,8 +67,10 @@ def open_image(
                 scale = draft / min(full)
                 im.draft(None, (math.ceil(im.width * scale), math.ceil(im.height * scale)))
             im.load()  # decode now: a truncated or corrupt file fails here, not later in the writer
-            rotated = im.getexif().get(0x0112) in _ROTATED
+            orientation = im.getexif().get(0x0112)
+            rotated = orientation in _ROTATED
             image = ImageOps.exif_transpose(im)
+            as_stored = im.format == "PNG" and orientation in (None, 1) and image.mode == "RGB"
     except Image.DecompressionBombError as e:
         raise BadImage("image too large", file, str(e)) from None
     except UnidentifiedImageError:
@@ -65,6 +78,8 @@ def open_image(
     except Exception as e:  # decoders raise OSError, SyntaxError, ValueError, struct.error, ... on bad data
         reason = "truncated image" if "truncated" in str(e) else "unreadable image"
         raise BadImage(reason, file, f"{type(e).__name__}: {e}") from None
+    if raw is not None and as_stored:
+        setattr(image, _SOURCE_PNG, raw)
     return image, (full[::-1] if rotated else full)
 
 
@@ -85,6 +100,8 @@ def fit(
     w, h = image.size
     x0, y0, x1, y1 = fraction_box
     rgb = to_rgb(image)
+    if rgb.size == size and fraction_box == (0.0, 0.0, 1.0, 1.0):
+        return rgb  # PIL would return a copy: this is the same pixels and keeps the source's PNG bytes
     return rgb.resize(size, resample, box=(x0 * w, y0 * h, x1 * w, y1 * h))
 
 
@@ -108,6 +125,11 @@ def blank(image: Image.Image) -> bool:
 
 
 def png(image: Image.Image) -> dict:
+    """The image as a datasets Image cell of PNG bytes: its source's own bytes where it is a PNG's pixels
+    as they are (see _SOURCE_PNG), else encoded here."""
+    source = getattr(image, _SOURCE_PNG, None)
+    if source is not None:
+        return {"bytes": source, "path": None}
     # Encoded here rather than by datasets: an image opened from a file would otherwise be stored as a
     # reference to that path, and the built dataset must not depend on the source files.
     buf = io.BytesIO()
