@@ -19,7 +19,8 @@ from pathlib import Path
 
 PACKAGE = "recipe_runner"
 LAYERS = [
-    {"errors", "offline", "__init__", "runfolder"},  # the run folder, atomic writes, log, progress events
+    # the run folder, atomic writes, log, progress events; errors, the offline switch, the allocator
+    {"errors", "offline", "malloc", "__init__", "runfolder"},
     {"recipe"},  # the recipe's model and loading (no torch)
     {"conditions"},  # conditioning images from photos
     {"data"},  # the dataset stage

@@ -14,7 +14,7 @@ Measured on the 2-core CPU (importing what a training run imports, then exiting;
 - diffusers' schedulers import scipy.stats (60 MiB, 0.3 s), for beta sigmas only, and transformers'
   image utilities import torchvision (57 MiB), which controlnet_aux's annotators need, not training.
 - glibc's allocator handed each batch's freed activations back to the kernel and faulted them in again
-  (cli/malloc.py).
+  (malloc.py).
 - Python's own teardown of torch's CUDA build took 1.4-1.7 s and touched 184 MiB more than the run's
   peak, every run, after everything was written.
 """
@@ -32,7 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from recipe_runner.cli.malloc import keep_freed_memory
+from recipe_runner.malloc import keep_freed_memory
 from recipe_runner.recipe.checks import looks_local
 from recipe_runner.recipe.loader import LoadedRecipe
 from recipe_runner.recipe.recipe import Recipe

@@ -180,7 +180,9 @@ class TrainSpec(Section):
     `--offload_ema`): no accelerator memory between updates, a host-device round trip at each step."""
     precompute: Annotated[bool, NOTHING] = True
     """Encode latents and text embeddings once before training and cache them (steps run only UNet +
-    ControlNet); off: encode every batch, as the reference script does."""
+    ControlNet); off: encode every batch, as the reference script does. It pays once the steps draw
+    most rows (steps x effective batch >= about half the rows) or later runs reuse the cache; `recipe
+    plan` and the run warn of one far larger than the run."""
     channels_last: Annotated[bool, NOTHING] = False
     """Use channels-last memory format for the UNet and ControlNet (faster convolutions on GPUs)."""
     compile: Annotated[bool, NOTHING] = False

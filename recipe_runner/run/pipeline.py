@@ -24,6 +24,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from recipe_runner.errors import UserError
+from recipe_runner.malloc import release_freed_memory
 from recipe_runner.recipe.loader import LoadedRecipe
 from recipe_runner.recipe.show import resolved_yaml
 from recipe_runner.run.lockfile import hardware, load_run_recipe, new_lock, read_lock, write_lock
@@ -335,6 +336,7 @@ def _run_stages(
             console.print(f"[bold cyan]▶[/] {name}: running ({escape(why)})")
             started = time.perf_counter()
             result = stage.run(ctx)
+            release_freed_memory()  # what this stage freed is not held under the next one's peak
             ran.append(name)
             lock["hardware"] = hardware()  # now with the GPUs the stage's torch saw
             seconds = round(time.perf_counter() - started, 2)

@@ -23,6 +23,7 @@ from pydantic import ValidationError
 from recipe_runner.data.buckets import dataset_buckets, global_batch, small_buckets
 from recipe_runner.recipe.effects import STAGES
 from recipe_runner.recipe.loader import LoadedRecipe
+from recipe_runner.recipe.notices import precompute_note
 from recipe_runner.recipe.recipe import Recipe
 from recipe_runner.run.diff import Change, computes_condition, diff_data, effective_batch, stage_of
 from recipe_runner.run.estimates import (
@@ -278,6 +279,8 @@ def make_plan(loaded: LoadedRecipe, output_dir: str | Path | None = None, *, tra
     if (note := resolution_note(loaded)) is not None:
         warnings.append(note)
     if (note := learning_rate_note(recipe)) is not None:
+        warnings.append(note)
+    if (note := precompute_note(recipe, train_rows)) is not None:
         warnings.append(note)
     if train_rows is not None and train_rows < effective_batch(recipe):
         warnings.append(

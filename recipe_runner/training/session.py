@@ -28,10 +28,13 @@ from accelerate.utils import (
 from datasets import DatasetDict
 from diffusers.optimization import get_scheduler
 from rich.console import Console
+from rich.markup import escape
 
 from recipe_runner.families import Components, family_of
 from recipe_runner.families.loading import load_components, resolve_base
+from recipe_runner.malloc import release_freed_memory
 from recipe_runner.recipe.loader import LoadedRecipe
+from recipe_runner.recipe.notices import precompute_note
 from recipe_runner.recipe.recipe import Recipe
 from recipe_runner.runfolder.layout import RunFolder
 from recipe_runner.training import features
@@ -147,6 +150,9 @@ def ensure_cache(
     cached = EncodedCache.open(path)
     if shard is None and cached is not None and len(cached.prompt_index) == len(rows):
         return cached
+    note = precompute_note(loaded.recipe, len(rows))
+    if console and note and (shard is None or shard.index == 0):
+        console.print(f"[yellow]warning:[/] {escape(note)}")
     place_encoders(c, loaded.recipe, device, dtype)
     try:
         return build_cache(c, loaded.recipe, rows, path, dtype, console, shard)
@@ -154,6 +160,7 @@ def ensure_cache(
         place_encoders(c, loaded.recipe, "cpu", dtype)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+        release_freed_memory()
 
 
 def place_models(

@@ -1,4 +1,5 @@
-"""glibc's allocator keeps a batch's freed memory for the next one in a `recipe` process (cli/malloc.py)."""
+"""glibc's allocator keeps a batch's freed memory for the next one in a `recipe` process, and hands it back
+between stages (malloc.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import sys
 
 import pytest
 
-from recipe_runner.cli import malloc
+from recipe_runner import malloc
 
 pytestmark = pytest.mark.skipif(
     platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's allocator only"
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.skipif(
 # page faults of the last nine rounds (the first one faults its pages in either way).
 _BATCHES = """
 import ctypes, json, resource, sys
-from recipe_runner.cli.malloc import keep_freed_memory
+from recipe_runner.malloc import keep_freed_memory
 tuned = keep_freed_memory() if sys.argv[1] == "tune" else False
 libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
@@ -35,7 +36,13 @@ batch()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(9):
     batch()
-print(json.dumps({"tuned": tuned, "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before}))
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+def rss():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS")) // 1024
+held = rss()
+from recipe_runner.malloc import release_freed_memory
+release_freed_memory()
+print(json.dumps({"tuned": tuned, "faults": faults, "released_mib": held - rss()}))
 """
 
 
@@ -58,6 +65,8 @@ def test_freed_batches_are_reused_instead_of_faulted_in_again() -> None:
     # 9 rounds x 64 MiB = 147,456 pages: glibc's default trims and faults them all in again
     assert default["faults"] > 100_000
     assert tuned["faults"] < 1_000
+    # the 64 MiB the last round freed stay with the process until a stage ends and hands them back
+    assert tuned["released_mib"] > 48
 
 
 def test_the_users_own_allocator_settings_win() -> None:

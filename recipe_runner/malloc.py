@@ -1,5 +1,5 @@
 """glibc's allocator settings for a `recipe` process: keep freed memory for the next batch instead of
-handing it back to the kernel and faulting it in again.
+handing it back to the kernel and faulting it in again; hand it back between stages.
 
 By default glibc adapts two thresholds as a program runs: blocks above the mmap threshold get pages of
 their own, and free memory above the trim threshold at the top of the heap goes back to the kernel.
@@ -9,8 +9,10 @@ every batch and the next one faults every page back in, zeroed by the kernel: 1.
 (4.3 s of system time) in the demo's run, 1.7 million for one encoding pass of its 2,048 images.
 
 With fixed thresholds (32 MiB, glibc's own ceiling, and 128 MiB) that pass took 3.2 s instead of 5.1 s
-with no faults, the demo's training steps 8% less time, and peak RSS stayed the same (the freed memory
-is what the next batch takes again). benchmarks/RESULTS.md has the figures.
+with no faults, and the demo's training steps 8% less time. What a stage freed is handed back once it
+ends (`release_freed_memory`: the run's stages, the precompute), else the encoder's last batch would
+stay in the RSS under the training's peak: with it, the peak went from 1,460-1,500 to 1,390 MiB on the
+demo's config. benchmarks/RESULTS.md has the figures.
 
 Applied only to a process the command line started (cli/process.py), on glibc, and not where the user
 set glibc's malloc tunables themselves (MALLOC_*_ variables or GLIBC_TUNABLES). An allocator preloaded
@@ -48,3 +50,14 @@ def keep_freed_memory(environ: dict[str, str] | os._Environ[str] = os.environ) -
     # Setting either one turns off glibc's adapting of both: set both.
     mmap_set = mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
     return bool(mmap_set) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+def release_freed_memory() -> None:
+    """Hand the heap's free memory back to the kernel now (glibc's malloc_trim): between stages, so what
+    one stage freed (loading, encoding) does not stay in this process's RSS under the next one's peak."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
