@@ -22,6 +22,7 @@ in glibc's place (jemalloc, tcmalloc) does not read these settings.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import platform
 
@@ -35,17 +36,24 @@ _M_MMAP_THRESHOLD = -3
 USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "GLIBC_TUNABLES")
 
 
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    """This process's C library where it is glibc (whose allocator these settings are for), else None."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL(None)
+    except OSError:
+        return None
+
+
 def keep_freed_memory(environ: dict[str, str] | os._Environ[str] = os.environ) -> bool:
     """Fix glibc's mmap and trim thresholds for this process (see the module's docstring); whether it
     did. Nothing happens off glibc or where the user chose the allocator's settings themselves."""
-    if any(environ.get(name) for name in USER_SETTINGS):
+    libc = _glibc()
+    if libc is None or any(environ.get(name) for name in USER_SETTINGS):
         return False
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
+    mallopt = libc.mallopt
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     # Setting either one turns off glibc's adapting of both: set both.
     mmap_set = mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
@@ -55,9 +63,6 @@ def keep_freed_memory(environ: dict[str, str] | os._Environ[str] = os.environ) -
 def release_freed_memory() -> None:
     """Hand the heap's free memory back to the kernel now (glibc's malloc_trim): between stages, so what
     one stage freed (loading, encoding) does not stay in this process's RSS under the next one's peak."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)

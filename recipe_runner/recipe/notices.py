@@ -64,7 +64,7 @@ def precompute_note(recipe: Recipe, train_rows: int | None) -> str | None:
     steps = recipe.train.max_steps  # with num_epochs every row is drawn at least once
     if not recipe.precomputes or train_rows is None or steps is None:
         return None
-    draws = steps * recipe.train.effective_batch * recipe.launch.total_processes  # every process's
+    draws = steps * recipe.images_per_step
     if 2 * draws >= train_rows:  # at least half the rows: the precompute costs at most twice the steps
         return None
     return (

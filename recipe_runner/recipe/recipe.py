@@ -97,6 +97,11 @@ class Recipe(Section):
         return self
 
     @property
+    def images_per_step(self) -> int:
+        """Images per optimizer step over every process on every machine (the effective batch)."""
+        return self.train.effective_batch * self.launch.total_processes
+
+    @property
     def precomputes(self) -> bool:
         """Whether latents and text embeddings are encoded once into the precompute cache before training:
         `train.precompute`, except with a streaming source, whose rows are not known ahead (each step then

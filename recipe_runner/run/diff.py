@@ -158,7 +158,7 @@ def new_recipe(b: Recipe, base_dir: Path | None = None) -> RecipeDiff:
     changes = [Change(path, None, value, "added") for path, value in _leaves(b.resolved_dict())]
     found = [
         Implication("new-recipe", "new recipe: nothing to compare with, every stage runs", "rebuild"),
-        Implication("effective-batch", f"effective batch {effective_batch(b)}"),
+        Implication("effective-batch", f"effective batch {b.images_per_step}"),
         Implication("learning-rate", f"learning rate {b.train.learning_rate:g}"),
         Implication("steps", f"training length {_length(b)}"),
         Implication(
@@ -172,11 +172,6 @@ def ratio(old: float, new: float) -> str:
     """`×2`, `÷2` or `×1.5`: how a positive quantity scaled."""
     r = new / old
     return f"×{r:.3g}" if r >= 1 else f"÷{1 / r:.3g}"
-
-
-def effective_batch(r: Recipe) -> int:
-    """Images per optimizer step over every process on every machine."""
-    return r.train.effective_batch * r.launch.total_processes
 
 
 def precision(r: Recipe) -> str:
@@ -263,8 +258,8 @@ def implications(
     def add(code: str, text: str) -> None:
         found.append(Implication(code, text))
 
-    if effective_batch(a) != effective_batch(b):
-        add("effective-batch", f"effective batch {effective_batch(a)} → {effective_batch(b)}")
+    if a.images_per_step != b.images_per_step:
+        add("effective-batch", f"effective batch {a.images_per_step} → {b.images_per_step}")
     ta, tb = a.train, b.train
     if ta.learning_rate != tb.learning_rate:
         add(
@@ -274,8 +269,8 @@ def implications(
         )
     if tb.scale_lr or ta.scale_lr:
         # With scale_lr the optimizer sees lr × effective batch, so that product is what matters.
-        lr_a = ta.learning_rate * (effective_batch(a) if ta.scale_lr else 1)
-        lr_b = tb.learning_rate * (effective_batch(b) if tb.scale_lr else 1)
+        lr_a = ta.learning_rate * (a.images_per_step if ta.scale_lr else 1)
+        lr_b = tb.learning_rate * (b.images_per_step if tb.scale_lr else 1)
         if lr_a != lr_b:
             add(
                 "effective-learning-rate",

@@ -25,7 +25,7 @@ from recipe_runner.recipe.effects import STAGES
 from recipe_runner.recipe.loader import LoadedRecipe
 from recipe_runner.recipe.notices import precompute_note
 from recipe_runner.recipe.recipe import Recipe
-from recipe_runner.run.diff import Change, computes_condition, diff_data, effective_batch, stage_of
+from recipe_runner.run.diff import Change, computes_condition, diff_data, stage_of
 from recipe_runner.run.estimates import (
     CARD_SIZES_GB,
     MemoryEstimate,
@@ -239,7 +239,7 @@ def training_steps(recipe: Recipe, train_rows: int | None) -> int | None:
         return t.max_steps
     if train_rows is None or t.num_epochs is None:
         return None
-    return t.num_epochs * math.ceil(train_rows / effective_batch(recipe))
+    return t.num_epochs * math.ceil(train_rows / recipe.images_per_step)
 
 
 def make_plan(loaded: LoadedRecipe, output_dir: str | Path | None = None, *, trace: bool = False) -> Plan:
@@ -282,10 +282,8 @@ def make_plan(loaded: LoadedRecipe, output_dir: str | Path | None = None, *, tra
         warnings.append(note)
     if (note := precompute_note(recipe, train_rows)) is not None:
         warnings.append(note)
-    if train_rows is not None and train_rows < effective_batch(recipe):
-        warnings.append(
-            f"only {train_rows} training rows for an effective batch of {effective_batch(recipe)}"
-        )
+    if train_rows is not None and train_rows < recipe.images_per_step:
+        warnings.append(f"only {train_rows} training rows for an effective batch of {recipe.images_per_step}")
     buckets = _buckets(loaded, report)
     running = [s.name for s in stages if s.runs]
     trains = "train" in running  # else the exports are named by the steps the lock recorded
@@ -297,7 +295,7 @@ def make_plan(loaded: LoadedRecipe, output_dir: str | Path | None = None, *, tra
         stages=stages,
         rows=rows,
         train_rows=train_rows,
-        effective_batch=effective_batch(recipe),
+        effective_batch=recipe.images_per_step,
         steps=steps,
         memory=memory,
         memory_savers=savers if need_gb > CARD_SIZES_GB[0] else [],

@@ -151,7 +151,7 @@ def ensure_cache(
     if shard is None and cached is not None and len(cached.prompt_index) == len(rows):
         return cached
     note = precompute_note(loaded.recipe, len(rows))
-    if console and note and (shard is None or shard.index == 0):
+    if console and note:  # the main process's (the others have none)
         console.print(f"[yellow]warning:[/] {escape(note)}")
     place_encoders(c, loaded.recipe, device, dtype)
     try:

@@ -325,9 +325,7 @@ def test_a_precompute_far_larger_than_the_run_is_warned(cli, write_recipe, tmp_p
         ]
     else:
         assert found == []
-    off = [
-        w for w in plan_json(cli, recipe, "-o", tmp_path / "b", "--set", "train.precompute=false")["warnings"]
-    ]
+    off = plan_json(cli, recipe, "-o", tmp_path / "b", "--set", "train.precompute=false")["warnings"]
     assert not [w for w in off if "precompute encodes" in w]
 
 
