@@ -51,6 +51,13 @@ def offline_unless_reachable() -> None:
     os.environ["HF_HUB_OFFLINE"] = "1"  # for the processes this one starts
 
 
+def hub_offline() -> bool:
+    """Whether this process reads the hub cache only (HF_HUB_OFFLINE, or the Hub found unreachable)."""
+    from huggingface_hub import constants
+
+    return bool(constants.is_offline_mode())
+
+
 def unreachable() -> str | None:
     """The Hub endpoint this process could not reach (and so reads the cache only), or None."""
     return _unreachable

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from recipe_runner.errors import UserError
-from recipe_runner.offline import cache_only_reason, offline_unless_reachable
+from recipe_runner.offline import cache_only_reason, hub_offline, offline_unless_reachable
 from recipe_runner.recipe.loader import resolve_against
 
 EXAMPLE_FOLDER = "models/annotators"
@@ -78,10 +78,9 @@ def _from_hub(repo: str, files: Sequence[str], condition: str, folder: Path, def
 
 
 def _reason(error: Exception) -> str:
-    from huggingface_hub import constants
     from huggingface_hub import errors as hub
 
-    if constants.is_offline_mode() or isinstance(error, hub.OfflineModeIsEnabled):
+    if hub_offline() or isinstance(error, hub.OfflineModeIsEnabled):
         return f"{cache_only_reason()} and the files are not in the local cache"
     if isinstance(error, hub.LocalEntryNotFoundError):
         return "the Hub could not be reached and the files are not in the local cache"

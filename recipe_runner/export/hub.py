@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from recipe_runner.errors import RunFailed, UserError
-from recipe_runner.offline import cache_only_reason
+from recipe_runner.offline import cache_only_reason, hub_offline
 from recipe_runner.runfolder.layout import RunFolder
 
 # What goes up: the run's weights, card, sample grids and exports (the dataset, cache and checkpoints stay).
@@ -37,17 +37,11 @@ TOKEN_HINT = (
 Say = Callable[[str], None]
 
 
-def _offline() -> bool:
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE)
-
-
 def check_push(repo_id: str | None) -> str:
     """The token to push with; a UserError when offline or there is none (before any work)."""
     if not repo_id:
         raise UserError("output.push_to_hub needs output.hub_model_id (e.g. 'your-name/controlnet-canny')")
-    if _offline():
+    if hub_offline():
         raise UserError(
             f"output.push_to_hub: cannot push to {repo_id}: the Hugging Face Hub is offline here "
             f"({cache_only_reason()})",

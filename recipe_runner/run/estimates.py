@@ -227,6 +227,7 @@ def memory_savers(recipe: Recipe, base_dir: Path | None = None) -> tuple[list[st
     t = recipe.train
     refused = refused_options(recipe.model.resolved_family)
     found: list[tuple[str, dict]] = []
+    totals: dict[str, float] = {}  # estimates already made for an option (its text): not made twice
     if not t.gradient_checkpointing:
         found.append(("train.gradient_checkpointing: true (≈ 30% slower)", {"gradient_checkpointing": True}))
     if t.optimizer == "adamw":
@@ -257,15 +258,14 @@ def memory_savers(recipe: Recipe, base_dir: Path | None = None) -> tuple[list[st
         from recipe_runner.recipe.train import LoraSpec
 
         lora = _with_train(recipe, {"lora": LoraSpec(rank=64)})
-        sizes = estimate_memory(lora, base_dir).sizes
-        share = lora_trainable(lora, sizes) / sizes.controlnet
-        found.append(
-            (
-                f"train.lora: {{rank: 64}} (a LoRA of the ControlNet: {share:.0%} of its weights train; "
-                "usually a higher learning_rate)",
-                {"lora": LoraSpec(rank=64)},
-            )
+        estimate = estimate_memory(lora, base_dir)
+        share = lora_trainable(lora, estimate.sizes) / estimate.sizes.controlnet
+        text = (
+            f"train.lora: {{rank: 64}} (a LoRA of the ControlNet: {share:.0%} of its weights train; "
+            "usually a higher learning_rate)"
         )
+        found.append((text, {"lora": LoraSpec(rank=64)}))
+        totals[text] = estimate.total_gb
     if t.ema_decay is not None and not t.ema_offload:
         found.append(
             ("train.ema_offload: true (the EMA average in host memory between steps)", {"ema_offload": True})
@@ -287,7 +287,9 @@ def memory_savers(recipe: Recipe, base_dir: Path | None = None) -> tuple[list[st
     )
     options = [f"extends: base/low-vram.yaml (all of the below{' but ' + outside if outside else ''})"]
     for text, update in found:
-        saved = now - estimate_memory(_with_train(recipe, update), base_dir).total_gb
+        if text not in totals:
+            totals[text] = estimate_memory(_with_train(recipe, update), base_dir).total_gb
+        saved = now - totals[text]
         options.append(f"{text}: −{saved:.1f} GB" if saved >= 0.05 else text)
     everything = {k: v for _, update in found for k, v in update.items()}
     return options, _with_train(recipe, everything)
