@@ -6,29 +6,23 @@ condition shows at a glance. Drawn with PIL alone.
 
 from __future__ import annotations
 
-import textwrap
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL import Image, ImageDraw, ImageOps
+
+from recipe_runner.runfolder.fonts import font_for, wrap
 
 MAX_ROWS = 8
 TILE = 192  # pixels per image in the grid, whatever the dataset resolution
 _PAD = 8
 _TEXT_WIDTH = 2 * TILE
 _BACKGROUND, _INK = (255, 255, 255), (20, 20, 20)
-
-
-def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    try:
-        return ImageFont.load_default(size=size)  # a scalable font when Pillow has FreeType
-    except (TypeError, OSError):
-        return ImageFont.load_default()
+_FONT_SIZE = 14
 
 
 def render_preview(rows: list[dict[str, Any]]) -> Image.Image:
     """A grid of (image, conditioning_image, prompt) rows: PIL images and strings."""
-    font = _font(14)
     width = 3 * _PAD + 2 * TILE + _PAD + _TEXT_WIDTH
     height = _PAD + max(len(rows), 1) * (TILE + _PAD)
     grid = Image.new("RGB", (width, height), _BACKGROUND)
@@ -42,7 +36,8 @@ def render_preview(rows: list[dict[str, Any]]) -> Image.Image:
             )
             grid.paste(tile, (_PAD + j * (TILE + _PAD), y))
         prompt = row["prompt"] or "(empty prompt)"
-        lines = textwrap.wrap(prompt, width=40, max_lines=TILE // 18, placeholder=" ...")
+        font = font_for(prompt, _FONT_SIZE)
+        lines = wrap(prompt, font, _TEXT_WIDTH, max_lines=TILE // 18)
         draw.multiline_text(
             (3 * _PAD + 2 * TILE + _PAD, y), "\n".join(lines), fill=_INK, font=font, spacing=4
         )

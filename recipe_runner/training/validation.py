@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,12 +17,13 @@ import torch
 from accelerate import Accelerator
 from datasets import DatasetDict
 from diffusers import AutoencoderKL, ControlNetModel
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL import Image, ImageDraw, ImageOps
 
 from recipe_runner.data.buckets import training_size
 from recipe_runner.errors import UserError
 from recipe_runner.families import Components
 from recipe_runner.recipe.loader import LoadedRecipe
+from recipe_runner.runfolder.fonts import font_for, wrap
 from recipe_runner.training.lora import plain_copy
 
 
@@ -157,15 +157,15 @@ def make_grid(conds: list[ValidationPair], images: list[list[Image.Image]], reso
     columns = 1 + max(len(row) for row in images)
     width = columns * resolution
     font_size = max(10, resolution // 10)
-    font = ImageFont.load_default(size=font_size)
-    chars = max(8, int(width / (0.6 * font_size)))
-    captions = [textwrap.wrap(c.prompt or "(empty prompt)", chars)[:3] for c in conds]
+    prompts = [c.prompt or "(empty prompt)" for c in conds]
+    fonts = [font_for(prompt, font_size) for prompt in prompts]
+    captions = [wrap(p, font, width - 8, max_lines=3) for p, font in zip(prompts, fonts, strict=True)]
     line = font_size + 4
     heights = [resolution + line * len(cap) + 6 for cap in captions]
     grid = Image.new("RGB", (width, sum(heights)), "white")
     draw = ImageDraw.Draw(grid)
     y = 0
-    for cond, row, caption, height in zip(conds, images, captions, heights, strict=True):
+    for cond, row, caption, font, height in zip(conds, images, captions, fonts, heights, strict=True):
         for i, image in enumerate([cond.image, *row]):
             # Bucketed images keep their aspect ratio in their square tile.
             tile = ImageOps.pad(image.convert("RGB"), (resolution, resolution), color="white")
