@@ -2,8 +2,6 @@
 
 Today: a hub id known to have moved (model.MOVED_HUB_IDS). Works on the merged recipe data and its
 origins, so a preset (which is no whole recipe) gets the same warnings as the recipes extending it.
-Also a precompute far larger than the run (`precompute_note`), which `recipe plan` and the train stage
-print once they know the rows.
 No torch, no network.
 """
 
@@ -15,7 +13,6 @@ from typing import Any
 from recipe_runner.errors import Problem
 from recipe_runner.recipe.loader import origin_of, resolve_against
 from recipe_runner.recipe.model import MOVED_HUB_IDS
-from recipe_runner.recipe.recipe import Recipe
 from recipe_runner.recipe.yaml_io import Origin, Path_
 
 # The fields that name a hub model repository (vae ids were not moved).
@@ -56,19 +53,3 @@ def recipe_warnings(data: dict, origins: dict[Path_, Origin], file: str, base_di
             )
         )
     return found
-
-
-def precompute_note(recipe: Recipe, train_rows: int | None) -> str | None:
-    """A warning when the precompute would encode far more rows than the run's steps draw: a short run on
-    a large dataset (diffusers' script encodes only the rows its steps draw, each at its step)."""
-    steps = recipe.train.max_steps  # with num_epochs every row is drawn at least once
-    if not recipe.precomputes or train_rows is None or steps is None:
-        return None
-    draws = steps * recipe.images_per_step
-    if 2 * draws >= train_rows:  # at least half the rows: the precompute costs at most twice the steps
-        return None
-    return (
-        f"train.precompute encodes all {train_rows:,} training rows before the first step, and these "
-        f"{steps:,} steps draw {draws:,} of them: for a short run set train.precompute: false (each step "
-        "encodes its own rows, as diffusers' script does); keep it if later runs reuse the cache"
-    )

@@ -180,9 +180,9 @@ class TrainSpec(Section):
     `--offload_ema`): no accelerator memory between updates, a host-device round trip at each step."""
     precompute: Annotated[bool, NOTHING] = True
     """Encode latents and text embeddings once before training and cache them (steps run only UNet +
-    ControlNet); off: encode every batch, as the reference script does. It pays once the steps draw
-    most rows (steps x effective batch >= about half the rows) or later runs reuse the cache; `recipe
-    plan` and the run warn of one far larger than the run."""
+    ControlNet); off: encode every batch, as the reference script does. A run shorter than an epoch
+    encodes only the batches of rows its steps draw, and a longer one later in the same run folder
+    the ones it lacks; every prompt is encoded."""
     channels_last: Annotated[bool, NOTHING] = False
     """Use channels-last memory format for the UNet and ControlNet (faster convolutions on GPUs)."""
     compile: Annotated[bool, NOTHING] = False

@@ -23,7 +23,6 @@ from pydantic import ValidationError
 from recipe_runner.data.buckets import dataset_buckets, global_batch, small_buckets
 from recipe_runner.recipe.effects import STAGES
 from recipe_runner.recipe.loader import LoadedRecipe
-from recipe_runner.recipe.notices import precompute_note
 from recipe_runner.recipe.recipe import Recipe
 from recipe_runner.run.diff import Change, computes_condition, diff_data, stage_of
 from recipe_runner.run.estimates import (
@@ -84,6 +83,7 @@ class Plan:
     buckets: dict[str, int | None] | None = None  # `WxH`: train rows (None until the dataset is built)
     lora_trainable: float | None = None  # train.lora: the ControlNet's trained parameters
     publish: list[PublishStep] = field(default_factory=list)  # output.export and output.push_to_hub
+    precomputes: bool = False  # train.precompute, for a built dataset
 
     @property
     def epochs(self) -> float | None:
@@ -99,6 +99,7 @@ class Plan:
             "publish": [s.to_dict() for s in self.publish],
             "dataset": {**self.rows.to_dict(), "train_rows": self.train_rows, "buckets": self.buckets},
             "effective_batch": self.effective_batch,
+            "precompute": self.precomputes,
             "lora_trainable_params": self.lora_trainable,
             "steps": self.steps,
             "epochs": round(self.epochs, 2) if self.epochs is not None else None,
@@ -280,8 +281,6 @@ def make_plan(loaded: LoadedRecipe, output_dir: str | Path | None = None, *, tra
         warnings.append(note)
     if (note := learning_rate_note(recipe)) is not None:
         warnings.append(note)
-    if (note := precompute_note(recipe, train_rows)) is not None:
-        warnings.append(note)
     if train_rows is not None and train_rows < recipe.images_per_step:
         warnings.append(f"only {train_rows} training rows for an effective batch of {recipe.images_per_step}")
     buckets = _buckets(loaded, report)
@@ -305,6 +304,7 @@ def make_plan(loaded: LoadedRecipe, output_dir: str | Path | None = None, *, tra
         traced=traced,
         buckets=buckets,
         lora_trainable=lora_trainable(recipe, memory.sizes) if recipe.train.lora is not None else None,
+        precomputes=recipe.precomputes,
         publish=publish_plan(
             loaded, folder, read_lock(folder.lock), stages_run=running, steps=steps if trains else None
         ),

@@ -172,6 +172,13 @@ class BatchPlan:
         repeats = math.ceil(self.padded_rows / self.num_rows)
         return order.repeat(repeats)[: self.padded_rows]
 
+    def rows_drawn(self, micro_steps: int) -> list[int] | None:
+        """The rows every process together draws in micro-steps 0 .. micro_steps-1, in no order; None
+        when that is every row (a whole epoch or more)."""
+        if micro_steps >= self.batches_per_epoch:
+            return None
+        return sorted(set(self.epoch_order(0)[: micro_steps * self.global_batch].tolist()))
+
     def batch(self, order: torch.Tensor, k: int) -> tuple[list[int], list[int]]:
         """(row indices, global positions) of this process's share of micro-batch k."""
         chunk = order[k * self.global_batch : (k + 1) * self.global_batch]

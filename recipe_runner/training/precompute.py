@@ -1,12 +1,18 @@
-"""The precompute cache: VAE latent distributions and text embeddings of every train row, computed once.
+"""The precompute cache: VAE latent distributions and text embeddings of the train rows, computed once.
 
 Steps then run only the UNet and the ControlNet. Arrays are .npy files opened with mmap (a big dataset's
 latents need not fit in RAM) under `cache/<key>/`, where the key hashes everything they depend on; a
 folder only gets its final name once complete (runfolder/atomic.py), so a killed precompute is redone.
+
+A run shorter than an epoch draws only some rows: it encodes just those (`encoded.npy` marks them), and a
+longer run later encodes the rows it lacks into the same folder, marking them once written (a killed
+top-up is redone). Each row is encoded in a batch of the size a full precompute encodes it in, so it gets
+the same latents whichever rows each run drew. Every prompt is encoded at once, as before.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections.abc import Callable, Iterator
@@ -25,7 +31,7 @@ import recipe_runner
 from recipe_runner.data.buckets import bucket_counts, image_sizes
 from recipe_runner.families import Components, family_of
 from recipe_runner.recipe.recipe import Recipe
-from recipe_runner.runfolder.atomic import atomic_dir, is_complete
+from recipe_runner.runfolder.atomic import atomic_dir, atomic_file, is_complete
 from recipe_runner.runfolder.events import reporter
 from recipe_runner.training.data import to_conditioning, to_pixels
 from recipe_runner.training.encoding import encode_pixels, encode_prompts, vae_dtype, warn_overlong
@@ -97,11 +103,24 @@ class EncodedCache:
     latent_offsets: np.ndarray | None = None
     latent_shapes: np.ndarray | None = None
     control_latents: np.ndarray | None = None  # laid out as latent_mean
+    encoded: np.ndarray | None = None  # which rows have latents (a run shorter than an epoch); None: all
 
     EMPTY = 0
 
+    def missing(self, rows: list[int] | None) -> list[int]:
+        """Those of `rows` (None: every row) without latents yet."""
+        if self.encoded is None:
+            return []
+        wanted = np.arange(len(self.encoded)) if rows is None else np.asarray(rows, dtype=np.int64)
+        return wanted[~self.encoded[wanted]].tolist()
+
     def latents(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(mean, std) of these rows, stacked: (len(rows), C, h, w), contiguous in memory."""
+        if self.encoded is not None and not self.encoded[rows].all():  # never zeros for latents
+            raise RuntimeError(
+                f"the precompute cache {self.folder} has no latents for rows {self.missing(list(rows))}: "
+                "the rows it encoded and the batch plan disagree"
+            )
         return self._take(self.latent_mean, rows), self._take(self.latent_std, rows)
 
     def controls(self, rows: np.ndarray) -> np.ndarray | None:
@@ -133,6 +152,7 @@ class EncodedCache:
             optional("latent_offsets"),
             optional("latent_shapes"),
             optional("control_latents"),
+            optional("encoded"),
         )
 
 
@@ -161,6 +181,7 @@ class _Layout:
 
     latent_shape: tuple[int, ...]
     batches: list[list[int]]
+    batch_size: int  # of every batch but the last of each group
     sizes: list[tuple[int, int]] | None  # bucketed rows: (w, h) each; None: all square at resolution
     shapes: list[tuple[int, ...]] | None
     offsets: np.ndarray | None
@@ -190,7 +211,43 @@ def _layout(c: Components, recipe: Recipe, rows: Dataset) -> _Layout:
     if c.family.latent_control:
         arrays.append("control_latents")
         columns.append("conditioning_image")
-    return _Layout(latent_shape, batches, sizes, shapes, offsets, arrays, columns)
+    return _Layout(latent_shape, batches, batch, sizes, shapes, offsets, arrays, columns)
+
+
+def _to_encode(
+    layout: _Layout, num_rows: int, needed: list[int] | None, encoded: np.ndarray | None
+) -> tuple[list[list[int]], np.ndarray]:
+    """The batches to encode for the rows in `needed` (None: every row) without latents yet, and which
+    rows they give latents to.
+
+    Every row: the layout's batches. Some rows: those of each full layout batch in batches of the same
+    size, the last filled up by repeating its rows, and any short layout batch (the last of its size)
+    holding one of them whole. So each row is encoded in a batch of the size a full precompute encodes
+    it in: a sample's latents depend on its batch's size (which picks the kernels), not on the others in
+    it (tests/training/test_precompute_partial.py trains bit-identically either way)."""
+    if needed is None and encoded is None:
+        return layout.batches, np.ones(num_rows, dtype=bool)
+    want = np.zeros(num_rows, dtype=bool) if needed is not None else np.ones(num_rows, dtype=bool)
+    if needed is not None:
+        want[needed] = True
+    if encoded is not None:
+        want &= ~encoded
+    full = layout.batch_size
+    batches: list[list[int]] = []
+    pools: dict[object, list[int]] = {}  # the wanted rows of full batches, by group (image size)
+    for batch in layout.batches:
+        rows = [row for row in batch if want[row]]
+        if not rows:
+            continue
+        if len(batch) < full:
+            batches.append(batch)
+        else:
+            pools.setdefault(layout.sizes[batch[0]] if layout.sizes else None, []).extend(rows)
+    for rows in pools.values():
+        for start in range(0, len(rows), full):
+            chunk = rows[start : start + full]
+            batches.append(chunk + list(itertools.islice(itertools.cycle(chunk), full - len(chunk))))
+    return batches, _marked(np.zeros(num_rows, dtype=bool), batches)
 
 
 def _encode_images(
@@ -202,8 +259,10 @@ def _encode_images(
     arrays: list[np.ndarray],
     weight_dtype: torch.dtype,
     advance: Callable[[int], None],
+    written: np.ndarray | None = None,
 ) -> None:
-    """Encode these batches of rows into the (memory-mapped) latent arrays."""
+    """Encode these batches of rows into the (memory-mapped) latent arrays; rows `written` already (a
+    top-up's batch may hold some) keep their latents. `advance(n)`: n more rows have latents."""
     shapes, offsets = layout.shapes, layout.offsets
     fit = None if shapes is not None else recipe.dataset.resolution  # bucketed rows keep their size
     for chunk in batches:
@@ -217,16 +276,25 @@ def _encode_images(
             found.append(c.family.control_latents(c, cond, weight_dtype))
         # Cast to the training dtype first, as a step in reference mode sees it.
         values_of = [x.float().cpu().numpy() for x in found]
+        first = {row: i for i, row in reversed(list(enumerate(chunk)))}  # a repeated row: stored once
+        new = [(row, i) for row, i in first.items() if written is None or not written[row]]
+        consecutive = chunk == list(range(chunk[0], chunk[0] + len(chunk)))
         for array, values in zip(arrays, values_of, strict=True):
-            if shapes is None:
-                array[chunk[0] : chunk[-1] + 1] = values
+            if shapes is None and consecutive and len(new) == len(chunk):
+                array[chunk[0] : chunk[-1] + 1] = values  # a layout batch: one slice
             else:
-                assert offsets is not None
-                for i, row in enumerate(chunk):
-                    array[offsets[row] : offsets[row + 1]] = values[i].ravel()
-        advance(len(chunk))
+                for row, i in new:
+                    _store(array, offsets, row, values[i])
+        advance(len(new))
     for array in arrays:
         array.flush()
+
+
+def _store(array: np.ndarray, offsets: np.ndarray | None, row: int, values: np.ndarray) -> None:
+    if offsets is None:
+        array[row] = values
+    else:
+        array[offsets[row] : offsets[row + 1]] = values.ravel()
 
 
 def _encode_prompt_batches(
@@ -249,24 +317,32 @@ def build_cache(
     weight_dtype: torch.dtype,
     console: Console | None = None,
     shard: Shard | None = None,
+    needed: list[int] | None = None,
 ) -> EncodedCache:
-    """Encode every row of `rows` with the (already placed) VAE and text encoders into `folder`; with a
-    `shard`, this process's batches of them, together with the other processes (every one calls this)."""
+    """Encode the rows of `rows` with the (already placed) VAE and text encoders into `folder`: every
+    row, or those in `needed` (a run shorter than an epoch; `_to_encode`), adding to a cache that lacks
+    some of them. With a `shard`, this process's batches of them, together with the other processes
+    (every one calls this)."""
     cached = EncodedCache.open(folder)
-    complete = cached is not None and len(cached.prompt_index) == len(rows)
+    same = cached is not None and len(cached.prompt_index) == len(rows)  # else a stale one: replaced
+    state = "new" if cached is None or not same else "top-up" if cached.missing(needed) else "reuse"
     if shard is not None:
-        complete = shard.share(complete)  # rank 0 decides: every process takes the same path
-    if complete:
+        state = shard.share(state)  # rank 0 decides: every process takes the same path
+    if state == "reuse":
         if console:
             console.print(f"[dim]precomputed latents and text embeddings: reusing {escape(str(folder))}[/]")
         cached = EncodedCache.open(folder)
         assert cached is not None
         return cached
     layout = _layout(c, recipe, rows)
+    if state == "top-up":
+        return _top_up(c, recipe, rows, folder, layout, needed, weight_dtype, console, shard)
     storage = _storage(weight_dtype)
     images = rows.select_columns(layout.columns)
     index, count = (shard.index, shard.count) if shard is not None else (0, 1)
-    mine = layout.batches[index::count]
+    batches, marked = _to_encode(layout, len(rows), needed, None)
+    mine = batches[index::count]
+    to_encode = int(marked.sum())
     prompts = list(rows["prompt"])
     unique = list(dict.fromkeys(["", *prompts]))  # the empty prompt first: EncodedCache.EMPTY
     # Prompt batches are shared out as the image batches are (a T5 on every GPU, not one).
@@ -299,19 +375,10 @@ def build_cache(
             for array in arrays:
                 array.flush()
             shard.share(str(tmp))
-        task = bar.add_task("encoding images", total=len(rows))
-        report = reporter(console)  # the throttled lines of log.txt, a pipe, --json (bar is transient)
-        encoded = 0
-        report.progress("precompute", encoded, len(rows))
-
-        def advance(n: int) -> None:
-            nonlocal encoded
-            n = min(n * count, len(rows) - encoded)  # the others' batches go at the same pace
-            bar.advance(task, n)
-            encoded += n
-            report.progress("precompute", encoded, len(rows))
-
+        advance = _progress(bar, console, to_encode, count)
         _encode_images(c, recipe, images, layout, mine, arrays, weight_dtype, advance)
+        if to_encode < len(rows):
+            np.save(tmp / "encoded.npy", marked)
         if layout.shapes is not None:
             np.save(tmp / "latent_offsets.npy", layout.offsets)
             np.save(tmp / "latent_shapes.npy", np.array(layout.shapes, dtype=np.int64))
@@ -345,11 +412,80 @@ def build_cache(
     if shard is not None:
         shard.barrier()  # renamed: the others may open it
     if console:
+        latents = f"{len(rows)}" if to_encode == len(rows) else f"{to_encode} of {len(rows)}"
+        into = escape(str(folder))
         console.print(
-            f"[dim]precomputed {len(rows)} latents and {len(unique)} distinct prompts into {folder}"
+            f"[dim]precomputed {latents} latents and {len(unique)} distinct prompts into {into}"
             + (f", shared by {count} processes" if count > 1 else "")
+            + (" (the rows these steps draw)" if to_encode < len(rows) else "")
             + "[/]"
         )
+    cache = EncodedCache.open(folder)
+    assert cache is not None
+    return cache
+
+
+def _marked(encoded: np.ndarray, batches: list[list[int]]) -> np.ndarray:
+    for batch in batches:
+        encoded[batch] = True
+    return encoded
+
+
+def _progress(bar: Progress, console: Console | None, total: int, count: int) -> Callable[[int], None]:
+    """`advance(n)` for this process's n more rows: the bar and the throttled lines of log.txt, a pipe,
+    --json (the bar is transient)."""
+    task = bar.add_task("encoding images", total=total)
+    report = reporter(console)
+    encoded = 0
+    report.progress("precompute", encoded, total)
+
+    def advance(n: int) -> None:
+        nonlocal encoded
+        n = min(n * count, total - encoded)  # the others' batches go at the same pace
+        bar.advance(task, n)
+        encoded += n
+        report.progress("precompute", encoded, total)
+
+    return advance
+
+
+def _top_up(
+    c: Components,
+    recipe: Recipe,
+    rows: Dataset,
+    folder: Path,
+    layout: _Layout,
+    needed: list[int] | None,
+    weight_dtype: torch.dtype,
+    console: Console | None,
+    shard: Shard | None,
+) -> EncodedCache:
+    """Encode into a cache an earlier, shorter run left partial the batches this run draws that it lacks.
+    Rows are marked encoded only once written, by an atomic replace of encoded.npy: a killed top-up is
+    redone, and no row that has latents is written again."""
+    index, count = (shard.index, shard.count) if shard is not None else (0, 1)
+    encoded = np.load(folder / "encoded.npy")
+    batches, marked = _to_encode(layout, len(rows), needed, encoded)
+    to_encode = int((marked & ~encoded).sum())
+    images = rows.select_columns(layout.columns)
+    arrays = [np.lib.format.open_memmap(folder / f"{name}.npy", "r+") for name in layout.arrays]
+    with Progress(console=console, disable=console is None, transient=True) as bar:
+        advance = _progress(bar, console, to_encode, count)
+        _encode_images(
+            c, recipe, images, layout, batches[index::count], arrays, weight_dtype, advance, encoded
+        )
+    del arrays  # flushed by _encode_images
+    if shard is not None:
+        shard.barrier()  # every process's rows are written
+    if index == 0:
+        with atomic_file(folder / "encoded.npy") as tmp, open(tmp, "wb") as f:
+            np.save(f, encoded | marked)
+    if shard is not None:
+        shard.barrier()  # marked: the others may open it
+    if console:
+        done = int((encoded | marked).sum())
+        now = "every row now" if done == len(rows) else f"{done} of {len(rows)} rows now"
+        console.print(f"[dim]precomputed {to_encode} more latents into {escape(str(folder))} ({now})[/]")
     cache = EncodedCache.open(folder)
     assert cache is not None
     return cache

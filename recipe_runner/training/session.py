@@ -28,13 +28,11 @@ from accelerate.utils import (
 from datasets import DatasetDict
 from diffusers.optimization import get_scheduler
 from rich.console import Console
-from rich.markup import escape
 
 from recipe_runner.families import Components, family_of
 from recipe_runner.families.loading import load_components, resolve_base
 from recipe_runner.malloc import release_freed_memory
 from recipe_runner.recipe.loader import LoadedRecipe
-from recipe_runner.recipe.notices import precompute_note
 from recipe_runner.recipe.recipe import Recipe
 from recipe_runner.runfolder.layout import RunFolder
 from recipe_runner.training import features
@@ -143,19 +141,19 @@ def ensure_cache(
     dtype: torch.dtype,
     console: Console | None,
     shard: Shard | None = None,
+    needed: list[int] | None = None,
 ) -> EncodedCache:
-    """Open the precompute cache for these inputs, computing it (encoders on `device`) when missing;
-    with a `shard`, together with the other processes of the launch (every one calls this)."""
+    """Open the precompute cache for these inputs, computing what it lacks of the rows `needed` (None:
+    every row) with the encoders on `device`; with a `shard`, together with the other processes of the
+    launch (every one calls this)."""
     path = cache_folder(loaded, folder, base, dtype)
     cached = EncodedCache.open(path)
-    if shard is None and cached is not None and len(cached.prompt_index) == len(rows):
+    same_rows = cached is not None and len(cached.prompt_index) == len(rows)
+    if shard is None and cached is not None and same_rows and not cached.missing(needed):
         return cached
-    note = precompute_note(loaded.recipe, len(rows))
-    if console and note:  # the main process's (the others have none)
-        console.print(f"[yellow]warning:[/] {escape(note)}")
     place_encoders(c, loaded.recipe, device, dtype)
     try:
-        return build_cache(c, loaded.recipe, rows, path, dtype, console, shard)
+        return build_cache(c, loaded.recipe, rows, path, dtype, console, shard, needed)
     finally:
         place_encoders(c, loaded.recipe, "cpu", dtype)
         if torch.cuda.is_available():
@@ -209,11 +207,20 @@ def open_session(
         base = base or resolve_base(loaded, folder.models_cache)
         c = load_components(loaded, base)
         c.family.check_scheduler(recipe, c)
+    processes = accelerator.num_processes
+    plan, stream, max_steps = None, None, train.max_steps
+    if not recipe.dataset.source.streams:
+        plan = batch_plan(recipe, data["train"], processes, accelerator.process_index)
+        max_steps = train.max_steps or math.ceil(
+            train.num_epochs * plan.batches_per_epoch / train.gradient_accumulation_steps
+        )
     cache, precompute_seconds = None, None
     if recipe.precomputes:  # several processes: each encodes its share of the rows on its own device
-        shard = _shard(accelerator) if accelerator.num_processes > 1 else None
+        assert plan is not None and max_steps is not None
+        shard = _shard(accelerator) if processes > 1 else None
+        needed = plan.rows_drawn(max_steps * train.gradient_accumulation_steps)
         started = time.perf_counter()
-        cache = ensure_cache(loaded, folder, c, base, data["train"], device, dtype, console, shard)
+        cache = ensure_cache(loaded, folder, c, base, data["train"], device, dtype, console, shard, needed)
         precompute_seconds = round(time.perf_counter() - started, 3)
         place_encoders(c, recipe, "cpu", dtype)
     else:  # reference mode: prompts are encoded (and truncated) at each step
@@ -226,23 +233,15 @@ def open_session(
     if train.compile:
         c.unet = torch.compile(c.unet)
 
-    processes = accelerator.num_processes
     lr = train.learning_rate
     if train.scale_lr:
         lr *= train.gradient_accumulation_steps * train.batch_size * processes
     optimizer = features.make_optimizer(recipe, trainable(controlnet), lr)
-    plan, stream = None, None
     if recipe.dataset.source.streams:  # validation requires max_steps: a stream's length is unknown
         from recipe_runner.data.stream import StreamRows
 
         held = frozenset(held_out_rows(folder))
         stream = StreamRows(loaded, accelerator.process_index, processes, exclude=held)
-        max_steps = train.max_steps
-    else:
-        plan = batch_plan(recipe, data["train"], processes, accelerator.process_index)
-        max_steps = train.max_steps or math.ceil(
-            train.num_epochs * plan.batches_per_epoch / train.gradient_accumulation_steps
-        )
     # Like the reference: the prepared scheduler steps once per process per optimizer step.
     lr_scheduler = get_scheduler(
         train.lr_scheduler,

@@ -310,29 +310,17 @@ def test_a_learning_rate_far_from_the_methods_is_warned(cli, write_recipe, tmp_p
         assert len(warnings) == 1 and warnings[0].startswith(warned), warnings
 
 
-@pytest.mark.parametrize(("steps", "warned"), [(10, True), (16, False), (None, False)])
-def test_a_precompute_far_larger_than_the_run_is_warned(cli, write_recipe, tmp_path, steps, warned):
-    """64 rows at batch 2: 10 steps draw 20 of them (the precompute would encode 3 times as many), 16 steps
-    32 (half: not warned); num_epochs draws every row."""
-    length = f"max_steps: {steps}" if steps else "max_steps: null, num_epochs: 1"
+PARTIAL = "the precompute encodes only the batches holding the rows these steps draw"
+
+
+@pytest.mark.parametrize(("length", "partial"), [("max_steps: 10", True), ("max_steps: 32", False)])
+def test_plan_says_when_the_precompute_encodes_only_the_rows_drawn(
+    cli, write_recipe, tmp_path, length, partial
+):
+    """64 rows at batch 2: 10 steps draw 20 of them (less than an epoch), 32 steps every one."""
     recipe = write_recipe(RECIPE.replace("max_steps: 10", length))
-    found = [w for w in plan_json(cli, recipe, "-o", tmp_path / "run")["warnings"] if "precompute" in w]
-    if warned:
-        assert found == [
-            f"train.precompute encodes all 64 training rows before the first step, and these {steps} steps "
-            "draw 20 of them: for a short run set train.precompute: false (each step encodes its own rows, as "
-            "diffusers' script does); keep it if later runs reuse the cache"
-        ]
-    else:
-        assert found == []
-    off = plan_json(cli, recipe, "-o", tmp_path / "b", "--set", "train.precompute=false")["warnings"]
-    assert not [w for w in off if "precompute encodes" in w]
-
-
-def test_the_run_warns_of_a_precompute_far_larger_than_it_before_encoding(cli, write_recipe, tmp_path):
-    recipe = write_recipe(RECIPE.replace("max_steps: 10", "max_steps: 1"))
-    run = tmp_path / "run"
-    small = ["--set", "train.validation={num_images: 1, num_rows: 1, num_inference_steps: 1}"]
-    assert cli("train", recipe, "-o", run, "--quiet", *small).exit_code == 0
-    log = (run / "log.txt").read_text().replace("\n", " ")
-    assert "encodes all 64 training rows before the first step, and these 1 steps draw 2 of them" in log
+    shown = " ".join(cli("plan", recipe, "-o", tmp_path / "run").output.split())
+    assert (PARTIAL in shown) is partial
+    off = cli("plan", recipe, "-o", tmp_path / "b", "--set", "train.precompute=false").output
+    assert PARTIAL not in " ".join(off.split())
+    assert plan_json(cli, recipe, "-o", tmp_path / "run")["precompute"] is True

@@ -101,7 +101,8 @@ def test_launched_workers_write_what_they_print_to_the_log(tmp_path):
 @pytest.mark.parametrize("base", ["builtin:tiny-sd", "builtin:tiny-flux"])
 def test_two_processes_share_the_precompute_and_write_the_cache_one_would(make_run, shapes_data, base):
     """Each process encodes every other batch of rows into the one cache rank 0 allocates and completes:
-    the same folder, files and values as one process, and no copy or temporary left per rank."""
+    the same folder, files and values as one process, and no copy or temporary left per rank. (4 steps:
+    every row is drawn, so neither encodes only the rows of a shorter run.)"""
     import io
 
     import numpy as np
@@ -110,7 +111,7 @@ def test_two_processes_share_the_precompute_and_write_the_cache_one_would(make_r
     caches = {}
     for n in (1, 2):
         loaded, folder = make_run(
-            "train.max_steps=1",
+            "train.max_steps=4",
             "train.batch_size=2",
             f"launch.num_processes={n}",
             f"model.base={base}",
