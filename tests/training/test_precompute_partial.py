@@ -40,6 +40,13 @@ def _weights(folder) -> bytes:
     return (folder.controlnet / "diffusion_pytorch_model.safetensors").read_bytes()
 
 
+def _encoders(make_run, shapes_data, name: str):
+    """A one-step recipe on the 8 rows (batch 2), its run folder, encoders and train rows."""
+    loaded, folder = make_run("train.max_steps=1", name=name, data=shapes_data)
+    c = load_components(loaded, resolve_base(loaded, folder.models_cache), unet=False)
+    return loaded, folder, c, load_rows(folder.dataset_data, loaded.recipe)["train"]
+
+
 def _drawn(loaded, rows, steps: int) -> np.ndarray:
     drawn = batch_plan(loaded.recipe, rows, 1, 0).rows_drawn(steps)
     assert drawn is not None
@@ -97,9 +104,7 @@ def test_a_longer_run_encodes_the_rest_into_the_same_cache_and_resumes_exactly(m
 
 
 def test_a_killed_top_up_marks_nothing_and_is_done_again(make_run, shapes_data, monkeypatch):
-    loaded, folder = make_run("train.max_steps=1", name="killed", data=shapes_data)
-    c = load_components(loaded, resolve_base(loaded, folder.models_cache), unet=False)
-    rows = load_rows(folder.dataset_data, loaded.recipe)["train"]
+    loaded, folder, c, rows = _encoders(make_run, shapes_data, "killed")
     path = folder.cache / "k"
     needed = batch_plan(loaded.recipe, rows, 1, 0).rows_drawn(1)
     before = precompute.build_cache(c, loaded.recipe, rows, path, torch.float32, needed=needed)
@@ -128,9 +133,7 @@ def test_a_killed_top_up_marks_nothing_and_is_done_again(make_run, shapes_data, 
 
 
 def test_processes_share_a_partial_precompute(make_run, shapes_data):
-    loaded, folder = make_run("train.max_steps=1", name="ranks", data=shapes_data)
-    c = load_components(loaded, resolve_base(loaded, folder.models_cache), unet=False)
-    rows = load_rows(folder.dataset_data, loaded.recipe)["train"]
+    loaded, folder, c, rows = _encoders(make_run, shapes_data, "ranks")
     needed = batch_plan(loaded.recipe, rows, 2, 0).rows_drawn(1)  # one micro-step of both processes
     assert needed is not None and len(needed) == 4
     alone = precompute.build_cache(
@@ -167,9 +170,7 @@ def test_processes_share_a_partial_precompute(make_run, shapes_data):
 
 
 def test_latents_of_a_row_never_encoded_are_refused(make_run, shapes_data):
-    loaded, folder = make_run("train.max_steps=1", name="refused", data=shapes_data)
-    c = load_components(loaded, resolve_base(loaded, folder.models_cache), unet=False)
-    rows = load_rows(folder.dataset_data, loaded.recipe)["train"]
+    loaded, folder, c, rows = _encoders(make_run, shapes_data, "refused")
     cache = precompute.build_cache(c, loaded.recipe, rows, folder.cache / "c", torch.float32, needed=[0])
     assert cache.encoded is not None and cache.encoded.tolist() == [True] + [False] * 7
     cache.latents(np.array([0, 0]))
