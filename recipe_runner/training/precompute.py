@@ -366,7 +366,7 @@ def build_cache(
     where = {p: i for i, p in enumerate(unique)}
     warn_overlong(c, unique, console)
     latent_shape = layout.latent_shape
-    with atomic_dir(folder) as tmp, Progress(console=console, disable=console is None, transient=True) as bar:
+    with atomic_dir(folder) as tmp, _bar(console) as bar:
         arrays = [
             np.lib.format.open_memmap(tmp / f"{name}.npy", "w+", dtype=storage, shape=latent_shape)
             for name in layout.arrays
@@ -431,6 +431,12 @@ def _marked(encoded: np.ndarray, batches: list[list[int]]) -> np.ndarray:
     return encoded
 
 
+def _bar(console: Console | None) -> Progress:
+    """The precompute's bar, on a terminal only: it is transient, and elsewhere (a pipe, log.txt,
+    --json) `_progress`'s lines say the same; a stopped bar there left an empty line."""
+    return Progress(console=console, disable=console is None or not console.is_terminal, transient=True)
+
+
 def _progress(bar: Progress, console: Console | None, total: int, count: int) -> Callable[[int], None]:
     """`advance(n)` for this process's n more rows: the bar and the throttled lines of log.txt, a pipe,
     --json (the bar is transient)."""
@@ -469,7 +475,7 @@ def _top_up(
     to_encode = int((marked & ~encoded).sum())
     images = rows.select_columns(layout.columns)
     arrays = [np.lib.format.open_memmap(folder / f"{name}.npy", "r+") for name in layout.arrays]
-    with Progress(console=console, disable=console is None, transient=True) as bar:
+    with _bar(console) as bar:
         advance = _progress(bar, console, to_encode, count)
         _encode_images(
             c, recipe, images, layout, batches[index::count], arrays, weight_dtype, advance, encoded
