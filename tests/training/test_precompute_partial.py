@@ -60,7 +60,7 @@ def test_a_short_run_encodes_the_rows_it_draws_and_trains_as_with_every_row(make
     # 8 rows: one step draws `batch` of them.
     size = f"train.batch_size={batch}"
     short, folder = make_run("train.max_steps=1", size, name="short", data=shapes_data)
-    train_controlnet(short, folder, console=(console := _console()))
+    results = train_controlnet(short, folder, console=(console := _console()))
     cache = _cache(folder)
     rows = load_rows(folder.dataset_data, short.recipe)["train"]
     assert cache.encoded is not None
@@ -69,11 +69,12 @@ def test_a_short_run_encodes_the_rows_it_draws_and_trains_as_with_every_row(make
         drawn[6:] = True
     assert np.array_equal(cache.encoded, drawn)
     assert f"precomputed {drawn.sum()} of 8 latents" in _said(console)
+    assert results["precomputed_rows"] == drawn.sum()  # in run.lock.json's train stage
 
     full_recipe, full = make_run("train.max_steps=1", size, name="full", data=shapes_data)
     prepare_training(full_recipe, full, precompute=True)  # every row, as a longer run encodes them
     assert _cache(full).encoded is None
-    train_controlnet(full_recipe, full)
+    assert train_controlnet(full_recipe, full)["precomputed_rows"] == 8
     assert _weights(folder) == _weights(full)
     whole = _cache(full)
     done = np.flatnonzero(cache.encoded)
