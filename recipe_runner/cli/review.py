@@ -337,7 +337,7 @@ def _print_plan(p: Any) -> None:
     facts.add_row("effective batch", str(p.effective_batch))
     epochs = f" (≈ {p.epochs:.1f} epochs)" if p.epochs is not None else ""
     if p.precomputes and p.epochs is not None and p.epochs < 1:
-        epochs += "\n[dim]the precompute encodes only the batches holding the rows these steps draw[/]"
+        epochs += "\n[dim]the precompute encodes only the rows these steps draw[/]"
     facts.add_row("steps", f"{p.steps if p.steps is not None else 'unknown'}{epochs}")
     m = p.memory
     facts.add_row(

@@ -310,7 +310,7 @@ def test_a_learning_rate_far_from_the_methods_is_warned(cli, write_recipe, tmp_p
         assert len(warnings) == 1 and warnings[0].startswith(warned), warnings
 
 
-PARTIAL = "the precompute encodes only the batches holding the rows these steps draw"
+PARTIAL = "the precompute encodes only the rows these steps draw"
 
 
 @pytest.mark.parametrize(("length", "partial"), [("max_steps: 10", True), ("max_steps: 32", False)])
