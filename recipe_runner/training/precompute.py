@@ -223,8 +223,9 @@ def _to_encode(
     Every row: the layout's batches. Some rows: those of each full layout batch in batches of the same
     size, the last filled up by repeating its rows, and any short layout batch (the last of its size)
     holding one of them whole. So each row is encoded in a batch of the size a full precompute encodes
-    it in: a sample's latents depend on its batch's size (which picks the kernels), not on the others in
-    it (tests/training/test_precompute_partial.py trains bit-identically either way)."""
+    it in: a sample's latents may depend on its batch's size (which picks the kernels; on this project's
+    CPU batch 1 differed), not on the other samples in it, as no layer mixes samples
+    (tests/training/test_precompute_partial.py trains bit-identically either way on the CPU)."""
     if needed is None and encoded is None:
         return layout.batches, np.ones(num_rows, dtype=bool)
     want = np.zeros(num_rows, dtype=bool) if needed is not None else np.ones(num_rows, dtype=bool)
