@@ -181,8 +181,8 @@ class TrainSpec(Section):
     precompute: Annotated[bool, NOTHING] = True
     """Encode latents and text embeddings once before training and cache them (steps run only UNet +
     ControlNet); off: encode every batch, as the reference script does. A run shorter than an epoch
-    encodes only the batches of rows its steps draw, and a longer one later in the same run folder
-    the ones it lacks; every prompt is encoded."""
+    encodes only the rows its steps draw, and a longer one later in the same run folder the rows it
+    lacks; every prompt is encoded."""
     channels_last: Annotated[bool, NOTHING] = False
     """Use channels-last memory format for the UNet and ControlNet (faster convolutions on GPUs)."""
     compile: Annotated[bool, NOTHING] = False

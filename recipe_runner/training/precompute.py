@@ -107,6 +107,15 @@ class EncodedCache:
 
     EMPTY = 0
 
+    def holds(self, num_rows: int, rows: list[int] | None = None) -> bool:
+        """Whether this is the cache of `num_rows` train rows with latents for `rows` (None: every row)."""
+        return len(self.prompt_index) == num_rows and not self.missing(rows)
+
+    @property
+    def rows_with_latents(self) -> int:
+        """Every train row, or fewer after a run shorter than an epoch."""
+        return len(self.prompt_index) if self.encoded is None else int(self.encoded.sum())
+
     def missing(self, rows: list[int] | None) -> list[int]:
         """Those of `rows` (None: every row) without latents yet."""
         if self.encoded is None:
@@ -248,7 +257,10 @@ def _to_encode(
         for start in range(0, len(rows), full):
             chunk = rows[start : start + full]
             batches.append(chunk + list(itertools.islice(itertools.cycle(chunk), full - len(chunk))))
-    return batches, _marked(np.zeros(num_rows, dtype=bool), batches)
+    marked = np.zeros(num_rows, dtype=bool)
+    for batch in batches:
+        marked[batch] = True
+    return batches, marked
 
 
 def _encode_images(
@@ -424,12 +436,6 @@ def build_cache(
     cache = EncodedCache.open(folder)
     assert cache is not None
     return cache
-
-
-def _marked(encoded: np.ndarray, batches: list[list[int]]) -> np.ndarray:
-    for batch in batches:
-        encoded[batch] = True
-    return encoded
 
 
 def _bar(console: Console | None) -> Progress:

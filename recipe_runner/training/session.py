@@ -148,8 +148,7 @@ def ensure_cache(
     launch (every one calls this)."""
     path = cache_folder(loaded, folder, base, dtype)
     cached = EncodedCache.open(path)
-    same_rows = cached is not None and len(cached.prompt_index) == len(rows)
-    if shard is None and cached is not None and same_rows and not cached.missing(needed):
+    if shard is None and cached is not None and cached.holds(len(rows), needed):
         return cached
     place_encoders(c, loaded.recipe, device, dtype)
     try:

@@ -73,8 +73,8 @@ def prepare_training(
     dtype = features.weight_dtype(recipe)
     path = cache_folder(loaded, folder, base, dtype)
     cached = EncodedCache.open(path)
-    if cached is not None and len(cached.prompt_index) == len(data["train"]):
-        return PreparedTraining(base, path)  # nothing to load: the cache is there
+    if cached is not None and cached.holds(len(data["train"])):
+        return PreparedTraining(base, path)  # nothing to load: the cache is there, every row encoded
     c = load_components(loaded, base, unet=False)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cache = ensure_cache(loaded, folder, c, base, data["train"], device, dtype, console)
@@ -217,15 +217,6 @@ def _restore_stream(session: Session, saved: dict) -> None:
     session.stream.restore(positions[session.accelerator.process_index])
 
 
-def _cached_rows(session: Session) -> int | None:
-    """Rows with latents in the precompute cache once it was opened: fewer than the train rows after a
-    run shorter than an epoch (training/precompute.py)."""
-    cache = session.cache
-    if cache is None:
-        return None
-    return len(cache.prompt_index) if cache.encoded is None else int(cache.encoded.sum())
-
-
 def _stream_summary(session: Session) -> dict | None:
     if session.stream is None:
         return None
@@ -279,7 +270,8 @@ def _results(session: Session, state: LoopState, start_step: int, start_seconds:
         # A streaming source: where this process is in it (epoch, rows read in it, rows dropped so far).
         "stream": _stream_summary(session),
         "precompute_seconds": session.precompute_seconds,  # 0.0-ish when the cache was already there
-        "precomputed_rows": _cached_rows(session),
+        # Fewer than the train rows after a run shorter than an epoch (training/precompute.py).
+        "precomputed_rows": session.cache.rows_with_latents if session.cache is not None else None,
         "sample_grid": state.last_sample,
         "last_checkpoint": state.last_checkpoint,
         "paths": training_paths(session.folder),
